@@ -1,0 +1,381 @@
+"""params.yaml, parsed once and validated: the single source of every setting.
+
+Every section is a pydantic model that forbids unknown keys. `load_params` collects every
+problem in the file and raises one `ConfigError` that names each key (with a "did you mean"
+for misspellings) and says what to change.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("ingest", "preprocess", "pretrain", "sft", "evaluate", "register")
+
+
+class ConfigError(ValueError):
+    """params.yaml is invalid; the message lists every problem, one per line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- ingest
+class Source(Section):
+    """One input source. Set exactly one of `synthetic`, `path`, `url`, `hf`."""
+
+    synthetic: bool = False
+    """The embedded, seeded synthetic world (see components/synthetic.py)."""
+    path: str | None = None
+    """A local file or folder (recursive): .txt .md .jsonl .csv .parquet, optionally .gz."""
+    url: str | None = None
+    """An http(s) URL of one such file; downloaded once and checked against `sha256`."""
+    hf: str | None = None
+    """A Hugging Face dataset name (needs the network; offline it fails with a clear error)."""
+    hf_config: str | None = None
+    """The dataset's configuration (subset) name, for `hf` sources."""
+    split: str = "train"
+    """The dataset split, for `hf` sources."""
+    text_field: str = "text"
+    """Column (csv/parquet/hf) or key (jsonl) holding the text of pretraining sources."""
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """Expected sha256 of a `url` download (hex). Required for urls, so a download is reproducible."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Source":
+        given = [k for k in ("synthetic", "path", "url", "hf") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of synthetic/path/url/hf (got {given or 'none'})")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must be http(s): {self.url!r}")
+        if self.url and not self.sha256:
+            raise ValueError("a url source needs `sha256:` (run `sha256sum` on the file once)")
+        return self
+
+
+class SyntheticConfig(Section):
+    """The embedded default: an invented world of entities and their attributes."""
+
+    entities: int = Field(default=60, ge=4, le=100_000)
+    """How many invented entities the world holds."""
+    paraphrases: int = Field(default=6, ge=1, le=100)
+    """How many differently worded sentences state each fact in the pretraining corpus."""
+    heldout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """Fraction of facts whose questions are kept out of SFT and asked only in evaluation."""
+
+
+class IngestConfig(Section):
+    pretrain_sources: list[Source] = Field(default_factory=lambda: [Source(synthetic=True)], min_length=1)
+    """Raw text for causal-LM pretraining."""
+    sft_sources: list[Source] = Field(default_factory=lambda: [Source(synthetic=True)], min_length=1)
+    """Instruction data: JSONL in Alpaca form {instruction, input?, output} or chat form {messages}."""
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    skip_malformed: bool = False
+    """Skip (and count) malformed rows instead of failing on the first one."""
+    shard_rows: int = Field(default=100_000, ge=1)
+    """Rows per output shard."""
+    max_download_mb: int = Field(default=2048, ge=1)
+    """Refuse url downloads larger than this."""
+    max_line_mb: float = Field(default=16, gt=0)
+    """Refuse (or skip, with skip_malformed) a single line/row larger than this."""
+
+
+# ---------------------------------------------------------------- preprocess
+class PreprocessConfig(Section):
+    normalization: Literal["NFC", "NFKC", "none"] = "NFKC"
+    """Unicode normalization form applied to every text."""
+    min_chars: int = Field(default=8, ge=0)
+    """Drop documents shorter than this after cleaning."""
+    max_chars: int = Field(default=200_000, ge=1)
+    """Drop documents longer than this after cleaning."""
+    dedup: Literal["exact", "near", "none"] = "exact"
+    """Exact: drop repeated documents by hash. near: also MinHash near-duplicates."""
+    near_threshold: float = Field(default=0.85, gt=0, le=1)
+    """Jaccard similarity over word 5-grams above which two documents are near-duplicates."""
+    val_fraction: float = Field(default=0.05, gt=0, lt=0.5)
+    """Fraction of pretraining documents (by content hash) kept for validation."""
+    sft_test_fraction: float = Field(default=0.1, gt=0, lt=0.9)
+    """Fraction of instruction rows held out for evaluation (rows that carry `split` keep it)."""
+    vocab_size: int = Field(default=1024, ge=64, le=1_000_000)
+    """BPE vocabulary size when training a tokenizer (ignored when model.init_from is set)."""
+    min_frequency: int = Field(default=2, ge=1)
+    """BPE merges need at least this many occurrences."""
+
+
+# ---------------------------------------------------------------- model
+class ModelConfig(Section):
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    """Architecture built from config when pretraining from scratch."""
+    n_layer: int = Field(default=4, ge=1, le=256)
+    n_embd: int = Field(default=256, ge=8)
+    n_head: int = Field(default=4, ge=1)
+    n_kv_head: int | None = Field(default=None, ge=1)
+    """llama only: key/value heads (grouped-query attention); default = n_head."""
+    context_length: int = Field(default=128, ge=8, le=131_072)
+    """Tokens per training sequence (and the model's position limit when built from scratch)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    init_from: str | None = None
+    """A local checkpoint folder (HF format, safetensors) to continue from instead of from scratch."""
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
+        if self.n_kv_head is not None:
+            if self.arch != "llama":
+                raise ValueError("n_kv_head is only used by arch: llama")
+            if self.n_head % self.n_kv_head:
+                raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        return self
+
+
+# ---------------------------------------------------------------- training
+class TrainConfig(Section):
+    """Settings shared by pretrain and sft."""
+
+    max_steps: int = Field(default=600, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(default=16, ge=1)
+    """Sequences per micro-batch (per device)."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step."""
+    lr: float = Field(default=1e-3, gt=0, le=1)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Cosine schedule floor, as a fraction of lr."""
+    warmup_steps: int = Field(default=30, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, gt=0, lt=1)
+    beta2: float = Field(default=0.95, gt=0, lt=1)
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Max global grad norm (0 disables clipping)."""
+    eval_every: int = Field(default=100, ge=1)
+    """Steps between validation-loss evaluations."""
+    eval_batches: int = Field(default=8, ge=1)
+    checkpoint_every: int = Field(default=200, ge=1)
+    """Steps between resumable checkpoints."""
+    log_every: int = Field(default=10, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast where the hardware supports it, else fp32."""
+    compile: bool = False
+    """torch.compile the model (first step slower, then faster)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory on long contexts."""
+    devices: int = Field(default=1, ge=1)
+    """Data-parallel processes (torch.distributed: gloo on CPU, NCCL on CUDA)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How to spread training over `devices`."""
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "TrainConfig":
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+
+class PretrainConfig(TrainConfig):
+    enabled: bool = True
+    """false: skip pretraining; sft then starts from a freshly initialized model (the ULMFiT control)."""
+
+
+class LoraConfig(Section):
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    """Module names to adapt; default per architecture (gpt2: c_attn, c_proj, c_fc; llama: q/k/v/o and MLP)."""
+
+
+class SftConfig(TrainConfig):
+    method: Literal["full", "lora"] = "full"
+    """full fine-tuning, or LoRA adapters through peft."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    max_steps: int = Field(default=300, ge=1)
+    lr: float = Field(default=5e-4, gt=0, le=1)
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    eval_every: int = Field(default=50, ge=1)
+    checkpoint_every: int = Field(default=100, ge=1)
+
+
+# ---------------------------------------------------------------- evaluate / register
+class EvaluateConfig(Section):
+    max_new_tokens: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    max_examples: int | None = Field(default=None, ge=1)
+    """Cap on held-out instruction examples (None: all)."""
+    num_samples: int = Field(default=20, ge=0)
+    """Rows in the sample-generations table."""
+    ppl_batches: int = Field(default=20, ge=1)
+    """Validation batches for held-out perplexity."""
+    bootstrap: int = Field(default=1000, ge=0)
+    """Bootstrap resamples for confidence intervals (0 disables)."""
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+
+
+class GateConfig(Section):
+    metric: str = "exact_match"
+    """The metric that decides champion vs challenger (higher is better)."""
+    min: dict[str, float] = Field(default_factory=lambda: {"exact_match": 0.05})
+    """Per-metric minimums the challenger must reach."""
+    max_regression: dict[str, float] = Field(default_factory=lambda: {"exact_match": 0.0})
+    """Per-metric largest allowed (significant) drop against the current champion."""
+
+
+class RegisterConfig(Section):
+    model_name: str = Field(default="seedlm", pattern=r"^[A-Za-z0-9_.-]+$")
+    """Registered model name in the MLflow registry."""
+    gate: GateConfig = Field(default_factory=GateConfig)
+    lora_format: Literal["merged", "adapter"] = "merged"
+    """For LoRA runs: register the merged model or the adapter only (base referenced by hash)."""
+    max_new_tokens: int = Field(default=32, ge=1)
+    """Default generation length of the registered pyfunc model."""
+
+
+class Paths(Section):
+    """Where each stage writes, relative to the repo root (dvc.yaml reads these too)."""
+
+    sources: str = "data/sources"
+    """Put your own corpus and instruction files here: the ingest stage depends on this folder."""
+    raw: str = "data/raw"
+    processed: str = "data/processed"
+    pretrain: str = "models/pretrain"
+    sft: str = "models/sft"
+    evaluate: str = "reports/evaluate"
+    register: str = "reports/register"
+    metrics: str = "metrics"
+    """DVC metrics: <metrics>/<stage>.json."""
+    plots: str = "plots"
+    """DVC plots data: <plots>/<stage>_*.csv / .json."""
+    checkpoints: str = ".seedlm/checkpoints"
+    """Resumable training state (not a DVC output: it must survive a stage rerun)."""
+
+
+class Params(Section):
+    seed: int = Field(default=1337, ge=0)
+    paths: Paths = Field(default_factory=Paths)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    register: RegisterConfig = Field(default_factory=RegisterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        if self.register.gate.metric not in GATE_METRICS:
+            raise ValueError(f"register.gate.metric must be one of {sorted(GATE_METRICS)}")
+        for key in (*self.register.gate.min, *self.register.gate.max_regression):
+            if key not in GATE_METRICS:
+                raise ValueError(f"register.gate: unknown metric {key!r}; use one of {sorted(GATE_METRICS)}")
+        if self.sft.method == "lora" and not self.pretrain.enabled and self.model.init_from is None:
+            raise ValueError("sft.method: lora on a freshly initialized model trains adapters on noise; "
+                             "enable pretrain, set model.init_from, or use sft.method: full")
+        return self
+
+
+GATE_METRICS = {"exact_match", "rougeL", "bleu", "chrf", "accuracy"}
+
+# Which params each stage depends on (dvc.yaml lists exactly these leaf keys; tests keep them in sync).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "ingest": ("seed", "ingest"),
+    "preprocess": ("seed", "preprocess", "model.init_from"),
+    "pretrain": ("seed", "model", "pretrain"),
+    "sft": ("seed", "sft"),
+    "evaluate": ("seed", "evaluate"),
+    "register": ("register",),
+}
+
+
+# ---------------------------------------------------------------- loading
+def _format_error(err: dict[str, Any], source: str) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(err["loc"][:-1])
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(str(err["loc"][-1]), list(parent.model_fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(parent.model_fields)}"
+        return f"{source}: {loc}: unknown key{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{source}: {loc or '<top level>'}: {msg}{shown}"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = Params
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            for inner in (cand, *getattr(cand, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    model = inner
+                    break
+            else:
+                continue
+            break
+        else:
+            return None
+    return model
+
+
+def parse_params(data: Any, source: str = "params.yaml") -> Params:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        lines = [_format_error(err, source) for err in e.errors()]
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines) + "\nFix these keys and run again.") from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; `overrides` maps dotted keys to values (like `dvc exp run -S`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run from the repo root or pass --params PATH")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return parse_params(data, str(path))
+
+
+def section(params: Params, dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def stage_config(params: Params, stage: str) -> dict[str, Any]:
+    """The resolved settings a stage depends on, as plain data (saved beside its outputs)."""
+    out = {}
+    for key in STAGE_SECTIONS[stage]:
+        value = section(params, key)
+        out[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return out
+
+
+def config_hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
