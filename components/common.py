@@ -8,12 +8,17 @@ import os
 import shutil
 import time
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 META = "seedlm.json"
 """Every output folder carries this file: the stage, its resolved config, inputs and result."""
+
+
+RUN_ID: ContextVar[str | None] = ContextVar("seedlm_run_id", default=None)
+"""The tracking run of the stage in progress (set by the runner); recorded in every seedlm.json."""
 
 
 class StageError(RuntimeError):
@@ -105,7 +110,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
 def write_meta(out_dir: str | Path, stage: str, config: dict[str, Any], result: dict[str, Any],
                inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     meta = {"stage": stage, "config": config, "inputs": inputs or {}, "result": result,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "mlflow_run_id": RUN_ID.get(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(Path(out_dir) / META, meta)
     return meta
 

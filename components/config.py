@@ -9,11 +9,15 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# A field named "register" shadows BaseModel.register (an ABC helper we never use).
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 STAGES = ("ingest", "preprocess", "pretrain", "sft", "evaluate", "register")
 
@@ -359,6 +363,11 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
             node = node.setdefault(part, {})
         node[last] = value
     return parse_params(data, str(path))
+
+
+def stage_output(params: Params, stage: str) -> Path:
+    """The folder a stage writes (its DVC out)."""
+    return Path(getattr(params.paths, {"ingest": "raw", "preprocess": "processed"}.get(stage, stage)))
 
 
 def section(params: Params, dotted: str) -> Any:

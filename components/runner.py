@@ -1,0 +1,118 @@
+"""Runs one stage with tracking: the thin `main()` behind `python -m components.<stage>`.
+
+The stage's compute never touches MLflow; this wrapper opens the run named after the stage
+(nested under the pipeline's parent run when there is one), hands the stage a `StageContext`
+whose `log` reports metrics, logs the stage's settings and result, and turns user errors into one
+clear line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from components.common import RUN_ID, StageContext, StageError
+from components.config import STAGES, ConfigError, Params, load_params, stage_config
+
+EXPERIMENT = "seedlm"
+PARENT_ENV = "SEEDLM_PARENT_RUN_ID"
+"""A pipeline run exports its parent run id here so stages run by `dvc repro` nest under it too."""
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else a sqlite store at the repo root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or Path.cwd()).resolve()}/mlflow.db"
+
+
+def setup_tracking(root: Path | None = None):
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri(root))
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become JSON strings."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(data) if isinstance(data, list) else data}
+
+
+def numeric(result: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in flat(result).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, progress: bool = True) -> dict:
+    """Run one stage inside its own MLflow run (nested under `parent_run_id` when given)."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    module = importlib.import_module(f"components.{stage}")
+    mlflow = setup_tracking()
+    parent_run_id = parent_run_id or os.environ.get(PARENT_ENV) or None
+    tags = {"seedlm.stage": stage}
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, nested=nested, tags=tags) as run:
+        mlflow.log_params({k: str(v)[:6000] for k, v in flat(stage_config(params, stage)).items()})
+
+        def log(metrics: dict[str, float], step: int | None = None) -> None:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+        ctx = StageContext(log=log, run_id=run.info.run_id, parent_run_id=parent_run_id, progress=progress)
+        token = RUN_ID.set(run.info.run_id)
+        try:
+            result = module.run(params, ctx)
+        finally:
+            RUN_ID.reset(token)
+        metrics = {k: v for k, v in numeric(result).items() if not k.startswith("history")}
+        if metrics:
+            mlflow.log_metrics(metrics)
+        for path in result.get("artifacts", []):
+            if Path(path).is_file():
+                mlflow.log_artifact(str(path))
+    return result
+
+
+def main(stage: str, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m components.{stage}", description=f"Run the {stage} stage.")
+    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. -S pretrain.max_steps=50 (YAML value)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        params = load_params(args.params, parse_overrides(args.set))
+        result = run_stage(stage, params, progress=not args.no_progress)
+    except (ConfigError, StageError) as e:
+        print(f"seedlm {stage}: error: {e}", file=sys.stderr)
+        return 2
+    summary = {k: v for k, v in result.items() if k not in ("history", "artifacts")}
+    print(f"seedlm {stage}: done {json.dumps(summary, default=str)[:2000]}")
+    return 0
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"-S {item!r}: expected KEY=VALUE, e.g. -S pretrain.max_steps=50")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
