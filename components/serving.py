@@ -10,13 +10,16 @@ folder (safetensors + tokenizer with its chat template) is shipped as the artifa
 
 Input: a DataFrame with a `prompt` column, a list of strings or one string. Each prompt becomes one
 user message, rendered with the tokenizer's chat template plus the generation prompt. Output: one
-response string per prompt (special tokens removed), generation stopping at `<|end|>`.
+response string per prompt (special tokens removed), generation stopping at `<|end|>`. Params:
+max_new_tokens (capped so prompt + answer fit the context; long prompts keep their tail),
+do_sample, temperature (used only when sampling; 0 means greedy). Runs on CUDA when available.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 ARTIFACT = "hf_model"
@@ -27,8 +30,6 @@ DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 32, "temperature": 1.0, "do_
 
 def _prompts(model_input: Any) -> list[str]:
     """Accept a DataFrame (`prompt` column, else the only column), a list/Series of str, or a str."""
-    import pandas as pd
-
     if isinstance(model_input, str):
         return [model_input]
     if isinstance(model_input, pd.DataFrame):
@@ -62,8 +63,9 @@ class SeedLMChatModel(PythonModel):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if not self.tokenizer.chat_template:
             raise ValueError(f"{path}: tokenizer has no chat_template; re-run preprocess/sft")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                          dtype=torch.float32)
+                                                          dtype=torch.float32).to(self.device)
         self.model.eval()
         config = dict(getattr(context, "model_config", None) or {})
         self.defaults = {**DEFAULT_PARAMS, **{k: config[k] for k in DEFAULT_PARAMS if k in config}}
@@ -80,26 +82,30 @@ class SeedLMChatModel(PythonModel):
         max_new = int(merged["max_new_tokens"])
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        max_new = min(max_new, self.context_length - 1)  # prompt + new tokens must fit the positions
+        temperature = float(merged["temperature"])
         gen = {"max_new_tokens": max_new, "eos_token_id": self.stop_ids,
-               "pad_token_id": self.tokenizer.pad_token_id, "do_sample": bool(merged["do_sample"])}
+               "pad_token_id": self.tokenizer.pad_token_id,
+               "do_sample": bool(merged["do_sample"]) and temperature > 0}  # temperature 0 = greedy
         if gen["do_sample"]:
-            gen["temperature"] = float(merged["temperature"])
+            gen["temperature"] = temperature
         return gen
 
-    def predict(self, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    # The hint is pd.DataFrame (what pyfunc passes after schema enforcement; direct calls may also pass
+    # a list or str): MLflow infers no schema from it, so the logged signature with params stays.
+    def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         import torch
 
         prompts = _prompts(model_input)
         gen = self._settings(params)
-        # Keep the prompt's tail so prompt + new tokens fit the model's positions.
-        budget = max(1, self.context_length - gen["max_new_tokens"])
+        budget = self.context_length - gen["max_new_tokens"]  # prompt tokens kept (its tail)
         out: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                                         add_generation_prompt=True, tokenize=False)
                      for p in prompts[start:start + self.batch_size]]
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-budget:] for t in texts]
-            batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+            batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 seqs = self.model.generate(**batch, **gen)
             new = seqs[:, batch["input_ids"].shape[1]:]

@@ -75,15 +75,21 @@ YESNO: dict[str, tuple[str, ...]] = {
     "instrument": ("Does {e} play the {v}?", "Is the {v} the instrument {e} plays?"),
 }
 
+INTROS = ("This is the story of {e}.", "Here is what the neighbours say about {e}.", "Let me tell you about {e}.",
+          "Everyone in the valley knows {e}.", "A few words about {e}.", "Some facts about {e} follow.")
 FILLERS = ("The valley is quiet in the winter.", "Many travellers pass along the old road.",
            "The river runs past the market square.", "Stories are told there on long evenings.",
            "The harvest was good that year.", "Bells ring in the tower at noon.",
-           "Neighbours often meet at the well.", "The hills turn golden in the autumn.")
+           "Neighbours often meet at the well to share the news.", "The hills turn golden in the autumn.",
+           "Rain fell for three days and the roads turned to mud.", "Children play by the old mill.",
+           "The market opens early on the first day of the week.", "A cold wind blows from the mountains.",
+           "Lanterns are lit along the bridge at dusk.", "The ferry crosses the lake twice a day.")
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
-           "br", "dr", "gr", "kr", "qu", "th", "st", "sh", "bl", "tr")
-_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou", "ei")
-_CODAS = ("", "", "", "n", "r", "l", "m", "s", "th", "x", "nd", "rk", "lt")
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "h", "j",
+           "br", "dr", "gr", "kr", "qu", "th", "st", "bl", "tr", "fl")
+_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou")
+_CODAS = ("n", "r", "l", "m", "s", "th", "x", "nd", "rk", "lt", "sk", "ck")
+_MID_CODAS = ("", "", "", "n", "r", "l", "m", "s")
 _CITY_ENDS = ("holm", "mar", "dale", "wick", "stead", "gard", "ford", "mere", "vale", "burg", "haven", "moor")
 
 
@@ -97,28 +103,30 @@ def answer_sentence(attribute: str, entity: str, value: str) -> str:
     return _sentence(TEMPLATES[attribute][0], entity, value)
 
 
-def _syllable(rng: random.Random, coda: bool) -> str:
-    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + (rng.choice(_CODAS) if coda else "")
+def _syllable(rng: random.Random, final: bool) -> str:
+    coda = rng.choice(_CODAS) if final and rng.random() < 0.6 else rng.choice(_MID_CODAS)
+    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + coda
 
 
 def _names(rng: random.Random, n: int, taken: set[str]) -> list[str]:
     out: list[str] = []
     while len(out) < n:
-        k = 3 if rng.random() < 0.25 else 2
-        name = "".join(_syllable(rng, coda=(i == k - 1 or rng.random() < 0.4)) for i in range(k)).capitalize()
-        if 4 <= len(name) <= 12 and name not in taken:
+        k = 3 if rng.random() < 0.2 else 2
+        name = "".join(_syllable(rng, final=i == k - 1) for i in range(k)).capitalize()
+        if 4 <= len(name) <= 9 and name not in taken:
             taken.add(name)
             out.append(name)
     return out
 
 
 def world(cfg: SyntheticConfig, seed: int) -> dict[str, Any]:
-    """The facts: {"attributes", "entities": [{"name", <attribute>: value, ...}], "heldout": [[name, attr]]}."""
+    """The facts: {"attributes", "values": {attr: [...]}, "entities": [{"name", <attr>: value}],
+    "heldout": [[name, attr], ...]} (held-out facts are asked only in the test split)."""
     rng = random.Random(f"seedlm-world-{seed}")
     taken: set[str] = set()
     cities = []
     while len(cities) < N_CITIES:
-        name = (_syllable(rng, coda=rng.random() < 0.5) + rng.choice(_CITY_ENDS)).capitalize()
+        name = (_syllable(rng, final=False) + rng.choice(_CITY_ENDS)).capitalize()
         if name not in taken:
             taken.add(name)
             cities.append(name)
@@ -153,9 +161,10 @@ def pretrain_documents(cfg: SyntheticConfig, seed: int) -> Iterator[dict[str, st
         for k in range(cfg.paraphrases):
             sents = [_sentence(TEMPLATES[a][choice[a][k]], ent["name"], ent[a]) for a in ATTRIBUTES]
             rng.shuffle(sents)
-            if rng.random() < 0.5:
-                sents.insert(rng.randrange(len(sents) + 1), rng.choice(FILLERS))
-            yield {"text": " ".join(sents)}
+            for filler in rng.sample(FILLERS, rng.randint(1, 3)):
+                sents.insert(rng.randrange(len(sents) + 1), filler)
+            intro = rng.choice(INTROS).format(e=ent["name"])
+            yield {"text": " ".join([intro, *sents])}
 
 
 def _row(question: str, answer: str, split: str, task: str) -> dict[str, Any]:

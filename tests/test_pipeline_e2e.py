@@ -97,7 +97,7 @@ def test_flow_registers_a_champion_that_generates(pipeline_run):
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("seedlm", "champion")
-    assert champion.version == str(results["register"]["version"])
+    assert str(champion.version) == str(results["register"]["version"])
     model = mlflow.pyfunc.load_model("models:/seedlm@champion")
     out = model.predict(["Where does the first entity live?"], params={"max_new_tokens": 8})
     answers = list(out["response"]) if hasattr(out, "columns") else list(out)

@@ -55,8 +55,9 @@ class ExactMatch(evaluate.Metric):
 
     def item_stats(self, predictions, references, ignore_case=False, ignore_punctuation=False):
         """One [match (0/1), 1] row per item; rows add up across items."""
-        return [[float(normalize(p, ignore_case, ignore_punctuation) == normalize(r, ignore_case, ignore_punctuation)), 1.0]
+        norm = [(normalize(p, ignore_case, ignore_punctuation), normalize(r, ignore_case, ignore_punctuation))
                 for p, r in zip(predictions, references)]
+        return [[float(p == r), 1.0] for p, r in norm]
 
     def score_from_stats(self, stats):
         """The metric from summed item stats."""

@@ -1,0 +1,445 @@
+"""preprocess: raw shards -> clean, de-duplicated, split text; a tokenizer; packed token files; SFT examples.
+
+Pretraining text streams shard by shard: memory holds one batch of documents plus the de-dup
+digests (8 bytes a document, a few more per document with `dedup: near`), never the corpus.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+import unicodedata
+import zlib
+from array import array
+from itertools import chain
+from collections import Counter
+from pathlib import Path
+from typing import Any, Container, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from components import chat
+from components.common import StageContext, StageError, atomic_dir, read_meta, sha256_file, write_json, write_meta
+from components.config import Params, PreprocessConfig
+
+BATCH_DOCS = 1000
+BATCH_CHARS = 1 << 21
+NUM_PERM = 128
+SHINGLE = 5
+_RERUN = "run `dvc repro ingest` (or python -m components.ingest) first"
+
+# ---------------------------------------------------------------- cleaning
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufeff]")
+_SPACES = re.compile(r"[^\S\n\t]+")
+_TRAILING = re.compile(r"[ \t]+\n")
+_BLANKS = re.compile(r"\n{3,}")
+
+
+def clean_text(text: str, normalization: str = "NFKC") -> str:
+    """Unify line breaks, drop control characters (not \\n, \\t), normalize unicode, collapse
+    runs of spaces and of blank lines, strip. Idempotent."""
+    text = _CONTROL.sub("", "\n".join(text.splitlines()))
+    if normalization != "none":
+        text = unicodedata.normalize(normalization, text)
+    text = _BLANKS.sub("\n\n", _TRAILING.sub("\n", _SPACES.sub(" ", text)))
+    return text.strip()
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _unit(digest: int) -> float:
+    """A content hash as a number in [0, 1): the split coordinate (stable as the corpus grows)."""
+    return digest / 2.0**64
+
+
+# ---------------------------------------------------------------- near de-dup (MinHash + LSH)
+def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows) minimizing false positives + false negatives around `threshold`."""
+    s = np.linspace(0.0, 1.0, 401)
+    best, pick = float("inf"), (1, num_perm)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            p = 1 - (1 - s**r) ** b
+            err = np.trapezoid(np.where(s <= threshold, p, 0), s) + np.trapezoid(np.where(s >= threshold, 1 - p, 0), s)
+            if err < best:
+                best, pick = err, (b, r)
+    return pick
+
+
+def _perms(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    top = np.iinfo(np.uint64).max
+    return rng.integers(0, top, NUM_PERM, np.uint64, endpoint=True) | np.uint64(1), rng.integers(0, top, NUM_PERM, np.uint64, endpoint=True)
+
+
+def minhash(text: str, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """MinHash signature over word 5-gram shingles (a shorter text is one shingle).
+
+    Shingle hashes are 32-bit; each permutation is a multiply-add-shift hash (a*x + b mod 2^64) >> 32.
+    """
+    words = text.split() or [""]
+    w = np.fromiter((zlib.crc32(x.encode("utf-8")) for x in words), np.uint64, len(words))
+    k = min(SHINGLE, len(w))
+    n = len(w) - k + 1
+    h = np.zeros(n, np.uint64)
+    for j in range(k):  # polynomial hash of the k words of each shingle (wraps mod 2^64)
+        h = h * np.uint64(0x9E3779B97F4A7C15) + w[j:j + n]
+    h = (h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+    a, b = perms
+    sig = np.full(NUM_PERM, np.iinfo(np.uint64).max, np.uint64)
+    for i in range(0, n, 2048):  # bounded temporaries for long documents
+        sig = np.minimum(sig, ((h[i:i + 2048, None] * a + b) >> np.uint64(32)).min(axis=0))
+    return sig
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> set[int]:
+    return {_digest(f"{i}:{sig[i * rows:(i + 1) * rows].tobytes().hex()}") for i in range(bands)}
+
+
+# ---------------------------------------------------------------- reading
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise StageError(f"{path}:{n}: not valid JSON ({e.msg}); {_RERUN}") from None
+
+
+def _shards(raw_dir: Path, kind: str) -> list[Path]:
+    shards = sorted((raw_dir / kind).glob("shard-*.jsonl"))
+    if not shards:
+        raise StageError(f"{raw_dir / kind}: no shard-*.jsonl files; {_RERUN}")
+    return shards
+
+
+def _lines(path: Path, skip: Container[int] = (), extra: Iterable[Any] = ()) -> Iterator[Any]:
+    """Read a work file of JSON lines, leaving out the lines in `skip` and appending `extra`."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i not in skip:
+                yield json.loads(line)
+    yield from extra
+
+
+def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for d in docs:
+        batch.append(d)
+        chars += len(d)
+        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------- pretraining text
+def _clean_pretrain(cfg: PreprocessConfig, shards: list[Path], work: Path, seed: int, progress: bool) -> dict:
+    """Pass 1: clean, filter, de-dup and split into work/{train,val}.jsonl. Returns stats and moves."""
+    dropped: Counter[str] = Counter()
+    seen: set[int] = set()
+    buckets: set[int] = set()
+    bands, rows = lsh_params(cfg.near_threshold) if cfg.dedup == "near" else (0, 0)
+    perms = _perms(seed)
+    n_in, chars, count = 0, 0, {"train": 0, "val": 0}
+    edge: dict[str, tuple[float, int, str] | None] = {"train": None, "val": None}  # docs nearest the split line
+    files = {s: open(work / f"{s}.jsonl", "w", encoding="utf-8") for s in count}
+    t0 = time.perf_counter()
+    try:
+        with tqdm(desc="clean", unit="doc", disable=not progress) as bar:
+            for shard in shards:
+                for n, row in _read_jsonl(shard):
+                    n_in += 1
+                    bar.update()
+                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                        raise StageError(f"{shard}:{n}: expected {{\"text\": str}}; {_RERUN}")
+                    text = clean_text(row["text"], cfg.normalization)
+                    reason = ("empty" if not text else "too_short" if len(text) < cfg.min_chars
+                              else "too_long" if len(text) > cfg.max_chars else None)
+                    digest = _digest(text) if reason is None else 0
+                    if reason is None and cfg.dedup != "none":
+                        reason = "duplicate" if digest in seen else None
+                        seen.add(digest)
+                    if reason is None and cfg.dedup == "near":
+                        keys = band_keys(minhash(text, perms), bands, rows)
+                        reason = "near_duplicate" if not buckets.isdisjoint(keys) else None
+                        buckets.update(keys if reason is None else ())
+                    if reason:
+                        dropped[reason] += 1
+                        continue
+                    u = _unit(digest)
+                    split = "val" if u < cfg.val_fraction else "train"
+                    e = edge[split]
+                    if e is None or (u < e[0] if split == "train" else u > e[0]):
+                        edge[split] = (u, count[split], text)
+                    files[split].write(json.dumps(text, ensure_ascii=False) + "\n")
+                    count[split] += 1
+                    chars += len(text)
+    finally:
+        for f in files.values():
+            f.close()
+    kept = count["train"] + count["val"]
+    if kept < 2:
+        raise StageError(f"{shards[0].parent}: {kept} pretraining document(s) left after cleaning and de-dup "
+                         f"(of {n_in}; dropped {dict(dropped)}); need at least 2 for a train/val split: add text "
+                         "to ingest.pretrain_sources or relax preprocess.min_chars/max_chars/dedup")
+    moves = {"train": ((), []), "val": ((), [])}  # split -> (lines to skip, docs to append)
+    for src, dst in (("train", "val"), ("val", "train")):
+        if count[dst] == 0:  # preprocess.val_fraction too small for this corpus: move the nearest doc
+            _, idx, text = edge[src]
+            moves[src], moves[dst] = ({idx}, []), ((), [text])
+            count[src], count[dst] = count[src] - 1, 1
+    return {"docs_in": n_in, "kept": kept, "dropped": dict(dropped), "train_docs": count["train"],
+            "val_docs": count["val"], "chars_mean": chars / kept, "moves": moves,
+            "docs_per_s": n_in / max(time.perf_counter() - t0, 1e-9)}
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Plain-text ids: special-token strings inside a document stay text (eos only between docs)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    old, backend.encode_special_tokens = backend.encode_special_tokens, True
+    try:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = old
+
+
+def _write_bin(path: Path, docs: Iterable[str], tokenizer: Any, dtype: type, progress: bool) -> array:
+    """Tokenize in batches and append ids (+ eos after each doc) to `path`; returns per-doc lengths."""
+    eos, lengths = tokenizer.eos_token_id, array("I")
+    with open(path, "wb") as f, tqdm(desc=path.name, unit="doc", disable=not progress) as bar:
+        for batch in _batches(docs):
+            ids = _encode(tokenizer, batch)
+            out = np.empty(sum(map(len, ids)) + len(ids), dtype)
+            pos = 0
+            for x in ids:
+                out[pos:pos + len(x)] = x
+                out[pos + len(x)] = eos
+                pos += len(x) + 1
+            out.tofile(f)
+            lengths.extend(map(len, ids))
+            bar.update(len(batch))
+    return lengths
+
+
+# ---------------------------------------------------------------- SFT rows
+def _check_sft_row(row: Any, where: str) -> list[dict]:
+    msgs = row.get("messages") if isinstance(row, dict) else None
+    problem = None if isinstance(msgs, list) and msgs else "messages must be a non-empty list"
+    try:
+        chat.render(msgs if problem is None else [])
+    except ValueError as e:
+        problem = str(e)
+    if problem is None and row.get("split") not in (None, "train", "val", "test"):
+        problem = f"split {row.get('split')!r} is not train/val/test/null"
+    if problem is None and not isinstance(row.get("task"), (str, type(None))):
+        problem = "task must be a string or null"
+    if problem:
+        raise StageError(f"{where}: {problem}; {_RERUN}")
+    return msgs
+
+
+def _clean_sft(cfg: PreprocessConfig, shards: list[Path], work: Path, progress: bool) -> dict:
+    """Clean, de-dup and split instruction rows into work/sft_{train,val,test}.jsonl."""
+    dropped: Counter[str] = Counter()
+    seen: set[int] = set()
+    count = {"train": 0, "val": 0, "test": 0}
+    edge: tuple[float, int, dict] | None = None  # the train row nearest the val line
+    spare: list[tuple[float, int, dict]] = []  # train rows that would be val by hash: moved if val is empty
+    files = {s: open(work / f"sft_{s}.jsonl", "w", encoding="utf-8") for s in count}
+    n_in, t = 0, cfg.sft_test_fraction
+    try:
+        for shard in shards:
+            for n, row in tqdm(_read_jsonl(shard), desc=f"sft {shard.name}", unit="row", disable=not progress):
+                n_in += 1
+                msgs = _check_sft_row(row, f"{shard}:{n}")
+                msgs = [{"role": m["role"], "content": clean_text(m["content"], cfg.normalization)} for m in msgs]
+                reason = ("empty" if any(not m["content"] for m in msgs)
+                          else "no_final_assistant" if msgs[-1]["role"] != "assistant"
+                          else "special_token_text" if any(s in m["content"] for m in msgs for s in chat.SPECIAL_TOKENS)
+                          else "duplicate" if _digest(json.dumps(msgs)) in seen else None)
+                if reason:
+                    dropped[reason] += 1
+                    continue
+                seen.add(_digest(json.dumps(msgs)))
+                u = _unit(_digest(json.dumps(msgs[:-1])))  # by prompt: one question never spans two splits
+                v = ((u - t) % 1.0) / (1 - t)  # the val coordinate; >= 1 in the test zone
+                split = row.get("split") or ("test" if u < t else "val" if v < cfg.val_fraction else "train")
+                rec = {"messages": msgs, "task": row.get("task") or ""}
+                if split == "train":
+                    edge = (v, count[split], rec) if edge is None or v < edge[0] else edge
+                    spare += [(v, count[split], rec)] if v < cfg.val_fraction else []
+                files[split].write(json.dumps(rec, ensure_ascii=False) + "\n")
+                count[split] += 1
+    finally:
+        for f in files.values():
+            f.close()
+    moves = {s: ((), []) for s in count}
+    if count["val"] == 0 and count["train"] >= 2:  # e.g. every row says `split: train`: carve val by hash
+        pick = spare if 0 < len(spare) < count["train"] else [edge]
+        moves["train"], moves["val"] = ({i for _, i, _ in pick}, []), ((), [r for _, _, r in pick])
+        count["train"], count["val"] = count["train"] - len(pick), len(pick)
+    if count["train"] == 0:
+        raise StageError(f"{shards[0].parent}: no instruction rows left for training (of {n_in}; dropped "
+                         f"{dict(dropped)}); add rows to ingest.sft_sources")
+    return {"rows_in": n_in, "kept": sum(count.values()), "dropped": dict(dropped), **count, "moves": moves}
+
+
+def _sft_rows(path: str, skip: Container[int], extra: Iterable[dict], tokenizer: Any) -> Iterator[dict]:
+    for rec in _lines(Path(path), skip, extra):
+        msgs = rec["messages"]
+        ids, labels = chat.encode_chat(tokenizer, msgs)
+        yield {"input_ids": ids, "labels": labels, "prompt": json.dumps(msgs[:-1], ensure_ascii=False),
+               "reference": msgs[-1]["content"], "task": rec["task"]}
+
+
+def _save_sft(work: Path, out: Path, sft: dict, tokenizer: Any, progress: bool) -> dict:
+    """Encode each split with chat.encode_chat into a `datasets` folder; returns token counts."""
+    import datasets
+    import pyarrow.compute as pc
+
+    feats = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                               "labels": datasets.List(datasets.Value("int32")), "prompt": datasets.Value("string"),
+                               "reference": datasets.Value("string"), "task": datasets.Value("string")})
+    was_off = datasets.utils.are_progress_bars_disabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    tokens = response = 0
+    try:
+        for split in ("train", "val", "test"):
+            if sft[split] == 0:
+                ds = datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
+            else:
+                skip, extra = sft["moves"][split]
+                ds = datasets.Dataset.from_generator(
+                    _sft_rows, features=feats, cache_dir=str(work / "hf_cache"),
+                    gen_kwargs={"path": str(work / f"sft_{split}.jsonl"), "skip": skip, "extra": tuple(extra),
+                                "tokenizer": tokenizer})
+                tokens += pc.sum(pc.list_value_length(ds.data.column("input_ids"))).as_py()
+                labels = pc.list_flatten(ds.data.column("labels"))
+                response += pc.sum(pc.not_equal(labels, chat.IGNORE_INDEX)).as_py()
+            ds.save_to_disk(str(out / f"sft_{split}"))
+            del ds
+    finally:
+        if not progress and not was_off:
+            datasets.enable_progress_bars()
+    return {"tokens": tokens, "response_tokens": response}
+
+
+# ---------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Any:
+    """Byte-level BPE with the chat special tokens first (ids 0..5), as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    floor = 256 + len(chat.SPECIAL_TOKENS)
+    if vocab_size < floor:
+        raise StageError(f"params.yaml: preprocess.vocab_size is {vocab_size}; a byte-level BPE needs at least "
+                         f"{floor} (256 bytes + {len(chat.SPECIAL_TOKENS)} special tokens): raise it")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=list(chat.SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=chat.EOS_TOKEN, eos_token=chat.EOS_TOKEN,
+                                   pad_token=chat.PAD_TOKEN, additional_special_tokens=list(chat.SPECIAL_TOKENS[2:]))
+    fast.chat_template = chat.CHAT_TEMPLATE
+    return fast
+
+
+def load_base_tokenizer(init_from: Path) -> tuple[Any, int]:
+    """The tokenizer of a local checkpoint folder (model.init_from), made chat-ready; + tokens added."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not init_from.is_dir() or not any((init_from / n).is_file() for n in names):
+        raise StageError(f"params.yaml: model.init_from: {init_from} is not a folder with a tokenizer "
+                         f"(one of {', '.join(names)}); point it at a local HF checkpoint folder or set it to null")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(init_from), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any load failure is the same user-fixable problem
+        raise StageError(f"params.yaml: model.init_from: cannot load the tokenizer in {init_from} ({e}); "
+                         "point it at a local HF checkpoint folder") from None
+    return tok, chat.ensure_chat_tokens(tok)
+
+
+def _stats(lengths: array) -> dict:
+    x = np.frombuffer(lengths, np.uint32) if len(lengths) else np.zeros(1, np.uint32)
+    return {"mean": float(x.mean()), "p50": float(np.percentile(x, 50)), "p95": float(np.percentile(x, 95)),
+            "max": int(x.max())}
+
+
+# ---------------------------------------------------------------- the stage
+def preprocess(cfg: PreprocessConfig, raw_dir: Path, out_dir: Path, metrics_path: Path, *, seed: int,
+               init_from: Path | None = None, ctx: StageContext | None = None) -> dict:
+    """Ingest output -> tokenizer, train/val token files and SFT datasets (the contract in BRIEF.md)."""
+    ctx = ctx or StageContext()
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if not raw_dir.is_dir():
+        raise StageError(f"{raw_dir}: missing; {_RERUN}")
+    if read_meta(raw_dir, "ingest").get("stage") != "ingest" or not (raw_dir / "manifest.json").is_file():
+        raise StageError(f"{raw_dir}: not an ingest output (seedlm.json, manifest.json); {_RERUN}")
+    pre_shards, sft_shards = _shards(raw_dir, "pretrain"), _shards(raw_dir, "sft")
+    base, added = load_base_tokenizer(Path(init_from)) if init_from is not None else (None, 0)
+
+    with atomic_dir(out_dir) as tmp:
+        work = tmp / "_work"
+        work.mkdir()
+        pre = _clean_pretrain(cfg, pre_shards, work, seed, ctx.progress)
+        ctx.log({"preprocess/docs_per_s": pre["docs_per_s"]}, None)
+        sft = _clean_sft(cfg, sft_shards, work, ctx.progress)
+        moves = pre.pop("moves")
+        texts = chain(_lines(work / "train.jsonl", *moves["train"]),  # BPE learns from the train splits only
+                      (m["content"] for r in _lines(work / "sft_train.jsonl", *sft["moves"]["train"]) for m in r["messages"]))
+        tokenizer = base if base is not None else train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
+        t0 = time.perf_counter()
+        lens = {s: _write_bin(tmp / f"{s}.bin", _lines(work / f"{s}.jsonl", *moves[s]), tokenizer, dtype, ctx.progress)
+                for s in ("train", "val")}
+        n_tokens = {s: sum(lens[s]) + len(lens[s]) for s in lens}  # + one eos per document
+        ctx.log({"preprocess/tokens_per_s": sum(n_tokens.values()) / max(time.perf_counter() - t0, 1e-9)}, None)
+        sft.update(_save_sft(work, tmp, sft, tokenizer, ctx.progress))
+        sft.pop("moves")
+        report = {
+            "pretrain": {**{k: pre[k] for k in ("docs_in", "kept", "dropped", "train_docs", "val_docs", "chars_mean")},
+                         "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
+                         "tokens_per_doc": _stats(lens["train"] + lens["val"])},
+            "sft": sft,
+            "tokenizer": {"vocab_size": len(tokenizer), "trained": base is None, "tokens_added": added},
+        }
+        result = {"vocab_size": len(tokenizer), "dtype": np.dtype(dtype).name, "eos_id": tokenizer.eos_token_id,
+                  "pad_id": tokenizer.pad_token_id, "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
+                  "sft_train": sft["train"], "sft_val": sft["val"], "sft_test": sft["test"], "report": report}
+        shutil.rmtree(work)
+        config = {"seed": seed, "preprocess": cfg.model_dump(mode="json"),
+                  "model.init_from": str(init_from) if init_from is not None else None}
+        inputs = {"raw": str(raw_dir), "raw_manifest_sha256": sha256_file(raw_dir / "manifest.json"),
+                  **({"init_from": str(init_from)} if init_from is not None else {})}
+        write_meta(tmp, "preprocess", config, result, inputs)
+    write_json(metrics_path, report)
+    return {**result, "artifacts": [str(metrics_path)]}
+
+
+def run(params: Params, ctx: StageContext) -> dict:
+    p = params.paths
+    init = Path(params.model.init_from) if params.model.init_from else None
+    return preprocess(params.preprocess, Path(p.raw), Path(p.processed), Path(p.metrics) / "preprocess.json",
+                      seed=params.seed, init_from=init, ctx=ctx)
+
+
+if __name__ == "__main__":
+    from components.runner import main
+
+    raise SystemExit(main("preprocess"))

@@ -1,0 +1,145 @@
+"""Causal-LM pretraining on the packed token stream (train.bin / val.bin) written by preprocess."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from components.common import StageContext, StageError, atomic_dir, read_meta, write_json, write_meta
+from components.config import ModelConfig, Params, PretrainConfig, config_hash
+from components.model import build_model, load_model, save_model
+from components.train import Batch, BatchSource, step_generator, train
+
+PLOT_COLUMNS = ("step", "train_loss", "val_loss", "lr")
+
+
+def data_fingerprint(data_dir: Path, stage: str = "preprocess") -> str:
+    """Hash of the processed data's metadata (config, inputs, result; not its timestamp)."""
+    meta = read_meta(data_dir, stage)
+    return config_hash({k: meta.get(k) for k in ("stage", "config", "inputs", "result")})
+
+
+def load_tokenizer(data_dir: Path) -> PreTrainedTokenizerFast:
+    folder = data_dir / "tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        raise StageError(f"{folder}: no tokenizer.json; run `dvc repro preprocess` first")
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def token_file(data_dir: Path, name: str, dtype: str) -> np.ndarray:
+    path = data_dir / name
+    if not path.is_file():
+        raise StageError(f"{path}: missing; run `dvc repro preprocess` first")
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def window_batch(tokens: np.ndarray, offsets: np.ndarray, length: int) -> Batch:
+    """Rows tokens[o : o+length+1] -> (inputs = w[:-1], targets = w[1:])."""
+    w = np.stack([tokens[o:o + length + 1] for o in offsets]).astype(np.int64)
+    t = torch.from_numpy(w)
+    return t[:, :-1], t[:, 1:]
+
+
+def window_source(tokens: np.ndarray, length: int, batch_size: int, seed: int) -> BatchSource:
+    """Random windows; the batch of (step, micro) depends only on (seed, step, micro)."""
+    high = len(tokens) - length
+
+    def batches(step: int, micro: int) -> Batch:
+        offsets = torch.randint(0, high, (batch_size,), generator=step_generator(seed, step, micro)).numpy()
+        return window_batch(tokens, offsets, length)
+    return batches
+
+
+def val_batches(tokens: np.ndarray, length: int, batch_size: int, n_batches: int, seed: int) -> list[Batch]:
+    """Fixed validation windows (shorter than `length` when val.bin is short)."""
+    length = min(length, len(tokens) - 1)
+    if length < 1:
+        return []
+    g = step_generator(seed, 0, 0, stream=1)
+    return [window_batch(tokens, torch.randint(0, len(tokens) - length, (batch_size,), generator=g).numpy(), length)
+            for _ in range(n_batches)]
+
+
+def write_plot_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """step,train_loss,val_loss,lr (empty cells where a value was not measured), written atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PLOT_COLUMNS)
+    for h in history:
+        w.writerow(["" if h.get(c) is None else h[c] for c in PLOT_COLUMNS])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def metrics_of(result: dict[str, Any]) -> dict[str, Any]:
+    keys = ("final_train_loss", "val_loss", "val_ppl", "tokens", "tokens_per_s", "steps", "n_params",
+            "peak_mem_mb", "seconds", "trainable_params", "enabled")
+    return {k: result[k] for k in keys if k in result}
+
+
+def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, out_dir: Path, metrics_path: Path,
+             plots_path: Path, ckpt_root: Path, *, seed: int, ctx: StageContext | None = None) -> dict:
+    """Pretrain (or, with enabled: false, just initialize) the model; write an HF model folder."""
+    ctx = ctx or StageContext()
+    data_dir, out_dir, ckpt_root = Path(data_dir), Path(out_dir), Path(ckpt_root)
+    meta = read_meta(data_dir, "preprocess")["result"]
+    dtype = meta.get("dtype", "uint16")
+    tokenizer = load_tokenizer(data_dir)
+    T = model_cfg.context_length
+    if model_cfg.init_from:
+        model = load_model(model_cfg.init_from, what="model.init_from", tokenizer=tokenizer, context_length=T)
+    else:
+        model = build_model(model_cfg, tokenizer, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    stage_conf = {"seed": seed, "model": model_cfg.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json")}
+    data_hash = data_fingerprint(data_dir)
+    inputs = {"processed": str(data_dir), "processed_hash": data_hash, "init_from": model_cfg.init_from}
+    result: dict[str, Any] = {"enabled": cfg.enabled, "n_params": n_params, "arch": model.config.model_type,
+                              "context_length": T, "vocab_size": len(tokenizer)}
+    history: list[dict[str, Any]] = []
+    ckpt_dir = ckpt_root / "pretrain" / config_hash({"stage": stage_conf, "data": data_hash})
+    if cfg.enabled:
+        train_tokens = token_file(data_dir, "train.bin", dtype)
+        if len(train_tokens) < T + 1:
+            raise StageError(f"{data_dir / 'train.bin'}: {len(train_tokens)} tokens, fewer than "
+                             f"model.context_length + 1 ({T + 1}); lower model.context_length or add text "
+                             "to ingest.pretrain_sources")
+        val_tokens = token_file(data_dir, "val.bin", dtype)
+        res = train(model, cfg, window_source(train_tokens, T, cfg.batch_size, seed),
+                    eval_batches_fn=lambda: val_batches(val_tokens, T, cfg.batch_size, cfg.eval_batches, seed),
+                    ckpt_dir=ckpt_dir, seed=seed, ctx=ctx, desc="pretrain",
+                    fingerprint={"data": data_hash, "init_from": model_cfg.init_from}, key="pretrain")
+        history = res.pop("history")
+        result.update(res)
+    model.to("cpu")
+    with atomic_dir(out_dir) as tmp:
+        save_model(model, tokenizer, tmp)
+        write_meta(tmp, "pretrain", stage_conf, result, inputs)
+    write_json(metrics_path, metrics_of(result))
+    write_plot_csv(Path(plots_path), history)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return {**result, "artifacts": [str(plots_path)]}
+
+
+def run(params: Params, ctx: StageContext) -> dict:
+    p = params.paths
+    return pretrain(params.model, params.pretrain, Path(p.processed), Path(p.pretrain),
+                    Path(p.metrics) / "pretrain.json", Path(p.plots) / "pretrain_loss.csv", Path(p.checkpoints),
+                    seed=params.seed, ctx=ctx)
+
+
+if __name__ == "__main__":
+    from components.runner import main
+    raise SystemExit(main("pretrain"))
