@@ -358,8 +358,7 @@ def evaluate_models(cfg: EvaluateConfig, data_dir: Path, models: dict[str, Path]
                                                  resamples=cfg.bootstrap, confidence=cfg.confidence, seed=seed)
             m.update(scores)
         metrics[name] = m
-        ctx.log({f"{name}/{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))}
-                | {f"{name}/eval_seconds": time.perf_counter() - t0}, None)
+        ctx.log({f"{name}.eval_seconds": time.perf_counter() - t0}, None)  # the runner logs the result itself
         del model
     samples = [{"id": i, "row": test["row"][i], "prompt": test["prompt"][i], "reference": test["reference"][i],
                 "task": test["task"][i], "predictions": {k: predictions[k][i] for k in predictions},

@@ -112,7 +112,7 @@ def make_model(folder: Path, tok, items=(), steps: int = 0, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     items = world()
     texts = [f"{m['content']}" for p, r, _ in items for m in p] + [r for _, r, _ in items] + \
@@ -132,10 +132,10 @@ def cfg(**kw) -> EvaluateConfig:
                              "num_samples": 5, **kw})
 
 
-def run_eval(setup, out: str, **kw):
+def run_eval(tiny, out: str, **kw):
     from components.evaluate import evaluate_models
-    root = setup["root"]
-    return evaluate_models(cfg(**kw), setup["processed"], setup["models"], root / out, root / f"{out}-metrics.json",
+    root = tiny["root"]
+    return evaluate_models(cfg(**kw), tiny["processed"], tiny["models"], root / out, root / f"{out}-metrics.json",
                            root / "plots" / f"{out}-plot.json", seed=7, plots_dir=root / "plots")
 
 
@@ -249,19 +249,19 @@ def test_task_metrics_fast_and_consistent(metrics):
 
 
 # ---------------------------------------------------------------- generation
-def test_generation_stops_at_end_and_batching_is_exact(setup):
+def test_generation_stops_at_end_and_batching_is_exact(tiny):
     import torch
     from components.evaluate import generate, load_model, stop_ids
-    model, tok = load_model("sft", setup["models"]["sft"], setup["processed"], torch.device("cpu"))
-    prompts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p, _, _ in setup["items"]]
+    model, tok = load_model("sft", tiny["models"]["sft"], tiny["processed"], torch.device("cpu"))
+    prompts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p, _, _ in tiny["items"]]
     cpu = torch.device("cpu")
     batched, speed = generate(model, tok, prompts, max_new_tokens=12, batch_size=8, device=cpu, amp=False)
     singles = [generate(model, tok, [p], max_new_tokens=12, batch_size=1, device=cpu, amp=False) for p in prompts]
     assert batched == [out[0] for out, _ in singles]
     assert speed["gen_tokens"] == sum(sp["gen_tokens"] for _, sp in singles)  # padding after a stop is not counted
     assert speed["gen_tokens"] < 12 * len(prompts) and speed["gen_tokens_per_s"] > 0  # stopped early
-    refs = [r for _, r, _ in setup["items"]]
-    assert sum(b == r for b, r in zip(batched, refs)) >= len(refs) // 2  # the fitted model answers, then stops
+    refs = [r for _, r, _ in tiny["items"]]
+    assert all(batched) and sum(b == r for b, r in zip(batched, refs)) >= len(refs) // 5  # answers, then stops
     assert not any("thanks" in b or "user" in b for b in batched)
     # without the stop tokens the same model runs on past <|end|> into the follow-up turn
     x = tok(prompts[0], add_special_tokens=False, return_tensors="pt")
@@ -271,14 +271,14 @@ def test_generation_stops_at_end_and_batching_is_exact(setup):
 
 
 # ---------------------------------------------------------------- the stage
-def test_evaluate_writes_everything(setup):
-    result = run_eval(setup, "full")
-    root, out = setup["root"], setup["root"] / "full"
+def test_evaluate_writes_everything(tiny):
+    result = run_eval(tiny, "full")
+    root, out = tiny["root"], tiny["root"] / "full"
     assert {p.name for p in out.iterdir()} == {"report.md", "samples.jsonl", "metrics.png", "loss.png", "seedlm.json"}
     assert [Path(a).name for a in result["artifacts"]] == ["report.md", "samples.jsonl", "metrics.png", "loss.png"]
     assert all(Path(a).is_file() for a in result["artifacts"])
     metrics = read_json(root / "full-metrics.json")
-    assert metrics["n_examples"] == len(setup["items"])
+    assert metrics["n_examples"] == len(tiny["items"])
     for name in ("pretrain", "sft"):
         m = metrics[name]
         assert m["val_ppl"] > 1 and m["response_ppl"] > 1 and m["val_loss"] > 0
@@ -295,7 +295,7 @@ def test_evaluate_writes_everything(setup):
     assert {(r["model"], r["metric"]) for r in plot} == {(n, k) for n in ("pretrain", "sft")
                                                         for k in ("exact_match", "rougeL", "bleu", "chrf", "accuracy")}
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == len(setup["items"])
+    assert len(samples) == len(tiny["items"])
     s = samples[0]
     assert set(s) >= {"prompt", "reference", "task", "predictions", "correct"}
     assert set(s["predictions"]) == set(s["correct"]) == {"pretrain", "sft"}
@@ -305,23 +305,23 @@ def test_evaluate_writes_everything(setup):
     meta = read_json(out / "seedlm.json")
     assert meta["stage"] == "evaluate" and set(meta["inputs"]["models"]) == {"pretrain", "sft"}
     # deterministic for a seed (generation tokens/s aside)
-    again = run_eval(setup, "full")
+    again = run_eval(tiny, "full")
     drop = lambda r: {k: {kk: vv for kk, vv in v.items() if kk != "gen_tokens_per_s"} if isinstance(v, dict) else v
                       for k, v in r.items() if k != "artifacts"}
     assert drop(again) == drop(result)
 
 
-def test_perfect_model_scores_one(setup, monkeypatch):
+def test_perfect_model_scores_one(tiny, monkeypatch):
     import components.evaluate as ev
-    refs = {p[-1]["content"]: r for p, r, _ in setup["items"]}
+    refs = {p[-1]["content"]: r for p, r, _ in tiny["items"]}
 
     def oracle(model, tokenizer, prompts, **kw):
         out = [next(r for q, r in refs.items() if q in p) for p in prompts]
         return out, {"gen_tokens": len(out), "gen_tokens_per_s": 1.0}
     monkeypatch.setattr(ev, "generate", oracle)
-    result = run_eval(setup, "perfect", bootstrap=50, max_examples=10)
+    result = run_eval(tiny, "perfect", bootstrap=50, max_examples=10)
     assert result["n_examples"] == 10  # a seeded subset of the 36 items
-    rows = [json.loads(line)["row"] for line in (setup["root"] / "perfect" / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line)["row"] for line in (tiny["root"] / "perfect" / "samples.jsonl").read_text().splitlines()]
     assert rows == sorted(rows) and len(set(rows)) == 10 and rows != list(range(10))
     for name in ("pretrain", "sft"):
         m = result[name]
@@ -331,33 +331,48 @@ def test_perfect_model_scores_one(setup, monkeypatch):
         assert all(t["exact_match"] == 1.0 for t in m["tasks"].values())
 
 
-def test_bad_model_folders_name_themselves(setup, tmp_path):
+def test_bad_model_folders_name_themselves(tiny, tmp_path):
     from components.evaluate import evaluate_models
-    models = {"pretrain": setup["models"]["pretrain"], "sft": tmp_path / "no-such-model"}
+    models = {"pretrain": tiny["models"]["pretrain"], "sft": tmp_path / "no-such-model"}
     with pytest.raises(StageError, match="no-such-model.*'sft'"):
-        evaluate_models(cfg(), setup["processed"], models, tmp_path / "out", tmp_path / "m.json", tmp_path / "p.json",
+        evaluate_models(cfg(), tiny["processed"], models, tmp_path / "out", tmp_path / "m.json", tmp_path / "p.json",
                         seed=1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(StageError, match="empty.*not a model"):
-        evaluate_models(cfg(), setup["processed"], {"sft": tmp_path / "empty"}, tmp_path / "out",
+        evaluate_models(cfg(), tiny["processed"], {"sft": tmp_path / "empty"}, tmp_path / "out",
                         tmp_path / "m.json", tmp_path / "p.json", seed=1)
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
 
 
-def test_empty_sft_test_is_a_note_not_a_crash(setup, tmp_path):
+def test_empty_sft_test_is_a_note_not_a_crash(tiny, tmp_path):
     import shutil
 
     import datasets
     from components.evaluate import evaluate_models
     data = tmp_path / "processed"
-    shutil.copytree(setup["processed"], data)
+    shutil.copytree(tiny["processed"], data)
     shutil.rmtree(data / "sft_test")
     empty = datasets.Dataset.from_dict({"input_ids": [], "labels": [], "prompt": [], "reference": [], "task": []},
-                                       features=datasets.load_from_disk(str(setup["processed"] / "sft_test")).features)
+                                       features=datasets.load_from_disk(str(tiny["processed"] / "sft_test")).features)
     empty.save_to_disk(str(data / "sft_test"))
-    result = evaluate_models(cfg(), data, {"sft": setup["models"]["sft"]}, tmp_path / "out", tmp_path / "m.json",
+    result = evaluate_models(cfg(), data, {"sft": tiny["models"]["sft"]}, tmp_path / "out", tmp_path / "m.json",
                              tmp_path / "p.json", seed=1)
     assert result["n_examples"] == 0 and result["sft"]["val_ppl"] > 1
     assert "exact_match" not in result["sft"] and "response_ppl" not in result["sft"]
     assert "sft_test is empty" in (tmp_path / "out" / "report.md").read_text()
     assert read_json(tmp_path / "p.json") == []
+
+
+def test_run_adapter_uses_params_paths(tiny, tmp_path):
+    from components.common import StageContext
+    from components.config import Params, Paths
+    from components.evaluate import run
+    root = tiny["root"]
+    paths = Paths(processed=str(tiny["processed"]), pretrain=str(root / "pretrain"), sft=str(root / "sft"),
+                  evaluate=str(tmp_path / "reports"), metrics=str(tmp_path / "metrics"), plots=str(root / "plots"))
+    logged = []
+    ctx = StageContext(log=lambda metrics, step=None: logged.append(metrics), progress=False)
+    result = run(Params(paths=paths, evaluate=cfg(bootstrap=20, max_examples=6)), ctx)
+    assert read_json(tmp_path / "metrics" / "evaluate.json")["sft"] == result["sft"]
+    assert (root / "plots" / "evaluate_metrics.json").is_file() and (tmp_path / "reports" / "loss.png").is_file()
+    assert {k for m in logged for k in m} == {"pretrain.eval_seconds", "sft.eval_seconds"}
