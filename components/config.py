@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -220,15 +221,32 @@ class EvaluateConfig(Section):
     bootstrap: int = Field(default=1000, ge=0)
     """Bootstrap resamples for confidence intervals (0 disables)."""
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    champion: bool = True
+    """Also evaluate the registry's current champion (`models:/<register.model_name>@champion`), if any."""
+    models: dict[str, str] = Field(default_factory=dict)
+    """Other models for the same table: name -> local HF folder or MLflow URI (`models:/seedlm/3`)."""
+
+    @model_validator(mode="after")
+    def _model_names(self) -> "EvaluateConfig":
+        for name in self.models:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in RESERVED_EVAL_NAMES:
+                raise ValueError(f"evaluate.models: bad name {name!r}: use letters, digits, _ . - and none of "
+                                 f"{sorted(RESERVED_EVAL_NAMES)}")
+        return self
+
+
+RESERVED_EVAL_NAMES = {"pretrain", "sft", "champion", "n_examples", "val_tokens", "compare", "sources", "control"}
+"""Keys of metrics/evaluate.json that evaluate.models names may not take."""
 
 
 class GateConfig(Section):
     metric: str = "exact_match"
-    """The metric that decides champion vs challenger (higher is better)."""
+    """The metric that decides champion vs challenger (higher is better); always checked for regression."""
     min: dict[str, float] = Field(default_factory=lambda: {"exact_match": 0.05})
     """Per-metric minimums the challenger must reach."""
     max_regression: dict[str, float] = Field(default_factory=lambda: {"exact_match": 0.0})
-    """Per-metric largest allowed (significant) drop against the current champion."""
+    """Per-metric largest allowed drop against the current champion. A drop counts only when it is
+    significant: the bootstrap CI of (challenger - champion) lies below 0."""
 
 
 class RegisterConfig(Section):
@@ -292,7 +310,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "preprocess": ("seed", "preprocess", "model.init_from"),
     "pretrain": ("seed", "model", "pretrain"),
     "sft": ("seed", "sft"),
-    "evaluate": ("seed", "evaluate"),
+    "evaluate": ("seed", "evaluate", "register.model_name"),
     "register": ("register",),
 }
 

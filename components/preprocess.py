@@ -1,7 +1,8 @@
 """preprocess: raw shards -> clean, de-duplicated, split text; a tokenizer; packed token files; SFT examples.
 
-Pretraining text streams shard by shard: memory holds one batch of documents plus the de-dup
-digests (8 bytes a document, a few more per document with `dedup: near`), never the corpus.
+Pretraining text streams shard by shard through temp files: memory holds one batch of documents
+plus the de-dup sets (one 64-bit digest per kept document; `dedup: near` adds one per LSH band),
+never the corpus. Work files live in the output's temp folder and are deleted before it is swapped in.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import time
 import unicodedata
 import zlib
 from array import array
-from itertools import chain
 from collections import Counter
+from itertools import chain
 from pathlib import Path
 from typing import Any, Container, Iterable, Iterator
 
@@ -36,6 +37,7 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufeff]")
 _SPACES = re.compile(r"[^\S\n\t]+")
 _TRAILING = re.compile(r"[ \t]+\n")
 _BLANKS = re.compile(r"\n{3,}")
+_SPECIAL = re.compile("|".join(map(re.escape, chat.SPECIAL_TOKENS)))
 
 
 def clean_text(text: str, normalization: str = "NFKC") -> str:
@@ -64,17 +66,17 @@ def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
     best, pick = float("inf"), (1, num_perm)
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
-            p = 1 - (1 - s**r) ** b
-            err = np.trapezoid(np.where(s <= threshold, p, 0), s) + np.trapezoid(np.where(s >= threshold, 1 - p, 0), s)
+            p = 1 - (1 - s**r) ** b  # probability that two docs of similarity s share a band
+            fp, fn = np.where(s <= threshold, p, 0), np.where(s >= threshold, 1 - p, 0)
+            err = np.trapezoid(fp, s) + np.trapezoid(fn, s)
             if err < best:
                 best, pick = err, (b, r)
     return pick
 
 
 def _perms(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    top = np.iinfo(np.uint64).max
-    return rng.integers(0, top, NUM_PERM, np.uint64, endpoint=True) | np.uint64(1), rng.integers(0, top, NUM_PERM, np.uint64, endpoint=True)
+    a, b = np.random.default_rng(seed).integers(0, 2**64 - 1, (2, NUM_PERM), np.uint64, endpoint=True)
+    return a | np.uint64(1), b
 
 
 def minhash(text: str, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -263,14 +265,15 @@ def _clean_sft(cfg: PreprocessConfig, shards: list[Path], work: Path, progress: 
                 n_in += 1
                 msgs = _check_sft_row(row, f"{shard}:{n}")
                 msgs = [{"role": m["role"], "content": clean_text(m["content"], cfg.normalization)} for m in msgs]
+                key = _digest(json.dumps(msgs))
                 reason = ("empty" if any(not m["content"] for m in msgs)
                           else "no_final_assistant" if msgs[-1]["role"] != "assistant"
-                          else "special_token_text" if any(s in m["content"] for m in msgs for s in chat.SPECIAL_TOKENS)
-                          else "duplicate" if _digest(json.dumps(msgs)) in seen else None)
+                          else "special_token_text" if any(_SPECIAL.search(m["content"]) for m in msgs)
+                          else "duplicate" if key in seen else None)
                 if reason:
                     dropped[reason] += 1
                     continue
-                seen.add(_digest(json.dumps(msgs)))
+                seen.add(key)
                 u = _unit(_digest(json.dumps(msgs[:-1])))  # by prompt: one question never spans two splits
                 v = ((u - t) % 1.0) / (1 - t)  # the val coordinate; >= 1 in the test zone
                 split = row.get("split") or ("test" if u < t else "val" if v < cfg.val_fraction else "train")
@@ -400,20 +403,21 @@ def preprocess(cfg: PreprocessConfig, raw_dir: Path, out_dir: Path, metrics_path
         ctx.log({"preprocess/docs_per_s": pre["docs_per_s"]}, None)
         sft = _clean_sft(cfg, sft_shards, work, ctx.progress)
         moves = pre.pop("moves")
+        sft_train = _lines(work / "sft_train.jsonl", *sft["moves"]["train"])
         texts = chain(_lines(work / "train.jsonl", *moves["train"]),  # BPE learns from the train splits only
-                      (m["content"] for r in _lines(work / "sft_train.jsonl", *sft["moves"]["train"]) for m in r["messages"]))
+                      (m["content"] for r in sft_train for m in r["messages"]))
         tokenizer = base if base is not None else train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
         t0 = time.perf_counter()
-        lens = {s: _write_bin(tmp / f"{s}.bin", _lines(work / f"{s}.jsonl", *moves[s]), tokenizer, dtype, ctx.progress)
-                for s in ("train", "val")}
+        lens = {s: _write_bin(tmp / f"{s}.bin", _lines(work / f"{s}.jsonl", *moves[s]), tokenizer, dtype,
+                              ctx.progress) for s in ("train", "val")}
         n_tokens = {s: sum(lens[s]) + len(lens[s]) for s in lens}  # + one eos per document
         ctx.log({"preprocess/tokens_per_s": sum(n_tokens.values()) / max(time.perf_counter() - t0, 1e-9)}, None)
         sft.update(_save_sft(work, tmp, sft, tokenizer, ctx.progress))
         sft.pop("moves")
         report = {
-            "pretrain": {**{k: pre[k] for k in ("docs_in", "kept", "dropped", "train_docs", "val_docs", "chars_mean")},
+            "pretrain": {**{k: v for k, v in pre.items() if k != "docs_per_s"},
                          "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
                          "tokens_per_doc": _stats(lens["train"] + lens["val"])},
             "sft": sft,

@@ -57,7 +57,8 @@ def numeric(result: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, progress: bool = True) -> dict:
+def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, progress: bool = True,
+              extra: dict[str, Any] | None = None) -> dict:
     """Run one stage inside its own MLflow run (nested under `parent_run_id` when given)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
@@ -72,7 +73,8 @@ def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, p
         def log(metrics: dict[str, float], step: int | None = None) -> None:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
-        ctx = StageContext(log=log, run_id=run.info.run_id, parent_run_id=parent_run_id, progress=progress)
+        ctx = StageContext(log=log, run_id=run.info.run_id, parent_run_id=parent_run_id, progress=progress,
+                           extra=dict(extra or {}))
         token = RUN_ID.set(run.info.run_id)
         try:
             result = module.run(params, ctx)

@@ -31,7 +31,8 @@ def _stage(stage: str, root: str, parent_run_id: str | None, force: bool = False
         log.info("%s: up to date in dvc.lock; reusing %s", stage, stage_output(params, stage))
         return read_meta(stage_output(params, stage), stage)["result"]
     log.info("%s: running (%s)", stage, changed or "forced")
-    result = run_stage(stage, params, parent_run_id=parent_run_id, progress=False)
+    extra = {"prefect_flow_run_id": str(flow_run.get_id() or "")}
+    result = run_stage(stage, params, parent_run_id=parent_run_id, progress=False, extra=extra)
     dvcstage.commit(root_path, stage)
     return result
 

@@ -149,6 +149,15 @@ def test_ensure_chat_tokens_on_a_base_tokenizer(base_tok):
     assert labeled_text(base_tok, ids, labels) == "In Trordale.<|end|>The piano.<|end|>"
 
 
+def test_ensure_chat_tokens_gives_an_eos_to_a_tokenizer_without_one(base_tok):
+    from transformers import PreTrainedTokenizerFast
+
+    bare = PreTrainedTokenizerFast(tokenizer_object=base_tok.backend_tokenizer)
+    assert bare.eos_token is None
+    assert chat.ensure_chat_tokens(bare) == len(chat.SPECIAL_TOKENS)
+    assert (bare.eos_token, bare.pad_token) == (chat.EOS_TOKEN, chat.PAD_TOKEN)
+
+
 def test_ensure_chat_tokens_replaces_a_foreign_template(base_tok):
     base_tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     chat.ensure_chat_tokens(base_tok)
