@@ -278,6 +278,65 @@ class Paths(Section):
     """Resumable training state (not a DVC output: it must survive a stage rerun)."""
 
 
+# ---------------------------------------------------------------- orchestration (not a stage dependency)
+STAGE_POOLS = {"ingest": "cpu", "preprocess": "cpu", "pretrain": "gpu", "sft": "gpu", "evaluate": "gpu",
+               "register": "cpu"}
+"""Default work pool per stage: data stages and registration on CPU workers, model-heavy ones on GPU workers."""
+
+
+class ScheduleConfig(Section):
+    """One scheduled deployment of the pipeline (`python -m flows.deploy` creates `seedlm/<name>`)."""
+
+    cron: str = Field(default="0 3 * * *", pattern=r"^\S+( \S+){4}$")
+    """Cron expression (5 fields) for this deployment's runs."""
+    timezone: str = "UTC"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """params.yaml settings to change for this deployment's runs, dotted keys like `dvc exp run -S`
+    (e.g. {"pretrain.max_steps": 2000}); applied to params.yaml in the run's workspace."""
+
+
+class OrchestrationConfig(Section):
+    """How scheduled runs are spread over Prefect work pools (see README, "Operating it")."""
+
+    mode: Literal["local", "deployments"] = "local"
+    """local: every stage runs inside the pipeline's flow run. deployments: each stage runs as a flow run of
+    its own deployment (`seedlm-stage/<stage>`) on the pool in `pools`, sharing data through the DVC remote."""
+    pools: dict[str, str] = Field(default_factory=lambda: dict(STAGE_POOLS))
+    """Work pool of each stage's deployment."""
+    pipeline_pool: str = "cpu"
+    """Work pool of the pipeline deployments (they only orchestrate: a CPU worker is enough)."""
+    schedules: dict[str, ScheduleConfig] = Field(default_factory=lambda: {"nightly": ScheduleConfig()})
+    """Pipeline deployments by name, each with its cron schedule and parameter overrides."""
+    dvc_remote: str = ""
+    """DVC remote that carries stage data between workers ('' = the repo's default remote, if any)."""
+    pull_outputs: bool = True
+    """deployments mode: check every stage's outputs out into the pipeline's workspace too (false: only dvc.lock)."""
+    timeouts: dict[str, int] = Field(default_factory=lambda: {s: 172_800 if p == "gpu" else 14_400
+                                                              for s, p in STAGE_POOLS.items()})
+    """Seconds a stage's flow run may take before it is cancelled and the pipeline fails."""
+    retries: int = Field(default=2, ge=0, le=20)
+    """Resubmissions of a stage whose flow run crashed (worker or machine lost); training resumes from
+    its last checkpoint and continues the same MLflow run."""
+    retry_delay_s: int = Field(default=30, ge=0)
+    heartbeat_s: int = Field(default=60, ge=30)
+    """Flow-run heartbeat interval on workers (PREFECT_FLOWS_HEARTBEAT_FREQUENCY) for zombie detection."""
+    poll_s: float = Field(default=5.0, gt=0)
+    """How often the pipeline polls a stage's flow run."""
+
+    @model_validator(mode="after")
+    def _stages(self) -> "OrchestrationConfig":
+        for name, table in (("pools", self.pools), ("timeouts", self.timeouts)):
+            if set(table) != set(STAGES):
+                raise ValueError(f"{name} must name every stage exactly once: missing "
+                                 f"{sorted(set(STAGES) - set(table))}, unknown {sorted(set(table) - set(STAGES))}")
+        if any(v < 1 for v in self.timeouts.values()):
+            raise ValueError("timeouts must be positive seconds")
+        for name in self.schedules:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"schedules: bad deployment name {name!r}: use letters, digits, _ . -")
+        return self
+
+
 class Params(Section):
     seed: int = Field(default=1337, ge=0)
     paths: Paths = Field(default_factory=Paths)
@@ -288,6 +347,7 @@ class Params(Section):
     sft: SftConfig = Field(default_factory=SftConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":

@@ -1,15 +1,21 @@
 """Evaluate stage: perplexities, greedy generations and task metrics (with bootstrap CIs) per model.
 
-For each model folder: held-out perplexity on `val.bin`, response perplexity on `sft_test` (loss on
-the labels only), batched greedy generation on the `sft_test` prompts, and the local `evaluate`
-metrics of `components/metrics` against the references. Writes a report, every sample, figures.
+Models: pretrain-only, sft, the registry's current champion (`evaluate.champion`) and any in
+`evaluate.models`, all on the same held-out sets. For each: perplexity on `val.bin`, response
+perplexity on `sft_test` (loss on the labels only), batched greedy generation on the `sft_test`
+prompts and the local `evaluate` metrics of `components/metrics`. sft is compared with every other
+model by a paired bootstrap (significant = the CI of the difference excludes 0). Writes a report
+with figures, every sample (also as an MLflow table), and the control-experiment table. Another
+model, outside the pipeline (into `--out`, not a DVC output):
+    python -m components.evaluate --model models:/seedlm@champion --model mine=/path/to/hf_folder
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
+import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -20,13 +26,15 @@ import numpy as np
 from components.common import (StageContext, StageError, atomic_dir, read_json, sha256_dir, write_json,
                                write_meta)
 from components.config import EvaluateConfig, Params
-from components.metrics.scoring import task_metrics
+from components.lineage import alias_version, is_uri, parse_model_args, resolve_model
+from components.metrics import control
+from components.metrics.report import COMPARED, SCORE_METRICS, samples_table, write_figures, write_report
+from components.metrics.control import ppl_score
+from components.metrics.scoring import bootstrap_ci, compare_models, task_metrics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 END = "<|end|>"
-SCORE_METRICS = ("exact_match", "rougeL", "bleu", "chrf", "accuracy")
-"""Task metrics shown in the report, the figure and the plots file (all in [0, 1])."""
 
 
 # ---------------------------------------------------------------- models
@@ -118,25 +126,47 @@ def val_perplexity(model: Any, tokens: np.ndarray, *, windows: int, batch_size: 
 
 
 def response_perplexity(model: Any, input_ids: list[list[int]], labels: list[list[int]], *,
-                        batch_size: int, device: Any, amp: bool = True) -> dict[str, float]:
-    """Loss on the label tokens only (assistant answers), sequences cut to the context from the left."""
+                        batch_size: int, device: Any, amp: bool = True) -> tuple[dict[str, float], np.ndarray]:
+    """Loss on the label tokens only (assistant answers), sequences cut to the context from the left,
+    and per-item [loss sum, label tokens] rows (input order): additive, for bootstrap CIs."""
     import torch
     t = context_length(model)
-    pairs = sorted(((ids[-t:], lab[-t:]) for ids, lab in zip(input_ids, labels)), key=lambda p: len(p[0]))
-    total, count = 0.0, 0
+    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i][-t:]))
+    stats = np.zeros((len(input_ids), 2))
     with cpu_threads(device), torch.no_grad(), autocast(device, amp):
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i:i + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            x = torch.zeros((len(chunk), width), dtype=torch.long)
-            y = torch.full((len(chunk), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, (ids, lab) in enumerate(chunk):
-                x[j, :len(ids)], y[j, :len(lab)], mask[j, :len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
-            logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits
-            loss, n = _ce_sum(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten().to(device))
-            total, count = total + loss, count + n
-    return {"response_loss": total / count, "response_ppl": math.exp(total / count)} if count else {}
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            width = max(len(input_ids[j][-t:]) for j in idx)
+            x = torch.zeros((len(idx), width), dtype=torch.long)
+            y = torch.full((len(idx), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, j in enumerate(idx):
+                ids, lab = input_ids[j][-t:], labels[j][-t:]
+                x[r, :len(ids)], y[r, :len(lab)], mask[r, :len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
+            logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+            target = y[:, 1:].to(device)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100,
+                                                     reduction="none").view_as(target)
+            stats[idx, 0] = loss.sum(1).double().cpu().numpy()
+            stats[idx, 1] = (target != -100).sum(1).cpu().numpy()
+    total, count = stats.sum(0)
+    return ({"response_loss": total / count, "response_ppl": math.exp(total / count)} if count else {}), stats
+
+
+def tokenizer_model(tok: Any) -> Any:
+    return json.loads(tok.backend_tokenizer.to_str())["model"] if hasattr(tok, "backend_tokenizer") else None
+
+
+def encode_items(tok: Any, prompts: list[list[dict]], references: list[str]) -> tuple[list, list]:
+    """(input_ids, labels) of prompt + reference + `<|end|>` with a model's own tokenizer (labels: the answer)."""
+    ids, labels = [], []
+    for prompt, ref in zip(prompts, references):
+        p = tok(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False),
+                add_special_tokens=False)["input_ids"]
+        a = tok(ref + END, add_special_tokens=False)["input_ids"]
+        ids.append(p + a)
+        labels.append([-100] * len(p) + a)
+    return ids, labels
 
 
 # ---------------------------------------------------------------- generation
@@ -181,104 +211,6 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
     return out, {"gen_tokens": n_new, "gen_tokens_per_s": n_new / max(time.perf_counter() - start, 1e-9)}
 
 
-# ---------------------------------------------------------------- outputs
-def _cell(text: Any, limit: int = 160) -> str:
-    text = " ".join(str(text).split())
-    text = text if len(text) <= limit else text[:limit - 1] + "…"
-    return text.replace("|", "\\|") or " "
-
-
-def _fmt(m: dict[str, Any], key: str) -> str:
-    if key not in m:
-        return "–"
-    ci = m.get(f"{key}_ci")
-    return f"{m[key]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[key]:.3f}"
-
-
-def write_report(path: Path, metrics: dict[str, Any], samples: list[dict[str, Any]], names: list[str],
-                 cfg: EvaluateConfig, notes: list[str]) -> None:
-    n = metrics["n_examples"]
-    lines = ["# seedlm evaluation", "",
-             f"{n} held-out instructions (sft_test); {metrics.get('val_tokens', 0)} validation tokens. "
-             f"Intervals: {cfg.confidence:.0%} percentile bootstrap over items ({cfg.bootstrap} resamples). "
-             "exact_match: case-insensitive, whitespace-normalized; accuracy: yes/no items; "
-             "bleu, chrf: sacrebleu corpus scores / 100.", ""]
-    lines += [f"> {note}" for note in notes] + ([""] if notes else [])
-    cols = ["val_ppl", "response_ppl", *SCORE_METRICS, "gen_tokens_per_s"]
-    lines += ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name in names:
-        m = metrics[name]
-        cells = [f"{m[c]:.2f}" if c in m else "–" for c in cols[:2]] + [_fmt(m, c) for c in SCORE_METRICS]
-        cells.append(f"{m['gen_tokens_per_s']:.0f}" if "gen_tokens_per_s" in m else "–")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    tasks = sorted({t for name in names for t in metrics[name].get("tasks", {})})
-    if tasks:
-        lines += ["", "## Exact match by task", "", "| task | n | " + " | ".join(names) + " |",
-                  "|---" * (len(names) + 2) + "|"]
-        for t in tasks:
-            per = [metrics[name]["tasks"].get(t, {}) for name in names]
-            lines.append(f"| {t} | {per[0].get('n', 0)} | " + " | ".join(_fmt(p, "exact_match") for p in per) + " |")
-    if samples and cfg.num_samples:
-        lines += ["", "## Sample generations", "", "| # | task | prompt | reference | " + " | ".join(names) + " |",
-                  "|---" * (len(names) + 4) + "|"]
-        for s in samples[:cfg.num_samples]:
-            user = next((m["content"] for m in reversed(s["prompt"]) if m.get("role") == "user"), "")
-            answers = [("✓ " if s["correct"][n_] else "") + _cell(s["predictions"][n_]) for n_ in names]
-            lines.append(f"| {s['id']} | {_cell(s['task'])} | {_cell(user)} | {_cell(s['reference'])} | "
-                         + " | ".join(answers) + " |")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _read_loss_csv(path: Path) -> dict[str, list[tuple[float, float]]]:
-    series: dict[str, list[tuple[float, float]]] = {"train_loss": [], "val_loss": []}
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            for key, points in series.items():
-                if row.get(key) not in (None, "") and row.get("step") not in (None, ""):
-                    points.append((float(row["step"]), float(row[key])))
-    return series
-
-
-def write_figures(out: Path, metrics: dict[str, Any], names: list[str], plots_dir: Path | None) -> list[Path]:
-    """metrics.png (task metrics with CI error bars, perplexities) and loss.png (training curves, if any)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
-    width = 0.8 / max(1, len(names))
-    for k, name in enumerate(names):
-        m = metrics[name]
-        keys = [c for c in SCORE_METRICS if c in m]
-        xs = [SCORE_METRICS.index(c) + k * width for c in keys]
-        vals = [m[c] for c in keys]
-        err = np.array([[m[c] - m[f"{c}_ci"][0], m[f"{c}_ci"][1] - m[c]] if f"{c}_ci" in m else [0, 0]
-                        for c in keys]).reshape(-1, 2).T.clip(min=0)
-        ax1.bar(xs, vals, width, yerr=err if len(keys) else None, capsize=3, label=name)
-        ppl = [m.get(c, float("nan")) for c in ("val_ppl", "response_ppl")]
-        ax2.bar([i + k * width for i in range(2)], ppl, width, label=name)
-    ax1.set_xticks([i + 0.4 - width / 2 for i in range(len(SCORE_METRICS))], SCORE_METRICS)
-    ax1.set(ylim=(0, 1), title=f"task metrics ({len(names)} models, CI error bars)")
-    ax1.legend()
-    ax2.set_xticks([i + 0.4 - width / 2 for i in range(2)], ["val_ppl", "response_ppl"])
-    ax2.set(yscale="log", title="perplexity (lower is better)")
-    fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=100)
-    plt.close(fig)
-    csvs = [(s, p) for s in ("pretrain", "sft") if plots_dir and (p := plots_dir / f"{s}_loss.csv").is_file()]
-    if csvs:
-        fig, axes = plt.subplots(1, len(csvs), figsize=(5.5 * len(csvs), 4), squeeze=False)
-        for ax, (stage, p) in zip(axes[0], csvs):
-            for key, points in _read_loss_csv(p).items():
-                if points:
-                    ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=key)
-            ax.set(title=f"{stage} loss", xlabel="step", ylabel="loss")
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "loss.png", dpi=100)
-        plt.close(fig)
-    return [out / "metrics.png"] + ([out / "loss.png"] if csvs else [])
-
-
 # ---------------------------------------------------------------- the stage
 def load_sft_test(data_dir: Path, max_examples: int | None, seed: int) -> dict[str, list[Any]]:
     import datasets
@@ -318,80 +250,150 @@ def load_val_tokens(data_dir: Path, vocab: int) -> np.ndarray:
     return tokens
 
 
-def evaluate_models(cfg: EvaluateConfig, data_dir: Path, models: dict[str, Path], out_dir: Path,
+def evaluate_models(cfg: EvaluateConfig, data_dir: Path, models: dict[str, str | Path], out_dir: Path,
                     metrics_path: Path, plots_path: Path, *, seed: int, ctx: StageContext | None = None,
-                    plots_dir: Path | None = None, amp: bool = True) -> dict[str, Any]:
-    """Evaluate every model in `models` (name -> HF folder) on `data_dir`; see the module docstring.
-
+                    plots_dir: Path | None = None, amp: bool = True, notes: list[str] | None = None,
+                    control_dir: Path | None = None, pretrain_enabled: bool | None = None) -> dict[str, Any]:
+    """Evaluate every model in `models` (name -> HF folder or MLflow model URI) on `data_dir`.
     `plots_dir` holds pretrain_loss.csv / sft_loss.csv for loss.png (default: plots_path's folder).
-    """
+    With `control_dir` and `pretrain_enabled`, sft's results join the control-experiment history."""
+    for name, ref in models.items():  # fail fast, before any heavy work (downloads included)
+        if not is_uri(ref):
+            check_model_dir(name, Path(ref))
+    with tempfile.TemporaryDirectory(prefix="seedlm-evaluate-") as tmp_models:
+        folders = {name: resolve_model(ref, Path(tmp_models) / name) for name, ref in models.items()}
+        return _evaluate(cfg, Path(data_dir), folders, {k: str(v) for k, v in models.items()}, Path(out_dir),
+                         Path(metrics_path), Path(plots_path), seed=seed, ctx=ctx or StageContext(),
+                         plots_dir=Path(plots_dir) if plots_dir is not None else Path(plots_path).parent,
+                         amp=amp, notes=list(notes or []), control_dir=control_dir, pretrain_enabled=pretrain_enabled)
+
+
+def score_model(cfg: EvaluateConfig, model: Any, tok: Any, test: dict[str, list], val: np.ndarray | None, *,
+                seed: int, device: Any, amp: bool, progress: bool) -> tuple[dict, list[str], list[bool], dict]:
+    """Metrics, answers, exact-match flags, per-item stats (module -> (stats, score)) of one model.
+    `val` None: the model has its own tokenizer (no val_ppl; items re-encoded; ppl not paired)."""
+    m: dict[str, Any] = {}
+    if val is not None:
+        m = val_perplexity(model, val, windows=cfg.ppl_batches * cfg.batch_size, batch_size=cfg.batch_size,
+                           seed=seed, device=device, amp=amp)
+    if not test["reference"]:
+        return m, [], [], {}
+    ids, labels = (test["input_ids"], test["labels"]) if val is not None else \
+        encode_items(tok, test["prompt"], test["reference"])
+    ppl, ppl_stats = response_perplexity(model, ids, labels, batch_size=cfg.batch_size, device=device, amp=amp)
+    boot = {"resamples": cfg.bootstrap, "confidence": cfg.confidence, "seed": seed}
+    m.update({**ppl, **{f"{k}_ci": v for k, v in bootstrap_ci(ppl_stats, ppl_score, **boot).items()}})
+    prompts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in test["prompt"]]
+    answers, speed = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                              device=device, amp=amp, progress=progress)
+    m["gen_tokens_per_s"] = speed["gen_tokens_per_s"]
+    keep: dict[str, Any] = {"response_ppl": (ppl_stats, ppl_score)} if val is not None else {}
+    scores, correct = task_metrics(answers, test["reference"], test["task"], keep_stats=keep, **boot)
+    return {**m, **scores}, answers, correct, keep
+
+
+def _evaluate(cfg: EvaluateConfig, data_dir: Path, models: dict[str, Path], sources: dict[str, str],
+              out_dir: Path, metrics_path: Path, plots_path: Path, *, seed: int, ctx: StageContext,
+              plots_dir: Path, amp: bool, notes: list[str], control_dir: Path | None,
+              pretrain_enabled: bool | None) -> dict[str, Any]:
     import torch
-    ctx = ctx or StageContext()
-    data_dir, out_dir, plots_path = Path(data_dir), Path(out_dir), Path(plots_path)
-    plots_dir = Path(plots_dir) if plots_dir is not None else plots_path.parent
-    for name, path in models.items():  # fail fast, before any heavy work
+    from transformers import AutoTokenizer
+    for name, path in models.items():
         check_model_dir(name, Path(path))
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     test = load_sft_test(data_dir, cfg.max_examples, seed)
-    n, notes = len(test["reference"]), []
+    pipeline_tok = tokenizer_model(AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))) \
+        if (data_dir / "tokenizer").is_dir() else None
+    n = len(test["reference"])
     if n == 0:
         notes.append("sft_test is empty: response perplexity, generations and task metrics are omitted.")
     metrics: dict[str, Any] = {"n_examples": n}
-    predictions, correct = {}, {}  # model -> per-item answers / exact-match flags
+    predictions, correct, item_stats = {}, {}, {}  # model -> per-item answers / exact-match flags / stats
     for name, path in models.items():
         t0 = time.perf_counter()
         model, tok = load_model(name, Path(path), data_dir, device)
-        m = val_perplexity(model, load_val_tokens(data_dir, model.config.vocab_size),
-                           windows=cfg.ppl_batches * cfg.batch_size, batch_size=cfg.batch_size, seed=seed,
-                           device=device, amp=amp)
-        metrics["val_tokens"] = m.pop("val_tokens")
+        own = pipeline_tok is not None and tokenizer_model(tok) != pipeline_tok
+        if own:
+            notes.append(f"{name} has its own tokenizer: no val_ppl (val.bin holds the pipeline's tokens); its "
+                         "response_ppl counts its own tokens and is not compared.")
+        val = None if own else load_val_tokens(data_dir, model.config.vocab_size)
+        m, answers, flags, item_stats[name] = score_model(cfg, model, tok, test, val, seed=seed, device=device,
+                                                          amp=amp, progress=ctx.progress)
+        metrics["val_tokens"], metrics[name] = m.pop("val_tokens", metrics.get("val_tokens", 0)), m
         if n:
-            m.update(response_perplexity(model, test["input_ids"], test["labels"], batch_size=cfg.batch_size,
-                                         device=device, amp=amp))
-            prompts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in test["prompt"]]
-            predictions[name], speed = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
-                                                batch_size=cfg.batch_size, device=device, amp=amp,
-                                                progress=ctx.progress)
-            m["gen_tokens_per_s"] = speed["gen_tokens_per_s"]
-            scores, correct[name] = task_metrics(predictions[name], test["reference"], test["task"],
-                                                 resamples=cfg.bootstrap, confidence=cfg.confidence, seed=seed)
-            m.update(scores)
-        metrics[name] = m
+            predictions[name], correct[name] = answers, flags
         ctx.log({f"{name}.eval_seconds": time.perf_counter() - t0}, None)  # the runner logs the result itself
         del model
+    names = list(models)
+    metrics["compare"] = compare_models(names, item_stats, keys=COMPARED, resamples=cfg.bootstrap,
+                                         confidence=cfg.confidence, seed=seed)
+    metrics["sources"] = sources
     samples = [{"id": i, "row": test["row"][i], "prompt": test["prompt"][i], "reference": test["reference"][i],
                 "task": test["task"][i], "predictions": {k: predictions[k][i] for k in predictions},
                 "correct": {k: correct[k][i] for k in correct}} for i in range(n)]
-    names = list(models)
     plot_rows = [{"model": k, "metric": c, "value": metrics[k][c]} for k in names for c in SCORE_METRICS
                  if c in metrics[k]]
+    record, control_md = None, ""
+    if control_dir is not None and pretrain_enabled is not None and "response_ppl" in metrics.get("sft", {}):
+        record, control_md, summary = control.update(
+            Path(control_dir), pretrain_enabled, metrics["sft"], {k: v[0] for k, v in item_stats["sft"].items()},
+            test["row"], control.data_id(data_dir), ctx.run_id, resamples=cfg.bootstrap,
+            confidence=cfg.confidence, seed=seed)
+        metrics.update({"control": summary} if summary else {})
     with atomic_dir(out_dir) as tmp:
-        write_report(tmp / "report.md", metrics, samples, names, cfg, notes)
+        figures = write_figures(tmp, metrics, names, plots_dir)
+        write_report(tmp / "report.md", metrics, samples, names, cfg, notes, figures)
         with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        figures = write_figures(tmp, metrics, names, plots_dir)
+        write_json(tmp / "samples_table.json", samples_table(samples, names))
         names_out = ["report.md", "samples.jsonl", *(p.name for p in figures)]
-        result = {**metrics, "artifacts": [str(out_dir / p) for p in names_out]}
+        if record is not None:
+            (tmp / "control.md").write_text(control_md, encoding="utf-8")
+            names_out.append("control.md")
+        result = {**metrics, "artifacts": [str(out_dir / p) for p in names_out],
+                  "tables": [str(out_dir / "samples_table.json")]}
         inputs = {"processed": str(data_dir),
-                  "models": {k: {"path": str(p), "sha256": sha256_dir(p)} for k, p in models.items()}}
+                  "models": {k: {"path": sources[k], "sha256": sha256_dir(p)} for k, p in models.items()}}
         write_meta(tmp, "evaluate", {"seed": seed, "evaluate": cfg.model_dump(mode="json")}, result, inputs)
     write_json(metrics_path, metrics)
     write_json(plots_path, plot_rows)
+    if record is not None:
+        control.save_record(Path(control_dir), record)
     return result
 
 
 evaluate = evaluate_models  # the stage-named alias of the component convention
 
+EXTERNAL: dict[str, Any] = {}
+"""Set from the command line (`--model [NAME=]REF`, `--out DIR`): evaluate only those models, into DIR."""
+
 
 def run(params: Params, ctx: StageContext) -> dict[str, Any]:
-    p = params.paths
-    return evaluate_models(params.evaluate, Path(p.processed), {"pretrain": Path(p.pretrain), "sft": Path(p.sft)},
-                           Path(p.evaluate), Path(p.metrics) / "evaluate.json",
+    p, cfg = params.paths, params.evaluate
+    if EXTERNAL:  # `python -m components.evaluate --model REF`: not the pipeline's models, outside DVC outs
+        out = Path(EXTERNAL["out"])
+        return evaluate_models(cfg, Path(p.processed), dict(EXTERNAL["models"]), out, out / "metrics.json",
+                               out / "plots.json", seed=params.seed, ctx=ctx)
+    models: dict[str, str | Path] = {"pretrain": Path(p.pretrain), "sft": Path(p.sft)}
+    notes = []
+    if cfg.champion:
+        name = params.register.model_name
+        version = alias_version(name, "champion")
+        if version:
+            models["champion"] = f"models:/{name}/{version}"
+        else:
+            notes.append(f"No champion of {name!r} in the registry yet: nothing to compare against.")
+    models.update(cfg.models)
+    return evaluate_models(cfg, Path(p.processed), models, Path(p.evaluate), Path(p.metrics) / "evaluate.json",
                            Path(p.plots) / "evaluate_metrics.json", seed=params.seed, ctx=ctx,
-                           plots_dir=Path(p.plots))
+                           plots_dir=Path(p.plots), notes=notes, control_dir=Path(p.checkpoints).parent / "control",
+                           pretrain_enabled=control.pretrain_enabled(Path(p.pretrain), Path(p.sft)))
 
 
 if __name__ == "__main__":
+    import components.evaluate as stage  # the module instance the runner imports (this one is __main__)
     from components.runner import main
+    models, out, sys.argv[1:] = parse_model_args(sys.argv[1:])  # --model [NAME=]REF ... --out DIR
+    stage.EXTERNAL.update({"models": models, "out": out} if models else {})
     raise SystemExit(main("evaluate"))

@@ -1,21 +1,23 @@
 """Register stage: log the fine-tuned model to MLflow, version it, and gate champion promotion.
 
-The only stage that talks to the MLflow registry. The runner has set the tracking URI and opened
+The only stage that writes to the MLflow registry. The runner has set the tracking URI and opened
 this stage's run. Every new version gets alias `challenger`; alias `champion` moves to it only when
-the gate passes (minimums reached, no regression against the current champion). Lineage (git, DVC
-hashes, params, run ids, evaluation metrics) is stored as version tags. A failure after the version
-is created deletes it again and restores the aliases: no half-registered versions.
+the gate passes: minimums reached, and no regression against the current champion, where a drop
+counts only when it is significant (the paired-bootstrap CI of challenger - champion from the
+evaluate stage lies below 0) and larger than the allowed one. The gate report (JSON + markdown) goes
+on the version (tag `gate.report`, description) and into the run. Lineage (git, DVC hashes of raw,
+processed data and tokenizer, base checkpoint, params, run ids) is stored as version tags and as
+MLflow dataset inputs. Reading the champion, creating the version and moving aliases happen under a
+file lock (components.lineage.registry_lock), so concurrent registrations get distinct versions
+and a consistent champion. A failure after the version is created deletes it again and restores
+the aliases: no half-registered versions.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import os
-import posixpath
-import re
 import shutil
-import subprocess
 import tempfile
 from importlib.metadata import PackageNotFoundError, version as pkg_version
 from pathlib import Path
@@ -25,14 +27,17 @@ import yaml
 
 from components.common import (StageContext, StageError, atomic_dir, read_json, read_meta,
                                sha256_dir, write_json, write_meta)
-from components.config import GateConfig, Params, RegisterConfig, STAGES, config_hash, stage_config
+from components.config import GateConfig, Params, Paths, RegisterConfig, STAGES, config_hash, stage_config
+from components.lineage import (FLOW_RUN_TAG, dvc_hashes, flow_run_id, git_state, lock_md5, log_datasets,
+                                meta_hash, registry_lock, weights_sha256)
+from components.metrics.gate import evaluate_gate, gate_markdown  # noqa: F401 (the gate, re-exported)
 
 log = logging.getLogger(__name__)
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 EXAMPLE_PROMPT = "What is the capital of France?"
-MAX_PARAMS_TAG = 5000
-"""Chars; the `params` JSON tag stays below the strictest MLflow backend limit for tag values."""
+MAX_TAG = 5000
+"""Chars; JSON tags stay below the strictest MLflow backend limit for tag values."""
 SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
 
 
@@ -69,101 +74,7 @@ def _check_gate_metrics(gate: GateConfig, metrics: dict[str, Any], path: Path) -
                              f"register.gate in params.yaml or make evaluate compute it")
 
 
-# ---------------------------------------------------------------- the gate
-def evaluate_gate(gate: GateConfig, challenger: dict[str, Any], champion: dict[str, float] | None,
-                  champion_version: str | None = None) -> dict[str, Any]:
-    """Apply the promotion rules (higher is better for every gate metric). Pure; no MLflow."""
-    rules: list[dict[str, Any]] = []
-    for m, lo in sorted(gate.min.items()):
-        value = challenger[m]
-        rules.append({"rule": "min", "metric": m, "value": value, "threshold": lo, "passed": value >= lo,
-                      "detail": f"{m} = {value:.4f} {'>=' if value >= lo else '<'} minimum {lo:.4f}"})
-    for m in sorted({gate.metric, *gate.max_regression}):
-        allowed = gate.max_regression.get(m, 0.0)
-        value = challenger[m]
-        base = None if champion is None else champion.get(m)
-        rule = {"rule": "max_regression", "metric": m, "value": value, "champion": base,
-                "champion_version": champion_version, "allowed_drop": allowed}
-        if champion is None:
-            rule.update(passed=True, detail=f"no champion yet; {m} not compared")
-        elif base is None:
-            rule.update(passed=True, detail=f"champion v{champion_version} has no metric.{m} tag; not compared")
-        else:
-            drop = base - value
-            ok = drop <= allowed + 1e-12
-            rule.update(drop=drop, passed=ok, detail=(
-                f"{m} = {value:.4f} vs champion v{champion_version} {base:.4f}: drop {drop:+.4f} "
-                f"{'<=' if ok else '>'} allowed {allowed:.4f}"))
-        rules.append(rule)
-    passed = all(r["passed"] for r in rules)
-    reasons = [r["detail"] for r in rules if not r["passed"]] or ["all rules passed"]
-    return {"decision": "promoted" if passed else "rejected", "passed": passed, "metric": gate.metric,
-            "rules": rules, "reasons": reasons, "champion_version": champion_version,
-            "config": gate.model_dump(mode="json")}
-
-
-def gate_markdown(name: str, version: str, gate: dict[str, Any], challenger: dict[str, Any]) -> str:
-    lines = [f"# Gate report: {name} v{version}", "",
-             f"**Decision: {gate['decision']}**"
-             + (f" (champion stays v{gate['champion_version']})" if not gate["passed"]
-                and gate["champion_version"] else ""), "",
-             "| rule | metric | challenger | threshold / champion | passed | detail |",
-             "|---|---|---|---|---|---|"]
-    for r in gate["rules"]:
-        ref = r.get("threshold", r.get("champion"))
-        ref_s = "-" if ref is None else f"{ref:.4f}"
-        lines.append(f"| {r['rule']} | {r['metric']} | {r['value']:.4f} | {ref_s} | "
-                     f"{'yes' if r['passed'] else 'NO'} | {r['detail']} |")
-    ci = challenger.get(f"{gate['metric']}_ci")
-    if ci:
-        lines += ["", f"{gate['metric']} confidence interval: [{ci[0]:.4f}, {ci[1]:.4f}]"]
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------- provenance
-def _git(repo_root: Path, *args: str) -> str | None:
-    try:
-        res = subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout if res.returncode == 0 else None
-
-
-def git_state(repo_root: Path) -> dict[str, str]:
-    commit = _git(repo_root, "rev-parse", "HEAD")
-    status = _git(repo_root, "status", "--porcelain") if commit else None
-    return {"git_commit": commit.strip() if commit else "unknown",
-            "git_dirty": "unknown" if status is None else str(bool(status.strip())).lower()}
-
-
-def _tag_key(*parts: str) -> str:
-    key = re.sub(r"[^/\w.\- ]", "_", ".".join(parts))
-    return posixpath.normpath(key).lstrip("/")[:250]
-
-
-def dvc_hashes(repo_root: Path) -> dict[str, str]:
-    """`dvc.<stage>.<path>` -> md5 of every dep/out recorded in dvc.lock (empty without one).
-
-    The register stage's own entry is left out: while it runs, that entry is the previous run's.
-    """
-    lock = repo_root / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise StageError(f"{lock}: not valid YAML ({e}); run `dvc repro` to rewrite it") from None
-    tags = {}
-    for stage, body in (data.get("stages") or {}).items():
-        if stage == "register":
-            continue
-        for kind in ("deps", "outs"):
-            for entry in (body or {}).get(kind) or []:
-                if isinstance(entry, dict) and entry.get("path") and entry.get("md5"):
-                    tags[_tag_key("dvc", str(stage), str(entry["path"]))] = str(entry["md5"])
-    return tags
-
-
 def _params_data(params: Params | None, meta: dict[str, Any], cfg: RegisterConfig) -> dict[str, Any]:
     if params is not None:
         return params.model_dump(mode="json")
@@ -172,28 +83,51 @@ def _params_data(params: Params | None, meta: dict[str, Any], cfg: RegisterConfi
 
 def _params_tag(params: Params | None, data: dict[str, Any]) -> str:
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    if len(text) <= MAX_PARAMS_TAG:
+    if len(text) <= MAX_TAG:
         return text
     if params is not None:
         text = json.dumps({s: stage_config(params, s) for s in STAGES}, sort_keys=True, separators=(",", ":"))
-        if len(text) <= MAX_PARAMS_TAG:
+        if len(text) <= MAX_TAG:
             return text
     return json.dumps({"truncated": True, "see": "run artifact register/params.json"})
 
 
 def _lineage(meta: dict[str, Any], params: Params | None) -> dict[str, str]:
-    cfg = meta.get("config") or {}
-    if params is not None:
-        return {"sft_method": params.sft.method, "pretrain_enabled": str(params.pretrain.enabled).lower()}
-    method = (cfg.get("sft") or {}).get("method", "unknown")
-    enabled = next((str(d["pretrain_enabled"]).lower() for d in (meta.get("result"), meta.get("inputs"))
-                    if isinstance(d, dict) and "pretrain_enabled" in d), "unknown")
+    """sft method and whether its base was pretrained: from the sft folder's meta, else params."""
+    method = ((meta.get("config") or {}).get("sft") or {}).get("method") or (params.sft.method if params else "unknown")
+    enabled = next((str(d[k]).lower() for d in (meta.get("result"), meta.get("inputs")) if isinstance(d, dict)
+                    for k in ("base_pretrained", "pretrain_enabled") if k in d), None)
+    if enabled is None:
+        enabled = str(params.pretrain.enabled).lower() if params is not None else "unknown"
     return {"sft_method": str(method), "pretrain_enabled": enabled}
 
 
-def _prefect_flow_run_id(ctx: StageContext) -> str | None:
-    return (ctx.extra.get("prefect_flow_run_id") or os.environ.get("PREFECT__FLOW_RUN_ID")
-            or os.environ.get("PREFECT__RUNTIME__FLOW_RUN__ID"))
+def _under(root: Path, path: str | Path) -> Path:
+    return Path(path) if Path(path).is_absolute() else root / path
+
+
+def provenance(root: Path, paths: Paths, meta: dict[str, Any], params: Params | None
+               ) -> tuple[dict[str, str], dict[str, tuple[Path, str | None]]]:
+    """Lineage tags (data hashes, base checkpoint) and the dataset inputs {name: (path, digest)}."""
+    tags: dict[str, str] = {}
+    processed = (meta.get("inputs") or {}).get("processed") or paths.processed
+    datasets: dict[str, tuple[Path, str | None]] = {}
+    for key, path in (("raw", paths.raw), ("processed", processed)):
+        if md5 := lock_md5(root, path):
+            tags[f"data.{key}.md5"] = md5
+        elif fallback := meta_hash(_under(root, path)):  # not run through DVC: the output's own metadata
+            tags[f"data.{key}.meta_hash"] = fallback
+        datasets[key] = (_under(root, path), md5 or fallback)
+    tok = _under(root, processed) / "tokenizer"
+    if tok.is_dir():
+        tags["data.tokenizer.sha256"] = sha256_dir(tok)
+        datasets["tokenizer"] = (tok, tags["data.tokenizer.sha256"][:32])
+    init_from = params.model.init_from if params is not None else None
+    if init_from:
+        base = _under(root, init_from)
+        tags["base_checkpoint.path"] = str(base.resolve())
+        tags["base_checkpoint.sha256"] = weights_sha256(base) if base.is_dir() else "missing"
+    return tags, datasets
 
 
 # ---------------------------------------------------------------- mlflow
@@ -210,9 +144,9 @@ def _active_run(ctx: StageContext) -> Iterator[Any]:
         yield run
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(adapter: bool) -> list[str]:
     reqs = []
-    for name in SERVING_PACKAGES:
+    for name in (*SERVING_PACKAGES, *(("peft",) if adapter else ())):
         try:
             reqs.append(f"{name}=={pkg_version(name).split('+')[0]}")
         except PackageNotFoundError:
@@ -225,18 +159,36 @@ def _size_mb(folder: Path) -> float:
 
 
 @contextlib.contextmanager
-def _model_folder(model_dir: Path) -> Iterator[Path]:
-    """The folder to ship: the sft folder itself, or a copy without the LoRA `adapter/` subfolder."""
+def _model_folder(model_dir: Path, adapter: bool) -> Iterator[Path]:
+    """The folder to ship: the merged model without `adapter/`, or (adapter) the adapter + tokenizer files."""
     if not (model_dir / "adapter").is_dir():
         yield model_dir
         return
     with tempfile.TemporaryDirectory(prefix="seedlm-register-") as tmp:
         staged = Path(tmp) / "model"
-        shutil.copytree(model_dir, staged, ignore=lambda d, names: ["adapter"] if Path(d) == model_dir else [])
+        if adapter:
+            shutil.copytree(model_dir / "adapter", staged)
+            for p in model_dir.iterdir():  # tokenizer, chat template, generation config, seedlm.json
+                if p.is_file() and p.suffix != ".safetensors" and p.name != "config.json":
+                    shutil.copy2(p, staged / p.name)
+        else:
+            shutil.copytree(model_dir, staged, ignore=lambda d, names: ["adapter"] if Path(d) == model_dir else [])
         yield staged
 
 
-def _log_model(cfg: RegisterConfig, folder: Path, size_mb: float) -> Any:
+def _lora_base(model_dir: Path, meta: dict[str, Any], root: Path, paths: Paths) -> tuple[Path, dict[str, str]]:
+    """The base an adapter needs (from the sft meta) and its tags; StageError when it is not there."""
+    base = _under(root, (meta.get("inputs") or {}).get("base") or paths.pretrain)
+    if not (base / "config.json").is_file() or not any(base.glob("*.safetensors")):
+        raise StageError(f"{base}: the LoRA base model of {model_dir} is missing; run `dvc repro pretrain` "
+                         "(or `dvc checkout`), or set register.lora_format: merged")
+    tags = {"lora_base.path": str(base.resolve()), "lora_base.sha256": weights_sha256(base)}
+    if md5 := lock_md5(root, paths.pretrain):
+        tags["lora_base.md5"] = md5
+    return base, tags
+
+
+def _log_model(cfg: RegisterConfig, folder: Path, size_mb: float, base_tags: dict[str, str] | None) -> Any:
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
@@ -244,11 +196,17 @@ def _log_model(cfg: RegisterConfig, folder: Path, size_mb: float) -> Any:
     example = [EXAMPLE_PROMPT]
     gen_params = {"max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "do_sample": False}
     signature = infer_signature(example, ["an answer"], params=gen_params)
+    model_config: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens}
+    if base_tags:
+        model_config.update(base_path=base_tags["lora_base.path"], base_sha256=base_tags["lora_base.sha256"],
+                            base_hint="restore it with `git checkout <git_commit> && dvc checkout` (see "
+                                      "`python -m components.lineage`)")
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=str(SERVING_CODE), artifacts={"hf_model": str(folder)},
-        model_config={"max_new_tokens": cfg.max_new_tokens}, signature=signature,
-        input_example=example, pip_requirements=_pip_requirements(),
-        metadata={"model_size_mb": size_mb, "seedlm_stage": "register"})
+        name="model", python_model=str(SERVING_CODE),
+        artifacts={"hf_adapter" if base_tags else "hf_model": str(folder)},
+        model_config=model_config, signature=signature, input_example=example,
+        pip_requirements=_pip_requirements(bool(base_tags)),
+        metadata={"model_size_mb": size_mb, "seedlm_stage": "register", "format": "adapter" if base_tags else "merged"})
     # log_model only warns when the example fails; a model that cannot generate is not registered.
     out = mlflow.pyfunc.load_model(info.model_uri).predict(
         pd.DataFrame({"prompt": example}), params={"max_new_tokens": min(4, cfg.max_new_tokens)})
@@ -277,6 +235,17 @@ def _champion_metrics(client: Any, name: str, ver: str) -> dict[str, float]:
             with contextlib.suppress(ValueError):
                 out[k.removeprefix("metric.")] = float(v)
     return out
+
+
+def champion_evidence(client: Any, name: str, champ: str | None, evals: dict[str, Any]
+                      ) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
+    """(champion metrics, paired comparison): evaluate's, when it evaluated this very champion; else tags."""
+    if champ is None:
+        return None, None
+    pair = (evals.get("compare") or {}).get("sft_vs_champion")
+    if (evals.get("sources") or {}).get("champion") == f"models:/{name}/{champ}" and pair:
+        return _scalars(evals.get("champion") or {}), pair
+    return _champion_metrics(client, name, champ), None
 
 
 def _run_link(run: Any) -> str:
@@ -315,26 +284,30 @@ def register(cfg: RegisterConfig, model_dir: Path, eval_metrics_path: Path, out_
 
     ctx = ctx or StageContext()
     model_dir, eval_metrics_path, out_dir = Path(model_dir), Path(eval_metrics_path), Path(out_dir)
+    paths = params.paths if params is not None else Paths()
     meta, evals = _read_inputs(model_dir, eval_metrics_path)
     metrics = _scalars(evals["sft"])
     _check_gate_metrics(cfg.gate, metrics, eval_metrics_path)
     lineage = _lineage(meta, params)
-    if lineage["sft_method"] == "lora" and cfg.lora_format == "adapter":
-        raise StageError("params.yaml: register.lora_format: adapter is not supported yet (the pyfunc "
-                         "needs the base weights); set register.lora_format: merged")
+    adapter = cfg.lora_format == "adapter" and lineage["sft_method"] == "lora"
+    if adapter and not (model_dir / "adapter").is_dir():
+        raise StageError(f"{model_dir / 'adapter'}: missing, but register.lora_format is adapter; re-run "
+                         "`dvc repro sft` or set register.lora_format: merged")
+    base_tags = _lora_base(model_dir, meta, repo_root, paths)[1] if adapter else {}
     pdata = _params_data(params, meta, cfg)
-    tags: dict[str, str] = {**git_state(repo_root), **dvc_hashes(repo_root), **lineage,
+    data_tags, datasets = provenance(repo_root, paths, meta, params)
+    tags: dict[str, str] = {**git_state(repo_root), **dvc_hashes(repo_root), **data_tags, **base_tags, **lineage,
                             "params_hash": config_hash(pdata), "params": _params_tag(params, pdata),
-                            "model_sha256": sha256_dir(model_dir)}
+                            "model_sha256": sha256_dir(model_dir), "model_format": "adapter" if adapter else "merged"}
     tags.update({f"metric.{k}": json.dumps(v) for k, v in metrics.items()})
     tags.update({f"metric.pretrain.{k}": json.dumps(v) for k, v in _scalars(evals.get("pretrain") or {}).items()})
     if isinstance(evals.get("n_examples"), (int, float)):
         tags["eval.n_examples"] = str(evals["n_examples"])
-    if flow_run := _prefect_flow_run_id(ctx):
-        tags["prefect_flow_run_id"] = str(flow_run)
+    if flow_run := flow_run_id(ctx.extra):
+        tags[FLOW_RUN_TAG] = flow_run
 
     name, client = cfg.model_name, MlflowClient()
-    with _active_run(ctx) as run, _model_folder(model_dir) as folder:
+    with _active_run(ctx) as run, _model_folder(model_dir, adapter) as folder:
         run_id = run.info.run_id
         parent = ctx.parent_run_id or (run.data.tags or {}).get("mlflow.parentRunId")
         tags["mlflow_run_id"] = run_id
@@ -342,43 +315,62 @@ def register(cfg: RegisterConfig, model_dir: Path, eval_metrics_path: Path, out_
             tags["parent_run_id"] = parent
         size_mb = _size_mb(folder)
         tags["model_size_mb"] = str(size_mb)
-        info = _log_model(cfg, folder, size_mb)
+        info = _log_model(cfg, folder, size_mb, base_tags)
+        tags["datasets"] = ",".join(log_datasets(datasets, info.model_id))
+        with registry_lock(mlflow.get_tracking_uri(), repo_root):  # read champion .. move aliases: one at a time
+            before = _registered_aliases(client, name)
+            champ = (before or {}).get("champion")
+            champion, paired = champion_evidence(client, name, champ, evals)
+            gate = evaluate_gate(cfg.gate, metrics, champion, champ, paired)
+            result = _publish(cfg, client, name, info, tags, gate, metrics, run, parent, before, champ, out_dir,
+                              model_dir, eval_metrics_path, pdata, repo_root, ctx)
+    return result
 
-        before = _registered_aliases(client, name)
-        champ = (before or {}).get("champion")
-        gate = evaluate_gate(cfg.gate, metrics, _champion_metrics(client, name, champ) if champ else None, champ)
-        tags["gate.decision"] = gate["decision"]
-        tags["gate.reasons"] = "; ".join(gate["reasons"])
-        m = cfg.gate.metric
-        description = (f"seedlm model from MLflow run {_run_link(run)}"
-                       + (f", parent run {parent}" if parent else "")
-                       + f". {m}={metrics[m]:.4f}; gate: {gate['decision']} ({tags['gate.reasons']}).")
-        ver: str | None = None
-        try:
-            ver = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
-            client.update_model_version(name, ver, description=description)
-            aliases = ["challenger", *(["champion"] if gate["passed"] else [])]
-            model_uri = f"models:/{name}/{ver}"
-            result = {"model_name": name, "version": int(ver), "promoted": gate["passed"],
-                      "gate_passed": gate["passed"], "decision": gate["decision"], "aliases": aliases,
-                      "model_uri": model_uri, "champion_uri": f"models:/{name}@champion",
-                      "champion_version": int(ver) if gate["passed"] else (int(champ) if champ else None),
-                      "previous_champion": int(champ) if champ else None, "run_id": run_id,
-                      "logged_model_uri": info.model_uri, "model_size_mb": size_mb}
-            with atomic_dir(out_dir) as tmp:
-                write_json(tmp / "registration.json", {**result, "gate": gate, "tags": tags})
-                (tmp / "gate.md").write_text(gate_markdown(name, ver, gate, metrics), encoding="utf-8")
-                write_meta(tmp, "register", cfg.model_dump(mode="json"), result,
-                           {"model_dir": str(model_dir), "eval_metrics": str(eval_metrics_path),
-                            "model_sha256": tags["model_sha256"], "params_hash": tags["params_hash"]})
-                mlflow.log_artifacts(str(tmp), "register")
-                mlflow.log_dict(pdata, "register/params.json")
-                ctx.log({"gate_passed": float(gate["passed"])}, None)
-                for alias in aliases:
-                    client.set_registered_model_alias(name, alias, ver)
-        except BaseException:
-            _rollback(client, name, ver, info.model_id, before)
-            raise
+
+def _publish(cfg: RegisterConfig, client: Any, name: str, info: Any, tags: dict[str, str], gate: dict[str, Any],
+             metrics: dict[str, Any], run: Any, parent: str | None, before: dict[str, str] | None,
+             champ: str | None, out_dir: Path, model_dir: Path, eval_metrics_path: Path, pdata: dict[str, Any],
+             repo_root: Path, ctx: StageContext) -> dict[str, Any]:
+    """Create the version with its gate report, write out_dir and the run artifacts, then move aliases."""
+    import mlflow
+
+    tags = {**tags, "gate.decision": gate["decision"], "gate.reasons": "; ".join(gate["reasons"])[:MAX_TAG]}
+    report = json.dumps(gate, sort_keys=True, default=str)
+    tags["gate.report"] = report if len(report) <= MAX_TAG else json.dumps(
+        {"decision": gate["decision"], "see": "run artifact register/gate.json"})
+    ver: str | None = None
+    try:
+        ver = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+        md = gate_markdown(name, ver, gate, metrics)
+        client.update_model_version(name, ver, description=(
+            f"seedlm model from MLflow run {_run_link(run)}" + (f", parent run {parent}" if parent else "")
+            + f". Lineage: `python -m components.lineage models:/{name}/{ver}`.\n\n" + md))
+        aliases = ["challenger", *(["champion"] if gate["passed"] else [])]
+        result = {"model_name": name, "version": int(ver), "promoted": gate["passed"],
+                  "gate_passed": gate["passed"], "decision": gate["decision"], "aliases": aliases,
+                  "model_uri": f"models:/{name}/{ver}", "champion_uri": f"models:/{name}@champion",
+                  "champion_version": int(ver) if gate["passed"] else (int(champ) if champ else None),
+                  "previous_champion": int(champ) if champ else None, "run_id": run.info.run_id,
+                  "logged_model_uri": info.model_uri, "model_size_mb": float(tags["model_size_mb"]),
+                  "model_format": tags["model_format"]}
+        with atomic_dir(out_dir) as tmp:
+            write_json(tmp / "registration.json", {**result, "gate": gate, "tags": tags})
+            write_json(tmp / "gate.json", gate)
+            (tmp / "gate.md").write_text(md, encoding="utf-8")
+            (tmp / "params.yaml").write_text(yaml.safe_dump(pdata, sort_keys=False), encoding="utf-8")
+            if (repo_root / "dvc.lock").is_file():
+                shutil.copy2(repo_root / "dvc.lock", tmp / "dvc.lock")
+            write_meta(tmp, "register", cfg.model_dump(mode="json"), result,
+                       {"model_dir": str(model_dir), "eval_metrics": str(eval_metrics_path),
+                        "model_sha256": tags["model_sha256"], "params_hash": tags["params_hash"]})
+            mlflow.log_artifacts(str(tmp), "register")
+            mlflow.log_dict(pdata, "register/params.json")
+            ctx.log({"gate_passed": float(gate["passed"])}, None)
+            for alias in aliases:
+                client.set_registered_model_alias(name, alias, ver)
+    except BaseException:
+        _rollback(client, name, ver, info.model_id, before)
+        raise
     return result
 
 

@@ -57,9 +57,31 @@ def numeric(result: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+RESUME_TAG = "seedlm.resume_key"
+"""Tag of a stage run that a retry of the same stage (same inputs, same pipeline run) continues."""
+
+
+def resumable_run(mlflow: Any, stage: str, resume_key: str, parent_run_id: str | None) -> str | None:
+    """The newest unfinished run of `stage` tagged `resume_key` (under `parent_run_id`), e.g. one whose
+    worker died mid-training; None when there is none."""
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return None
+    key = resume_key.replace("'", "")
+    query = f"tags.`{RESUME_TAG}` = '{key}' and tags.`seedlm.stage` = '{stage}'"
+    if parent_run_id:
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                              output_format="list")
+    return next((r.info.run_id for r in runs if r.info.status != "FINISHED"), None)
+
+
 def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, progress: bool = True,
-              extra: dict[str, Any] | None = None) -> dict:
-    """Run one stage inside its own MLflow run (nested under `parent_run_id` when given)."""
+              extra: dict[str, Any] | None = None, resume_key: str | None = None) -> dict:
+    """Run one stage inside its own MLflow run (nested under `parent_run_id` when given).
+
+    With `resume_key`, an unfinished run of the same stage and key is continued instead of starting a
+    new one (a retry after a crash logs into the run it resumes)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     module = importlib.import_module(f"components.{stage}")
@@ -67,7 +89,14 @@ def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, p
     parent_run_id = parent_run_id or os.environ.get(PARENT_ENV) or None
     tags = {"seedlm.stage": stage}
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, nested=nested, tags=tags) as run:
+    resume = resumable_run(mlflow, stage, resume_key, parent_run_id) if resume_key else None
+    if resume_key:
+        tags[RESUME_TAG] = resume_key
+    start = (dict(run_id=resume, nested=nested) if resume else
+             dict(run_name=stage, parent_run_id=parent_run_id, nested=nested, tags=tags))
+    with mlflow.start_run(**start) as run:
+        if resume:
+            mlflow.set_tag("seedlm.resumed", "true")
         mlflow.log_params({k: str(v)[:6000] for k, v in flat(stage_config(params, stage)).items()})
 
         def log(metrics: dict[str, float], step: int | None = None) -> None:
@@ -86,6 +115,9 @@ def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, p
         for path in result.get("artifacts", []):
             if Path(path).is_file():
                 mlflow.log_artifact(str(path))
+        for path in result.get("tables", []):  # JSON {column: [values]} -> an MLflow table (UI: Evaluation)
+            if Path(path).is_file():
+                mlflow.log_table(data=json.loads(Path(path).read_text(encoding="utf-8")), artifact_file=Path(path).name)
     return result
 
 
@@ -103,7 +135,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     except (ConfigError, StageError) as e:
         print(f"seedlm {stage}: error: {e}", file=sys.stderr)
         return 2
-    summary = {k: v for k, v in result.items() if k not in ("history", "artifacts")}
+    summary = {k: v for k, v in result.items() if k not in ("history", "artifacts", "tables")}
     print(f"seedlm {stage}: done {json.dumps(summary, default=str)[:2000]}")
     return 0
 

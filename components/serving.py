@@ -8,6 +8,12 @@ folder (safetensors + tokenizer with its chat template) is shipped as the artifa
     model.predict(pd.DataFrame({"prompt": ["What is the capital of Zorbia?"]}),
                   params={"max_new_tokens": 16})          # -> ["..."]
 
+LoRA runs registered with `register.lora_format: adapter` ship only the adapter (artifact
+`hf_adapter`, with the tokenizer); the base model is referenced by path and content hash in the
+model config (`base_path`, `base_sha256`) and merged on load. A base that is missing or whose
+weights hash differs is refused; point to a restored copy with
+`mlflow.pyfunc.load_model(uri, model_config={"base_path": "/path/to/base"})`.
+
 Input: a DataFrame with a `prompt` column, a list of strings or one string. Each prompt becomes one
 user message, rendered with the tokenizer's chat template plus the generation prompt. Output: one
 response string per prompt (special tokens removed), generation stopping at `<|end|>`. Params:
@@ -16,6 +22,8 @@ do_sample, temperature (used only when sampling; 0 means greedy). Runs on CUDA w
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -23,6 +31,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 ARTIFACT = "hf_model"
+ADAPTER = "hf_adapter"
 END_TOKEN = "<|end|>"
 DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 32, "temperature": 1.0, "do_sample": False}
 """Predict-time params (also the signature's param schema; register overrides max_new_tokens)."""
@@ -49,6 +58,39 @@ def _prompts(model_input: Any) -> list[str]:
                     "a 'prompt' column, a list of strings or a string")
 
 
+def weights_sha256(folder: str | Path) -> str:
+    """Content hash of a model's *.safetensors + config.json (the same as components.lineage.weights_sha256)."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted([*root.glob("*.safetensors"), root / "config.json"]):
+        if p.is_file():
+            f = hashlib.sha256()
+            with open(p, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    f.update(block)
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + f.hexdigest().encode())
+    return h.hexdigest()
+
+
+def load_merged(adapter_dir: str, config: dict[str, Any]) -> Any:
+    """The base model named in `config` (checked against its registered hash) with the LoRA adapter merged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, want = config.get("base_path"), config.get("base_sha256")
+    hint = config.get("base_hint") or "restore the base model folder"
+    if not base or not Path(base).is_dir():
+        raise FileNotFoundError(f"LoRA base model {base!r} not found; {hint}, or load with "
+                                "model_config={'base_path': '/path/to/base'}")
+    got = weights_sha256(base)
+    if want and got != want:
+        raise ValueError(f"{base}: weights hash {got[:16]}… is not the registered base {want[:16]}…: the base "
+                         f"changed since registration; {hint}")
+    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+
+
 class SeedLMChatModel(PythonModel):
     """Greedy (or sampled) chat generation with a local HF causal LM."""
 
@@ -56,7 +98,9 @@ class SeedLMChatModel(PythonModel):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = context.artifacts[ARTIFACT]
+        config = dict(getattr(context, "model_config", None) or {})
+        adapter = ADAPTER in context.artifacts
+        path = context.artifacts[ADAPTER if adapter else ARTIFACT]
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -64,10 +108,9 @@ class SeedLMChatModel(PythonModel):
         if not self.tokenizer.chat_template:
             raise ValueError(f"{path}: tokenizer has no chat_template; re-run preprocess/sft")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                          dtype=torch.float32).to(self.device)
+        self.model = (load_merged(path, config) if adapter else AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=torch.float32)).to(self.device)
         self.model.eval()
-        config = dict(getattr(context, "model_config", None) or {})
         self.defaults = {**DEFAULT_PARAMS, **{k: config[k] for k in DEFAULT_PARAMS if k in config}}
         self.batch_size = int(config.get("batch_size", 8))
         end_id = self.tokenizer.convert_tokens_to_ids(END_TOKEN)

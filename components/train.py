@@ -209,7 +209,7 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
 
     model.to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(model, cfg, device)
@@ -325,7 +325,7 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
         t_excl += time.perf_counter() - t_aside
     bar.close()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     model.eval()
     seconds = time.perf_counter() - t_start
     return {"steps": cfg.max_steps, "final_train_loss": last_train, "val_loss": last_val,

@@ -1,72 +1,144 @@
 """The seedlm pipeline as a Prefect flow: ingest -> preprocess -> pretrain -> sft -> evaluate -> register.
 
 Run it with `python -m flows.pipeline` (no server needed: Prefect's ephemeral mode). Each stage is a
-Prefect task named after the stage; it runs only when DVC says the stage changed, then records the
-result in dvc.lock, so this flow and `dvc repro` share one stage graph.
+Prefect task keyed by the stage's DVC run-cache key (cmd + deps + params): a key Prefect has a record
+for is reused, a stage DVC reports up to date (or finds in its run-cache) is skipped, anything else
+runs and is recorded in dvc.lock, so this flow, `dvc repro` and `dvc exp run` share one stage graph.
+With `orchestration.mode: deployments` each stage runs as a flow run of its own deployment on its
+work pool (see flows/deploy.py); data moves between workers through the DVC remote.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import flows  # noqa: F401  (quiet defaults for prefect/dvc/mlflow)
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
-from components.common import StageError, read_meta
-from components.config import STAGES, ConfigError, load_params, stage_output
-from components.runner import run_stage, setup_tracking
+from components.common import StageError
+from components.config import STAGES, ConfigError, load_params
+from components.runner import parse_overrides, setup_tracking, tracking_uri
 from flows import dvcstage
+from flows.orchestration import StageFailed, annotate_version, apply_overrides, outcome, prefect_run_url, submit
+from flows.stages import execute, record_storage
 
 
-def _stage(stage: str, root: str, parent_run_id: str | None, force: bool = False) -> dict:
+def _git_rev(root: Path) -> str | None:
+    res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def _check_deployable(root: Path, remote: tuple[str, str] | None) -> None:
+    if remote is None:
+        raise ConfigError("orchestration.mode: deployments needs a DVC remote that every worker reaches: "
+                          "`dvc remote add -d seedlm /shared/path` (committed in .dvc/config) or set "
+                          "orchestration.dvc_remote")
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError("orchestration.mode: deployments needs MLFLOW_TRACKING_URI set to a tracking server "
+                          "(or a store every worker shares), e.g. http://127.0.0.1:5000")
+
+
+def _stage(name: str, root: Path, ctx: dict[str, Any]) -> dict:
+    """Bring one stage up to date (in-process or on its pool); return its record."""
     log = get_run_logger()
-    root_path = Path(root)
-    params = load_params(root_path / "params.yaml")
-    changed = dvcstage.changes(root_path, stage)
-    if not changed and not force:
-        log.info("%s: up to date in dvc.lock; reusing %s", stage, stage_output(params, stage))
-        return read_meta(stage_output(params, stage), stage)["result"]
-    log.info("%s: running (%s)", stage, changed or "forced")
-    extra = {"prefect_flow_run_id": str(flow_run.get_id() or "")}
-    result = run_stage(stage, params, parent_run_id=parent_run_id, progress=False, extra=extra)
-    dvcstage.commit(root_path, stage)
-    return result
-
-
-STAGE_TASKS = {name: task(_stage, name=name, task_run_name=name, cache_policy=NO_CACHE) for name in STAGES}
+    key = dvcstage.stage_key(root, name)
+    forced = name in ctx["force"]
+    refresh = forced or key is None or not dvcstage.cacheable(root, name)
+    opts = dict(result_storage=ctx["storage"], refresh_cache=refresh, task_run_name=name)
+    if ctx["mode"] == "local":
+        state = execute.with_options(**opts)(name, str(root), key, ctx["remote"], ctx["parent_run_id"], forced,
+                                             ctx["extra"], return_state=True)
+    else:
+        if key is None:
+            raise StageError(f"{name}: cannot compute its DVC key (an input is missing from this workspace); "
+                             f"`dvc status {name}` shows which")
+        params = {"stage": name, "rev": ctx["rev"], "params_yaml": (root / "params.yaml").read_text(encoding="utf-8"),
+                  "lock": {s: e for s, e in dvcstage.lock_entries(root).items() if s in STAGES[:STAGES.index(name)]},
+                  "force": forced, "parent_run_id": ctx["parent_run_id"], "tracking_uri": tracking_uri(root),
+                  "remote": ctx["remote"] or "", "extra": ctx["extra"]}
+        state = submit.with_options(**opts)(name, key, params, ctx["orch"], ctx["storage"], return_state=True)
+    record = state.result()
+    cached = state.name == "Cached"
+    if cached:
+        log.info("%s: cached (key %s, %s); nothing to run", name, key, record.get("how"))
+    if ctx["mode"] != "local" or cached:
+        dvcstage.set_lock_entries(root, {name: record["lock"]})
+        if ctx["mode"] == "local" or ctx["orch"].pull_outputs:
+            try:
+                dvcstage.materialize(root, [name], ctx["remote"])
+            except StageError as e:
+                if not cached or ctx["mode"] != "local":
+                    raise
+                log.warning("%s: cached record unusable here (%s); running it", name, e)
+                return execute.with_options(**{**opts, "refresh_cache": True})(
+                    name, str(root), key, ctx["remote"], ctx["parent_run_id"], forced, ctx["extra"])
+    return record
 
 
 @flow(name="seedlm", log_prints=True)
-def pipeline(root: str = ".", force: list[str] | None = None) -> dict:
-    """Run the six stages in order from the repo at `root`; `force` reruns the named stages."""
-    root = str(Path(root).resolve())
-    os.chdir(root)
-    params = load_params(Path(root) / "params.yaml")  # validate once, fail before any work
+def pipeline(root: str = ".", force: list[str] | None = None, overrides: dict[str, Any] | None = None,
+             mode: str | None = None) -> dict:
+    """Run the six stages in order from the repo at `root`; `force` reruns the named stages; `overrides`
+    changes params.yaml settings (dotted keys) first; `mode` overrides orchestration.mode."""
+    root_path = Path(root).resolve()
+    os.chdir(root_path)
+    apply_overrides(root_path, overrides)
+    params = load_params(root_path / "params.yaml")  # validate once, fail before any work
     unknown = set(force or ()) - set(STAGES)
     if unknown:
         raise ConfigError(f"force: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
-    mlflow = setup_tracking(Path(root))
-    tags = {"seedlm.pipeline": "prefect", "prefect_flow_run_id": str(flow_run.get_id() or "")}
-    results: dict[str, dict] = {}
+    orch = params.orchestration
+    mode = mode or orch.mode
+    if mode not in ("local", "deployments"):
+        raise ConfigError(f"mode: {mode!r}; use local or deployments")
+    remote = dvcstage.remote_info(root_path, orch.dvc_remote)
+    if mode == "deployments":
+        _check_deployable(root_path, remote)
+    mlflow = setup_tracking(root_path)
+    run_id = str(flow_run.get_id() or "")
+    extra = {"prefect_flow_run_id": run_id, "prefect_flow_run_url": prefect_run_url(run_id) or ""}
+    tags = {"seedlm.pipeline": "prefect", "seedlm.mode": mode, "prefect_flow_run_id": run_id}
+    records: dict[str, dict] = {}
     with mlflow.start_run(run_name="pipeline", tags=tags) as parent:
-        for name in STAGES:
-            results[name] = STAGE_TASKS[name](name, root, parent.info.run_id, name in (force or ()))
+        ctx = {"mode": mode, "force": set(force or ()), "orch": orch, "remote": remote[0] if remote else None,
+               "storage": record_storage(root_path, remote[1] if remote else None), "extra": extra,
+               "parent_run_id": parent.info.run_id, "rev": _git_rev(root_path)}
+        name = STAGES[0]
+        try:
+            for name in STAGES:
+                records[name] = _stage(name, root_path, ctx)
+        except Exception as e:
+            mlflow.set_tags({"seedlm.outcome": "failed", "seedlm.reason": f"{name}: {e}"[:5000]})
+            if isinstance(e, (StageError, ConfigError)) and not str(e).startswith(f"{name}:"):
+                raise type(e)(f"{name}: {e}") from e
+            raise
+        reg = records["register"]["result"]
+        status, why = outcome(mlflow, reg, records["register"]["how"])
+        mlflow.set_tags({"seedlm.outcome": status, "seedlm.reason": why[:5000]})
         mlflow.log_params({"model_name": params.register.model_name})
-    return results
+        annotate_version(mlflow, reg, run_id)
+    get_run_logger().info("seedlm: %s", why)
+    return Completed(message=why, data={n: r["result"] for n, r in records.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="repo root holding params.yaml and dvc.yaml")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun this stage")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a params.yaml setting first (YAML value), like `dvc exp run -S`")
+    parser.add_argument("--mode", choices=("local", "deployments"), help="override orchestration.mode")
     args = parser.parse_args(argv)
     try:
-        results = pipeline(root=args.root, force=args.force)
-    except (ConfigError, StageError) as e:
+        overrides = parse_overrides(args.set)
+        results = pipeline(root=args.root, force=args.force, overrides=overrides or None, mode=args.mode)
+    except (ConfigError, StageError, StageFailed) as e:
         print(f"seedlm: error: {e}", file=sys.stderr)
         return 2
     ev = results.get("evaluate", {}).get("sft", {})

@@ -274,9 +274,13 @@ def test_generation_stops_at_end_and_batching_is_exact(tiny):
 def test_evaluate_writes_everything(tiny):
     result = run_eval(tiny, "full")
     root, out = tiny["root"], tiny["root"] / "full"
-    assert {p.name for p in out.iterdir()} == {"report.md", "samples.jsonl", "metrics.png", "loss.png", "seedlm.json"}
+    assert {p.name for p in out.iterdir()} == {"report.md", "samples.jsonl", "samples_table.json", "metrics.png",
+                                               "loss.png", "seedlm.json"}
     assert [Path(a).name for a in result["artifacts"]] == ["report.md", "samples.jsonl", "metrics.png", "loss.png"]
-    assert all(Path(a).is_file() for a in result["artifacts"])
+    assert all(Path(a).is_file() for a in result["artifacts"]) and result["tables"] == [str(out / "samples_table.json")]
+    table = read_json(out / "samples_table.json")  # the MLflow table: one column per field and model
+    assert set(table) == {"id", "task", "prompt", "reference", "answer_pretrain", "correct_pretrain", "answer_sft",
+                          "correct_sft"} and all(len(v) == len(tiny["items"]) for v in table.values())
     metrics = read_json(root / "full-metrics.json")
     assert metrics["n_examples"] == len(tiny["items"])
     for name in ("pretrain", "sft"):
@@ -287,10 +291,19 @@ def test_evaluate_writes_everything(tiny):
             assert 0 <= lo <= hi <= 1 and 0 <= m[key] <= 1, key
             assert lo <= m[key] <= hi or key in ("bleu", "chrf"), key  # corpus scores: percentile CI may skew
         assert set(m["tasks"]) == {"qa", "fact", "yesno"} and m["tasks"]["qa"]["n"] == len(NAMES)
+        assert m["response_ppl_ci"][0] <= m["response_ppl"] <= m["response_ppl_ci"][1]
     # the fitted model is better than the random one
     assert metrics["sft"]["response_ppl"] < metrics["pretrain"]["response_ppl"] / 5
     assert metrics["sft"]["exact_match"] > metrics["pretrain"]["exact_match"]
     assert {k: result[k] for k in metrics} == metrics
+    # the significance column: sft vs pretrain, paired on the same items
+    diff = metrics["compare"]["sft_vs_pretrain"]
+    assert set(diff) == {"exact_match", "rougeL", "bleu", "chrf", "accuracy", "response_ppl"}
+    em = diff["exact_match"]
+    assert em["diff"] == pytest.approx(metrics["sft"]["exact_match"] - metrics["pretrain"]["exact_match"])
+    assert em["significant"] and em["ci"][0] > 0
+    assert diff["response_ppl"]["significant"] and diff["response_ppl"]["ci"][1] < 0  # lower perplexity
+    assert metrics["sources"] == {"pretrain": str(tiny["models"]["pretrain"]), "sft": str(tiny["models"]["sft"])}
     plot = read_json(root / "plots" / "full-plot.json")
     assert {(r["model"], r["metric"]) for r in plot} == {(n, k) for n in ("pretrain", "sft")
                                                         for k in ("exact_match", "rougeL", "bleu", "chrf", "accuracy")}
@@ -302,6 +315,8 @@ def test_evaluate_writes_everything(tiny):
     assert sum(x["correct"]["sft"] for x in samples) / len(samples) == pytest.approx(metrics["sft"]["exact_match"])
     report = (out / "report.md").read_text()
     assert "| sft |" in report and "## Sample generations" in report and report.count("\n| ") >= 5 + 2
+    assert "| sft − pretrain | " in report and "**✱**" in report
+    assert "![metrics](metrics.png)" in report and "![loss](loss.png)" in report
     meta = read_json(out / "seedlm.json")
     assert meta["stage"] == "evaluate" and set(meta["inputs"]["models"]) == {"pretrain", "sft"}
     # deterministic for a seed (generation tokens/s aside)
@@ -363,16 +378,227 @@ def test_empty_sft_test_is_a_note_not_a_crash(tiny, tmp_path):
     assert read_json(tmp_path / "p.json") == []
 
 
-def test_run_adapter_uses_params_paths(tiny, tmp_path):
+def test_run_adapter_uses_params_paths(tiny, tmp_path, monkeypatch):
     from components.common import StageContext
     from components.config import Params, Paths
     from components.evaluate import run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/none.db")  # no store: no champion
     root = tiny["root"]
     paths = Paths(processed=str(tiny["processed"]), pretrain=str(root / "pretrain"), sft=str(root / "sft"),
-                  evaluate=str(tmp_path / "reports"), metrics=str(tmp_path / "metrics"), plots=str(root / "plots"))
+                  evaluate=str(tmp_path / "reports"), metrics=str(tmp_path / "metrics"), plots=str(root / "plots"),
+                  checkpoints=str(tmp_path / ".seedlm" / "checkpoints"))
     logged = []
     ctx = StageContext(log=lambda metrics, step=None: logged.append(metrics), progress=False)
     result = run(Params(paths=paths, evaluate=cfg(bootstrap=20, max_examples=6)), ctx)
     assert read_json(tmp_path / "metrics" / "evaluate.json")["sft"] == result["sft"]
     assert (root / "plots" / "evaluate_metrics.json").is_file() and (tmp_path / "reports" / "loss.png").is_file()
     assert {k for m in logged for k in m} == {"pretrain.eval_seconds", "sft.eval_seconds"}
+    assert "No champion of 'seedlm' in the registry yet" in (tmp_path / "reports" / "report.md").read_text()
+    assert not (tmp_path / "none.db").exists()  # looking for a champion creates no store
+    assert not (tmp_path / ".seedlm" / "control").exists()  # no pretrain meta: not a control-experiment run
+
+
+# ---------------------------------------------------------------- significance
+def test_paired_bootstrap_sees_what_separate_intervals_miss(metrics):
+    from components.metrics.scoring import bootstrap_ci, paired_bootstrap
+    score = metrics["exact_match"].score_from_stats
+    rng = np.random.default_rng(5)
+    base = (rng.random(120) < 0.5).astype(float)
+    better = base.copy()
+    better[rng.choice(np.flatnonzero(base == 0), 10, replace=False)] = 1.0  # base's hits plus 10 more
+    a, b = np.stack([better, np.ones(120)], 1), np.stack([base, np.ones(120)], 1)
+    boot = {"resamples": 1000, "confidence": 0.95, "seed": 0}
+    ci_a, ci_b = bootstrap_ci(a, score, **boot)["exact_match"], bootstrap_ci(b, score, **boot)["exact_match"]
+    assert ci_a[0] < ci_b[1]  # the two intervals overlap...
+    d = paired_bootstrap(a, b, score, **boot)["exact_match"]
+    assert d["diff"] == pytest.approx(10 / 120) and d["significant"] and d["ci"][0] > 0  # ...the paired one does not
+    worse = paired_bootstrap(b, a, score, **boot)["exact_match"]
+    assert worse["significant"] and worse["ci"][1] < 0
+    assert paired_bootstrap(a, a, score, **boot)["exact_match"] == {"diff": 0.0, "ci": [0.0, 0.0], "significant": False}
+    swapped = b.copy()  # 4 items won, 4 lost: no real difference
+    swapped[np.flatnonzero(base == 0)[:4], 0], swapped[np.flatnonzero(base == 1)[:4], 0] = 1.0, 0.0
+    tie = paired_bootstrap(swapped, b, score, **boot)["exact_match"]
+    assert tie["diff"] == 0 and not tie["significant"] and tie["ci"][0] < 0 < tie["ci"][1]
+    assert paired_bootstrap(a, b, score, resamples=0, confidence=0.95, seed=0)["exact_match"]["significant"] is None
+    with pytest.raises(ValueError, match="same items"):
+        paired_bootstrap(a, b[:10], score, **boot)
+
+
+def test_model_with_its_own_tokenizer(tiny, tmp_path):
+    from components.evaluate import encode_items, evaluate_models
+    items = tiny["items"]
+    ids, labels = encode_items(tiny["tok"], [p for p, _, _ in items], [r for _, r, _ in items])
+    test = __import__("datasets").load_from_disk(str(tiny["processed"] / "sft_test"))
+    for lab, ref_lab in zip(labels, test["labels"]):  # same answer tokens as preprocess's encoding
+        assert [t for t in lab if t != -100] == [t for t in ref_lab if t != -100]
+    other = make_tokenizer([r for _, r, _ in items][::3] + ["completely different words here"] * 3)
+    assert other.get_vocab() != tiny["tok"].get_vocab()
+    make_model(tmp_path / "other", other, seed=3)
+    models = {"sft": tiny["models"]["sft"], "other": tmp_path / "other"}
+    res = evaluate_models(cfg(bootstrap=50), tiny["processed"], models,
+                          tmp_path / "out", tmp_path / "m.json", tmp_path / "p.json", seed=1)
+    assert "val_ppl" not in res["other"] and res["other"]["response_ppl"] > 1 and "exact_match" in res["other"]
+    assert "response_ppl" not in res["compare"]["sft_vs_other"] and "exact_match" in res["compare"]["sft_vs_other"]
+    assert "other has its own tokenizer" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_control_experiment_table(tiny, tmp_path):
+    from components.evaluate import evaluate_models
+    control, m = tmp_path / "control", tiny["models"]
+
+    def ev(out: str, sft: Path, enabled: bool):
+        return evaluate_models(cfg(bootstrap=200), tiny["processed"], {"sft": sft}, tmp_path / out,
+                               tmp_path / f"{out}.json", tmp_path / f"{out}-plot.json", seed=7, control_dir=control,
+                               pretrain_enabled=enabled)
+    on = ev("on", m["sft"], True)  # the pipeline with pretraining
+    assert "control" not in on
+    text = (tmp_path / "on" / "control.md").read_text()
+    assert "Only the `pretrain.enabled: true` run" in text and "dvc exp run -S pretrain.enabled=false" in text
+    rec = read_json(control / "true.json")
+    assert rec["metrics"]["response_ppl"] == on["sft"]["response_ppl"] and rec["n_examples"] == len(tiny["items"])
+    off = ev("off", m["pretrain"], False)  # the control: SFT without pretraining (stood in by the unfitted model)
+    c = off["control"]
+    assert c == read_json(tmp_path / "off.json")["control"] and c["paired"]
+    assert c["response_ppl_ratio"] == pytest.approx(off["sft"]["response_ppl"] / on["sft"]["response_ppl"])
+    assert c["response_ppl_ratio"] > 2
+    assert c["exact_match"]["diff"] == pytest.approx(on["sft"]["exact_match"] - off["sft"]["exact_match"])
+    assert c["exact_match"]["significant"] and c["response_ppl"]["significant"] and c["response_ppl"]["diff"] < 0
+    table = (tmp_path / "off" / "control.md").read_text()
+    assert "| response_ppl (held-out) |" in table and "pretrained − none" in table
+    assert f"**{c['response_ppl_ratio']:.2f}×**" in table and "Only the" not in table
+    assert "control.md" in [Path(a).name for a in off["artifacts"]]
+    assert {p.name for p in control.iterdir()} == {"true.json", "false.json"}
+
+
+# ---------------------------------------------------------------- the registry: champion, URIs, the gate
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite tracking store for this file (creating one takes ~5 s); artifacts under tmp."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:  # put URI, experiment and env back for other test files
+        mp.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+        mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # the runner's set_experiment sets it
+        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # ... and this
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.create_experiment("seedlm", artifact_location=(root / "artifacts").as_uri())  # the runner's
+        yield root
+
+
+def stage_params(tiny, root: Path, sft: Path, name: str):
+    from components.config import GateConfig, Params, Paths, RegisterConfig
+    t = tiny["root"]
+    paths = Paths(processed=str(tiny["processed"]), pretrain=str(t / "pretrain"), sft=str(sft),
+                  evaluate=str(root / "reports" / "evaluate"), register=str(root / "reports" / "register"),
+                  metrics=str(root / "metrics"), plots=str(t / "plots"), checkpoints=str(root / ".seedlm" / "ckpt"))
+    gate = GateConfig(min={"exact_match": 0.0}, max_regression={"exact_match": 0.0})
+    return Params(paths=paths, evaluate=cfg(bootstrap=300),
+                  register=RegisterConfig(model_name=name, max_new_tokens=4, gate=gate))
+
+
+@pytest.fixture(scope="module")
+def registered(tiny, store, tmp_path_factory):
+    """The fitted model evaluated and registered through the runner: v1, champion."""
+    import shutil
+
+    from components.common import write_meta
+    from components.runner import run_stage
+    root = tmp_path_factory.mktemp("pipeline")
+    good = root / "good"
+    shutil.copytree(tiny["models"]["sft"], good)
+    write_meta(good, "sft", {"seed": 1, "sft": {"method": "full"}}, {"base_pretrained": True}, {})
+    name = "seedlm-e2e"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # the register stage's repo root
+        first = run_stage("evaluate", stage_params(tiny, root, good, name), progress=False)
+        reg = run_stage("register", stage_params(tiny, root, good, name), progress=False)
+    assert "champion" not in first and reg["version"] == 1 and reg["promoted"]
+    return {"root": root, "name": name, "first": first}
+
+
+def test_worse_model_never_becomes_champion(tiny, registered, monkeypatch):
+    """A 1-step model, evaluated beside the registry's champion on the same items, is rejected by the gate."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from components.common import write_meta
+    from components.runner import run_stage
+    root, name, first = registered["root"], registered["name"], registered["first"]
+    bad = root / "bad"
+    make_model(bad, tiny["tok"], tiny["items"], steps=1, seed=2)
+    write_meta(bad, "sft", {"seed": 1, "sft": {"method": "full", "max_steps": 1}}, {"base_pretrained": True}, {})
+    monkeypatch.chdir(root)
+    second = run_stage("evaluate", stage_params(tiny, root, bad, name), progress=False)
+    assert second["sources"]["champion"] == f"models:/{name}/1"
+    for key in ("exact_match", "rougeL", "response_ppl", "val_ppl"):  # the downloaded champion = the same weights
+        assert second["champion"][key] == pytest.approx(first["sft"][key], rel=1e-5), key
+    em = second["compare"]["sft_vs_champion"]["exact_match"]
+    assert em["significant"] and em["ci"][1] < 0 and first["sft"]["exact_match"] > 0.2
+    res = run_stage("register", stage_params(tiny, root, bad, name), progress=False)
+    assert res["version"] == 2 and not res["promoted"] and res["champion_version"] == 1
+    client = MlflowClient()
+    assert {k: str(v) for k, v in client.get_registered_model(name).aliases.items()} == {"champion": "1",
+                                                                                       "challenger": "2"}
+    mv = client.get_model_version(name, "2")
+    gate = json.loads(mv.tags["gate.report"])
+    (rule,) = [r for r in gate["rules"] if r["rule"] == "max_regression"]
+    assert gate["paired"] and rule["method"] == "paired bootstrap" and rule["significant"] and not rule["passed"]
+    assert rule["drop"] == pytest.approx(first["sft"]["exact_match"] - second["sft"]["exact_match"])
+    assert rule["drop_ci"][0] > 0 and "Decision: rejected" in mv.description
+    # run without DVC (no dvc.lock): the processed data is identified by its metadata hash, also as a dataset input
+    from components.lineage import meta_hash
+    assert mv.tags["data.processed.meta_hash"] == meta_hash(tiny["processed"]) and "data.processed.md5" not in mv.tags
+    digests = {d.dataset.name: d.dataset.digest for d in client.get_run(mv.run_id).inputs.dataset_inputs}
+    assert digests == {"seedlm-processed": meta_hash(tiny["processed"]),
+                       "seedlm-tokenizer": mv.tags["data.tokenizer.sha256"][:32]}
+    assert "| max_regression | exact_match |" in (root / "reports" / "register" / "gate.md").read_text()
+    runs = mlflow.search_runs(experiment_names=["seedlm"], filter_string="attributes.run_name = 'evaluate'",
+                              output_format="list")
+    assert len(runs) == 2
+    arts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert {"report.md", "samples.jsonl", "metrics.png", "samples_table.json"} <= arts  # the table, for the UI
+    assert runs[0].data.metrics["compare.sft_vs_champion.exact_match.diff"] == pytest.approx(em["diff"])
+
+
+@pytest.mark.filterwarnings("ignore:'components.evaluate' found in sys.modules")
+def test_cli_evaluates_registry_uris_and_folders(tiny, registered, tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    import yaml
+
+    import components.evaluate as ev
+    name, first = registered["name"], registered["first"]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"seed": 7, "paths": {"processed": str(tiny["processed"])},
+                                      "evaluate": {"bootstrap": 100, "max_new_tokens": 8, "batch_size": 8,
+                                                   "ppl_batches": 2}}))
+    monkeypatch.chdir(tmp_path)
+
+    def cli(*models: str) -> int:
+        args = [x for m in models for x in ("--model", m)]
+        monkeypatch.setattr(sys, "argv", ["evaluate", "--params", str(params), "--no-progress", *args, "--out", "ext"])
+        try:
+            with pytest.raises(SystemExit) as done:
+                runpy.run_module("components.evaluate", run_name="__main__")
+        finally:
+            ev.EXTERNAL.clear()
+        return done.value.code
+
+    assert cli(f"models:/{name}@champion", f"mine={tiny['models']['pretrain']}") == 0
+    m = read_json(tmp_path / "ext" / "metrics.json")
+    assert m["sources"] == {f"{name}-champion": f"models:/{name}@champion", "mine": str(tiny["models"]["pretrain"])}
+    assert m[f"{name}-champion"]["exact_match"] == pytest.approx(first["sft"]["exact_match"])
+    assert m["compare"][f"{name}-champion_vs_mine"]["exact_match"]["significant"]
+    assert f"| {name}-champion |" in (tmp_path / "ext" / "report.md").read_text()
+    assert not (tmp_path / ".seedlm").exists()  # another model's evaluation joins no control history
+    capsys.readouterr()
+    assert cli(f"models:/{name}/99") == 2
+    err = capsys.readouterr().err
+    assert f"models:/{name}/99: not found" in err and len(err.strip().splitlines()) == 1
+    assert cli(f"models:/{name}@nosuch") == 2 and f"models:/{name}@nosuch: not found" in capsys.readouterr().err
+    assert cli(str(tmp_path / "nowhere")) == 2 and "nowhere" in capsys.readouterr().err

@@ -7,8 +7,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -17,8 +19,9 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
+from components import lineage  # noqa: E402
 from components import register as reg  # noqa: E402
-from components.common import StageContext, StageError, read_json, write_json, write_meta  # noqa: E402
+from components.common import StageContext, StageError, read_json, sha256_dir, write_json, write_meta  # noqa: E402
 from components.config import GateConfig, RegisterConfig, parse_params  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -56,10 +59,12 @@ def build_sft_folder(out: Path) -> None:
     write_meta(out, "sft", {"seed": 1, "sft": {"method": "full"}}, {"steps": 1}, {})
 
 
-def write_eval(path: Path, em: float, **extra: float) -> Path:
-    write_json(path, {"sft": {"exact_match": em, "exact_match_ci": [max(0.0, em - 0.1), em + 0.1],
-                              "rougeL": 0.5, "bleu": 0.2, **extra},
-                      "pretrain": {"val_ppl": 12.5, "response_ppl": 30.0}, "n_examples": 100})
+def write_eval(path: Path, em: float, ci: float | None = 0.1, **extra: Any) -> Path:
+    """An evaluate.json: sft's exact match with a CI of +-ci (None: no CI); `extra` adds top-level sections."""
+    sft = {"exact_match": em, "rougeL": 0.5, "bleu": 0.2}
+    if ci is not None:
+        sft["exact_match_ci"] = [max(0.0, em - ci), em + ci]
+    write_json(path, {"sft": sft, "pretrain": {"val_ppl": 12.5, "response_ppl": 30.0}, "n_examples": 100, **extra})
     return path
 
 
@@ -77,6 +82,7 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:  # put URI, env and experiment back for other test files
         mp.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+        mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # not another file's experiment
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         exp = mlflow.create_experiment("test-register", artifact_location=(root / "artifacts").as_uri())
@@ -91,15 +97,51 @@ def sft_dir(tmp_path_factory) -> Path:
     return out
 
 
+LOCK = """schema: '2.0'
+stages:
+  ingest:
+    cmd: python -m components.ingest
+    outs:
+    - path: data/raw
+      hash: md5
+      md5: {raw}.dir
+  preprocess:
+    cmd: python -m components.preprocess
+    deps:
+    - path: data/raw
+      hash: md5
+      md5: {raw}.dir
+    outs:
+    - path: data/processed
+      hash: md5
+      md5: {processed}.dir
+  sft:
+    cmd: python -m components.sft
+    deps:
+    - path: components/sft.py
+      hash: md5
+      md5: 0123abcd
+      size: 10
+    outs:
+    - path: models/sft
+      hash: md5
+      md5: feedbeef.dir
+      size: 99
+      nfiles: 5
+  register:
+    cmd: python -m components.register
+    outs:
+    - path: reports/register
+      hash: md5
+      md5: 5ca1ab1e.dir
+"""
+RAW, PROCESSED = "a" * 32, "b" * 32
+
+
 @pytest.fixture
 def repo(tmp_path) -> Path:
     """A git repo with a dvc.lock, standing in for the project root."""
-    (tmp_path / "dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n  sft:\n    cmd: python -m components.sft\n    deps:\n"
-        "    - path: components/sft.py\n      hash: md5\n      md5: 0123abcd\n      size: 10\n"
-        "    outs:\n    - path: models/sft\n      hash: md5\n      md5: feedbeef.dir\n      size: 99\n"
-        "      nfiles: 5\n  register:\n    cmd: python -m components.register\n    outs:\n"
-        "    - path: reports/register\n      hash: md5\n      md5: 5ca1ab1e.dir\n", encoding="utf-8")
+    (tmp_path / "dvc.lock").write_text(LOCK.format(raw=RAW, processed=PROCESSED), encoding="utf-8")
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", "dvc.lock")
     git(tmp_path, "commit", "-qm", "init")
@@ -128,6 +170,7 @@ def test_gate_rules():
                       max_regression={"exact_match": 0.05})
     ok = {"exact_match": 0.38, "rougeL": 0.3}
     assert reg.evaluate_gate(gate, ok, None)["decision"] == "promoted"
+    # no CI: every drop counts
     assert reg.evaluate_gate(gate, ok, {"exact_match": 0.40}, "3")["passed"]          # drop 0.02 <= 0.05
     worse = reg.evaluate_gate(gate, ok, {"exact_match": 0.50}, "3")                    # drop 0.12 > 0.05
     assert not worse["passed"] and "champion v3" in worse["reasons"][0]
@@ -137,34 +180,78 @@ def test_gate_rules():
     strict = GateConfig(metric="exact_match", min={}, max_regression={})
     assert reg.evaluate_gate(strict, {"exact_match": 0.4}, {"exact_match": 0.4}, "1")["passed"]
     assert not reg.evaluate_gate(strict, {"exact_match": 0.39}, {"exact_match": 0.4}, "1")["passed"]
+    # with the challenger's CI: the champion's value must lie above it for the drop to count
+    wide = {"exact_match": 0.38, "exact_match_ci": [0.30, 0.46], "rougeL": 0.3}
+    r = reg.evaluate_gate(gate, wide, {"exact_match": 0.45}, "3")                       # drop 0.07, inside the CI
+    assert r["passed"] and not r["rules"][-1]["significant"] and "not significant" in r["rules"][-1]["detail"]
+    r = reg.evaluate_gate(gate, wide, {"exact_match": 0.50}, "3")                       # 0.50 above the CI
+    assert not r["passed"] and r["rules"][-1]["significant"] and r["rules"][-1]["method"].startswith("unpaired")
+    # paired (evaluate scored both on the same items): the CI of the difference decides, not the wide CI
+    paired = {"exact_match": {"diff": -0.07, "ci": [-0.10, -0.04], "significant": True}}
+    r = reg.evaluate_gate(gate, wide, {"exact_match": 0.45}, "3", paired)
+    rule = r["rules"][-1]
+    assert not r["passed"] and r["paired"] and rule["method"] == "paired bootstrap"
+    assert rule["drop_ci"] == pytest.approx([0.04, 0.10]) and rule["significant"]
+    # significant but within the allowed drop: not worse
+    assert reg.evaluate_gate(gate, wide, {"exact_match": 0.42}, "3",
+                             {"exact_match": {"diff": -0.04, "ci": [-0.06, -0.02], "significant": True}})["passed"]
+    # a big drop whose paired CI includes 0: not worse
+    noisy = {"exact_match": {"diff": -0.07, "ci": [-0.15, 0.01], "significant": False}}
+    assert reg.evaluate_gate(gate, wide, {"exact_match": 0.45}, "3", noisy)["passed"]
+    md = reg.gate_markdown("m", "4", r, wide)
+    assert "**Decision: rejected** (champion stays v3)" in md and "+0.0400, +0.1000" in md
 
 
-def test_provenance_helpers(repo, tmp_path_factory):
-    tags = reg.dvc_hashes(repo)
-    assert tags == {"dvc.sft.components/sft.py": "0123abcd", "dvc.sft.models/sft": "feedbeef.dir"}
-    state = reg.git_state(repo)
+def test_provenance_helpers(repo, tmp_path_factory, monkeypatch):
+    tags = lineage.dvc_hashes(repo)
+    assert tags == {"dvc.sft.components/sft.py": "0123abcd", "dvc.sft.models/sft": "feedbeef.dir",
+                    "dvc.ingest.data/raw": RAW + ".dir", "dvc.preprocess.data/raw": RAW + ".dir",
+                    "dvc.preprocess.data/processed": PROCESSED + ".dir"}
+    assert lineage.lock_md5(repo, "data/processed") == PROCESSED + ".dir"
+    assert lineage.lock_md5(repo, "./data/raw/") == RAW + ".dir" and lineage.lock_md5(repo, "data/x") is None
+    state = lineage.git_state(repo)
     assert state == {"git_commit": git(repo, "rev-parse", "HEAD"), "git_dirty": "false"}
     (repo / "new.txt").write_text("x")
-    assert reg.git_state(repo)["git_dirty"] == "true"
+    assert lineage.git_state(repo)["git_dirty"] == "true"
     plain = tmp_path_factory.mktemp("nogit")
-    assert reg.git_state(plain) == {"git_commit": "unknown", "git_dirty": "unknown"}
-    assert reg.dvc_hashes(plain) == {}
+    assert lineage.git_state(plain) == {"git_commit": "unknown", "git_dirty": "unknown"}
+    assert lineage.dvc_hashes(plain) == {}
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("PREFECT__RUNTIME__FLOW_RUN__ID", raising=False)
+    assert lineage.flow_run_id({}) is None and lineage.flow_run_id({lineage.FLOW_RUN_TAG: ""}) is None
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "env-id")
+    assert lineage.flow_run_id({lineage.FLOW_RUN_TAG: "ctx-id"}) == "ctx-id" and lineage.flow_run_id({}) == "env-id"
+
+
+def test_weights_hash_is_the_same_in_serving(sft_dir, tmp_path):
+    from components.serving import weights_sha256
+    assert lineage.weights_sha256(sft_dir) == weights_sha256(sft_dir)
+    copy = tmp_path / "copy"
+    shutil.copytree(sft_dir, copy)
+    (copy / "tokenizer.json").write_text("{}")  # not part of the weights hash
+    assert lineage.weights_sha256(copy) == lineage.weights_sha256(sft_dir)
+    with open(copy / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01" if f.read(1) != b"\x01" else b"\x02")
+    assert lineage.weights_sha256(copy) != lineage.weights_sha256(sft_dir)
 
 
 # ---------------------------------------------------------------- registry
 def test_first_registration_is_champion_and_serves(store, sft_dir, repo, monkeypatch):
-    """Through run(): paths from params, repo root = cwd, full params in the tags."""
+    """Through run(): paths from params, repo root = cwd, full params and lineage in the tags."""
     name = "seedlm-first"
     monkeypatch.chdir(repo)
-    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "flow-123")
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "flow-env")
     shutil.copytree(sft_dir, repo / "models" / "sft")
+    tok_dir = repo / "data" / "processed" / "tokenizer"
+    shutil.copytree(sft_dir, tok_dir, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     write_eval(repo / "metrics" / "evaluate.json", 0.4)
     params = parse_params({"register": {"model_name": name, "max_new_tokens": 5}})
     with mlflow.start_run(run_name="pipeline") as parent:
         with mlflow.start_run(run_name="register", nested=True) as run:
             res = reg.run(params, StageContext(run_id=run.info.run_id, parent_run_id=parent.info.run_id,
-                                               progress=False))
-    assert res["version"] == 1 and res["promoted"] and res["gate_passed"]
+                                               progress=False, extra={lineage.FLOW_RUN_TAG: "flow-123"}))
+    assert res["version"] == 1 and res["promoted"] and res["gate_passed"] and res["model_format"] == "merged"
     assert res["model_uri"] == f"models:/{name}/1"
     client = MlflowClient()
     assert aliases(name) == {"champion": "1", "challenger": "1"}
@@ -173,16 +260,29 @@ def test_first_registration_is_champion_and_serves(store, sft_dir, repo, monkeyp
     t = mv.tags
     assert t["git_commit"] == git(repo, "rev-parse", "HEAD") and t["git_dirty"] == "true"  # models/ untracked
     assert t["dvc.sft.models/sft"] == "feedbeef.dir" and t["dvc.sft.components/sft.py"] == "0123abcd"
+    assert t["data.raw.md5"] == RAW + ".dir" and t["data.processed.md5"] == PROCESSED + ".dir"
+    assert t["data.tokenizer.sha256"] == sha256_dir(tok_dir)
+    assert "base_checkpoint.sha256" not in t  # model.init_from unset
     assert json.loads(t["params"]) == params.model_dump(mode="json")
     assert len(t["params_hash"]) == 16
     assert t["gate.decision"] == "promoted" and t["metric.exact_match"] == "0.4"
+    gate = json.loads(t["gate.report"])
+    assert gate["decision"] == "promoted" and {r["rule"] for r in gate["rules"]} == {"min", "max_regression"}
     assert json.loads(t["metric.exact_match_ci"]) == pytest.approx([0.3, 0.5])
     assert t["metric.pretrain.val_ppl"] == "12.5" and t["eval.n_examples"] == "100"
     assert t["mlflow_run_id"] == run.info.run_id and t["parent_run_id"] == parent.info.run_id
-    assert t["prefect_flow_run_id"] == "flow-123"
-    assert t["sft_method"] == "full" and t["pretrain_enabled"] == "true"
+    assert t[lineage.FLOW_RUN_TAG] == "flow-123"  # the flow's id (ctx.extra) wins over the environment
+    assert t["sft_method"] == "full" and t["pretrain_enabled"] == "true" and t["model_format"] == "merged"
     assert float(t["model_size_mb"]) > 0
     assert run.info.run_id in mv.description and mv.run_id == run.info.run_id
+    assert "# Gate report" in mv.description and "components.lineage models:/seedlm-first/1" in mv.description
+
+    # the data as MLflow dataset inputs of the run, digests = the DVC hashes
+    inputs = {d.dataset.name: d for d in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert {k: v.dataset.digest for k, v in inputs.items()} == {
+        "seedlm-raw": RAW + ".dir", "seedlm-processed": PROCESSED + ".dir",
+        "seedlm-tokenizer": t["data.tokenizer.sha256"][:32]}
+    assert t["datasets"] == "raw,processed,tokenizer"
 
     out = repo / "reports" / "register"
     record = read_json(out / "registration.json")
@@ -190,7 +290,13 @@ def test_first_registration_is_champion_and_serves(store, sft_dir, repo, monkeyp
     assert set(record["aliases"]) == {"champion", "challenger"}
     assert "promoted" in (out / "gate.md").read_text() and (out / "seedlm.json").is_file()
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "register")}
-    assert {"register/registration.json", "register/gate.md", "register/params.json"} <= arts
+    assert {"register/registration.json", "register/gate.md", "register/gate.json", "register/params.json",
+            "register/params.yaml", "register/dvc.lock"} <= arts
+    lock = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="register/dvc.lock")
+    assert Path(lock).read_text() == (repo / "dvc.lock").read_text()
+    restored = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="register/params.yaml")).read_text())
+    assert parse_params(restored) == params  # a params.yaml that reproduces the run
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     assert "max_new_tokens" in {p.name for p in model.metadata.signature.params.params}
@@ -231,28 +337,165 @@ def test_worse_model_stays_challenger(store, sft_dir, repo, tmp_path):
     assert res["promoted"] and res["version"] == 1
 
     # within the allowed regression: promoted
-    res, run2 = do_register(cfg, sft_dir, write_eval(tmp_path / "e2.json", 0.37), out, repo)
+    res, _ = do_register(cfg, sft_dir, write_eval(tmp_path / "e2.json", 0.37), out, repo)
     assert res["promoted"] and res["previous_champion"] == 1
     client = MlflowClient()
     assert aliases(name) == {"champion": "2", "challenger": "2"}
 
-    # a drop of 0.07 against champion v2 (0.37): rejected, champion stays
-    res, _ = do_register(cfg, sft_dir, write_eval(tmp_path / "e3.json", 0.30), out, repo)
-    assert res["version"] == 3 and not res["promoted"] and not res["gate_passed"]
-    assert aliases(name) == {"champion": "2", "challenger": "3"}
-    t = client.get_model_version(name, "3").tags
-    assert t["gate.decision"] == "rejected" and "champion v2" in t["gate.reasons"]
+    # a drop of 0.07, but the challenger's CI [0.2, 0.4] holds the champion's 0.37: not significant, promoted
+    res, run3 = do_register(cfg, sft_dir, write_eval(tmp_path / "e3.json", 0.30), out, repo)
+    assert res["promoted"] and aliases(name) == {"champion": "3", "challenger": "3"}
+
+    # a significant drop (tight CI, champion v3's 0.30 above it) beyond the limit: rejected, champion stays
+    res, _ = do_register(cfg, sft_dir, write_eval(tmp_path / "e4.json", 0.20, ci=0.02), out, repo)
+    assert res["version"] == 4 and not res["promoted"] and not res["gate_passed"]
+    assert aliases(name) == {"champion": "3", "challenger": "4"}
+    t = client.get_model_version(name, "4").tags
+    assert t["gate.decision"] == "rejected" and "champion v3" in t["gate.reasons"]
+    assert ", significant (unpaired" in t["gate.reasons"]
     record = read_json(out / "registration.json")
-    assert record["version"] == 3 and not record["promoted"] and record["champion_version"] == 2
+    assert record["version"] == 4 and not record["promoted"] and record["champion_version"] == 3
     assert "rejected" in (out / "gate.md").read_text()
 
-    # below the minimum (no champion regression issue with a laxer gate): rejected too
+    # evaluate scored this very champion on the same items: its paired CI decides (here: worse), although the
+    # challenger's own CI is wide
+    paired = {"sources": {"champion": f"models:/{name}/3"}, "champion": {"exact_match": 0.36},
+              "compare": {"sft_vs_champion": {"exact_match": {"diff": -0.08, "ci": [-0.12, -0.04],
+                                                              "significant": True}}}}
+    res, _ = do_register(cfg, sft_dir, write_eval(tmp_path / "e5.json", 0.28, ci=0.2, **paired), out, repo)
+    gate = read_json(out / "gate.json")
+    assert not res["promoted"] and gate["paired"] and gate["rules"][-1]["champion"] == 0.36
+    # ... but a comparison with another version is stale: the champion's tags and the challenger's CI decide
+    stale = {**paired, "sources": {"champion": f"models:/{name}/1"}}
+    res, _ = do_register(cfg, sft_dir, write_eval(tmp_path / "e6.json", 0.28, ci=0.2, **stale), out, repo)
+    assert res["promoted"] and not read_json(out / "gate.json")["paired"]
+
+    # below the minimum: rejected too
     lax = cfg.model_copy(update={"gate": GateConfig(min={"exact_match": 0.05}, max_regression={"exact_match": 1.0})})
-    res, _ = do_register(lax, sft_dir, write_eval(tmp_path / "e4.json", 0.01), out, repo)
+    res, _ = do_register(lax, sft_dir, write_eval(tmp_path / "e7.json", 0.01), out, repo)
     assert not res["promoted"]
-    assert aliases(name) == {"champion": "2", "challenger": "4"}
-    assert "minimum" in client.get_model_version(name, "4").tags["gate.reasons"]
-    assert mlflow.pyfunc.load_model(f"models:/{name}@champion").metadata.run_id == run2
+    assert aliases(name) == {"champion": "6", "challenger": "7"}
+    assert "minimum" in client.get_model_version(name, "7").tags["gate.reasons"]
+
+
+def test_concurrent_registrations_get_distinct_versions_and_one_champion(store, sft_dir, repo, tmp_path, monkeypatch):
+    """Two registrations at once (threads; the race window widened): the lock makes them take turns."""
+    import threading
+    import time
+
+    name = "seedlm-race"
+    cfg = RegisterConfig(model_name=name, gate=GateConfig(min={}, max_regression={"exact_match": 0.0}))
+    do_register(cfg, sft_dir, write_eval(tmp_path / "e0.json", 0.4, ci=0.01), tmp_path / "o0", repo)
+    real = reg._registered_aliases
+
+    def slow(client, model):  # read the champion, then dawdle before deciding
+        out = real(client, model)
+        time.sleep(1.0)
+        return out
+    monkeypatch.setattr(reg, "_registered_aliases", slow)
+    one_load = threading.Lock()  # transformers' from_pretrained is not thread-safe (two pipelines = two processes)
+    log_model = reg._log_model
+
+    def serial_log_model(*a, **k):
+        with one_load:
+            return log_model(*a, **k)
+    monkeypatch.setattr(reg, "_log_model", serial_log_model)
+    results: dict[str, Any] = {}
+
+    def one(tag: str, em: float) -> None:
+        try:
+            results[tag] = do_register(cfg, sft_dir, write_eval(tmp_path / f"{tag}.json", em, ci=0.01),
+                                       tmp_path / tag, repo)[0]
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            results[tag] = e
+    threads = [threading.Thread(target=one, args=("a", 0.6)), threading.Thread(target=one, args=("b", 0.5))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    a, b = results["a"], results["b"]
+    assert isinstance(a, dict) and isinstance(b, dict), results
+    assert {a["version"], b["version"]} == {2, 3}
+    # whichever went second saw the first one's outcome: a (0.6) always ends up champion
+    first, second = sorted((a, b), key=lambda r: r["version"])
+    assert second["previous_champion"] == (first["version"] if first["promoted"] else 1)
+    assert aliases(name)["champion"] == str(a["version"])
+    assert b["promoted"] == (b["version"] < a["version"])
+    assert (store / ".seedlm" / "registry-mlflow.db.lock").exists()  # beside the store, git-ignored in a repo
+
+
+# ---------------------------------------------------------------- LoRA
+def build_lora(root: Path) -> tuple[Path, Path]:
+    """A base model folder and an sft folder like the sft stage's LoRA output (merged weights + adapter/)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, sft = root / "pretrain", root / "sft"
+    build_sft_folder(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                             task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at 0 (no change): make the adapter matter
+        for n_, p in model.named_parameters():
+            if "lora_B" in n_:
+                p.normal_(0, 0.5)
+    model.save_pretrained(sft / "adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(sft)
+    for f in base.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "seedlm.json"):
+            shutil.copy2(f, sft / f.name)
+    write_meta(sft, "sft", {"seed": 1, "sft": {"method": "lora"}}, {"base_pretrained": True},
+               {"base": str(base)})
+    return base, sft
+
+
+def test_lora_adapter_only_merges_on_load(store, repo, tmp_path):
+    base, sft = build_lora(tmp_path)
+    eval_path = write_eval(tmp_path / "e.json", 0.5)
+    assert mlflow.active_run() is None
+    name = "seedlm-lora"
+    merged = reg.register(RegisterConfig(model_name=name), sft, eval_path, tmp_path / "o1", repo_root=repo)
+    assert mlflow.active_run() is None and merged["model_format"] == "merged"  # standalone: its own run
+    assert MlflowClient().get_run(merged["run_id"]).info.status == "FINISHED"
+    adapter = reg.register(RegisterConfig(model_name=name, lora_format="adapter"), sft, eval_path, tmp_path / "o2",
+                           repo_root=repo)
+    assert adapter["model_format"] == "adapter" and adapter["model_size_mb"] < merged["model_size_mb"]
+    t = MlflowClient().get_model_version(name, "2").tags
+    assert t["model_format"] == "adapter" and t["sft_method"] == "lora" and t["pretrain_enabled"] == "true"
+    assert t["lora_base.sha256"] == lineage.weights_sha256(base) and t["lora_base.path"] == str(base.resolve())
+    shipped = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2", dst_path=str(tmp_path / "dl")))
+    files = {p.name for p in shipped.rglob("*") if p.is_file()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    merged_files = {p.name for p in Path(mlflow.artifacts.download_artifacts(
+        f"models:/{name}/1", dst_path=str(tmp_path / "dl1"))).rglob("*") if p.is_file()}
+    assert "model.safetensors" in merged_files and "adapter_model.safetensors" not in merged_files
+
+    # merged on load: the same answers as the merged registration (and not the base's)
+    prompts = PROMPTS + ["Tell me about zorbia."]
+    want = mlflow.pyfunc.load_model(f"models:/{name}/1").predict(prompts, params={"max_new_tokens": 6})
+    got = mlflow.pyfunc.load_model(f"models:/{name}/2").predict(prompts, params={"max_new_tokens": 6})
+    assert got == want
+    # evaluate resolves the adapter URI to a merged HF folder too
+    folder = lineage.resolve_model(f"models:/{name}/2", tmp_path / "resolved")
+    assert lineage.weights_sha256(folder) != lineage.weights_sha256(base) and (folder / "tokenizer.json").is_file()
+
+    # the base changed since registration: refused, with the way back
+    with open(base / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x07")
+    with pytest.raises(Exception, match="not the registered base"):
+        mlflow.pyfunc.load_model(f"models:/{name}/2")
+    shutil.rmtree(base)
+    with pytest.raises(Exception, match="not found.*base_path"):
+        mlflow.pyfunc.load_model(f"models:/{name}/2")
+    # without its base an adapter cannot be registered
+    with pytest.raises(StageError, match="LoRA base model .* is missing"):
+        reg.register(RegisterConfig(model_name=name, lora_format="adapter"), sft, eval_path, tmp_path / "o3",
+                     repo_root=repo)
+    assert versions(name) == ["1", "2"]
 
 
 def test_failure_after_create_leaves_no_version(store, sft_dir, repo, tmp_path, monkeypatch):
@@ -261,7 +504,6 @@ def test_failure_after_create_leaves_no_version(store, sft_dir, repo, tmp_path, 
     out = tmp_path / "out"
     do_register(cfg, sft_dir, write_eval(tmp_path / "e1.json", 0.3), out, repo)
     first = read_json(out / "registration.json")
-    client = MlflowClient()
 
     # fails while moving champion to the new (better) version, after challenger already moved
     real = MlflowClient.set_registered_model_alias
@@ -311,34 +553,11 @@ def test_bad_inputs_fail_before_any_version(store, sft_dir, repo, tmp_path):
     gate = cfg.model_copy(update={"gate": GateConfig(min={"chrf": 0.1})})
     with pytest.raises(StageError, match="sft.chrf missing"):
         do_register(gate, sft_dir, write_eval(tmp_path / "e.json", 0.5), tmp_path / "out", repo)
+    lora = tmp_path / "lora"  # lora_format adapter, but the sft folder has no adapter/
+    shutil.copytree(sft_dir, lora)
+    write_meta(lora, "sft", {"sft": {"method": "lora"}}, {}, {})
+    with pytest.raises(StageError, match="adapter: missing, but register.lora_format is adapter"):
+        do_register(cfg.model_copy(update={"lora_format": "adapter"}), lora, write_eval(tmp_path / "e.json", 0.5),
+                    tmp_path / "out", repo)
     assert not MlflowClient().search_registered_models(f"name='{name}'")
     assert not (tmp_path / "out").exists()
-
-
-def test_standalone_lora_merged_without_active_run(store, sft_dir, repo, tmp_path):
-    """Outside the runner: opens its own run; lineage from the sft meta; LoRA adapter/ not shipped."""
-    lora = tmp_path / "sft"
-    shutil.copytree(sft_dir, lora)
-    (lora / "adapter").mkdir()
-    (lora / "adapter" / "adapter_config.json").write_text("{}")
-    write_meta(lora, "sft", {"seed": 1, "sft": {"method": "lora"}}, {"pretrain_enabled": False}, {})
-    assert mlflow.active_run() is None
-    eval_path = write_eval(tmp_path / "e.json", 0.5)
-    res = reg.register(RegisterConfig(model_name="seedlm-solo"), lora, eval_path, tmp_path / "out", repo_root=repo)
-    assert mlflow.active_run() is None and res["version"] == 1
-    t = MlflowClient().get_model_version("seedlm-solo", "1").tags
-    assert t["sft_method"] == "lora" and t["pretrain_enabled"] == "false"
-    assert json.loads(t["params"])["sft"] == {"method": "lora"} and "parent_run_id" not in t
-    assert not any(k.startswith("dvc.register.") for k in t)         # its own lock entry is stale
-    assert MlflowClient().get_run(res["run_id"]).info.status == "FINISHED"
-    shipped = Path(mlflow.artifacts.download_artifacts("models:/seedlm-solo/1", dst_path=str(tmp_path / "dl")))
-    (folder,) = (shipped / "artifacts").iterdir()           # the HF folder shipped as `hf_model`
-    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    assert "model.safetensors" in files and "chat_template.jinja" in files
-    assert not any(f.startswith("adapter") for f in files)
-
-    adapter = RegisterConfig(model_name="seedlm-solo", lora_format="adapter")
-    with pytest.raises(StageError, match="lora_format: adapter is not supported"):
-        reg.register(adapter, lora, eval_path, tmp_path / "out", repo_root=repo)
-    assert versions("seedlm-solo") == ["1"]
-

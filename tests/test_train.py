@@ -28,6 +28,7 @@ from components.train import evaluate_loss, lr_factor, train
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ANIMALS = ["fox", "owl", "frog", "bear", "wolf", "hare", "crow", "deer"]
 PLACES = ["forest", "tower", "lake", "cave", "hill", "river", "field", "marsh"]
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft
 TINY = ModelConfig(arch="gpt2", n_layer=2, n_embd=64, n_head=2, context_length=32)
 QUIET = StageContext(progress=False)
 
@@ -350,3 +351,22 @@ def test_sft_drops_examples_without_response_tokens(tmp_path, processed, base):
     assert (plain["dropped_val"], extra["dropped_val"]) == (0, 2)
     assert extra["val_examples"] == plain["val_examples"] == n
     assert extra["val_loss"] == plain["val_loss"]
+
+
+def test_llama_pretrain_then_lora_sft(tmp_path, processed):
+    llama = ModelConfig(arch="llama", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, context_length=32)
+    short = dict(max_steps=3, warmup_steps=1, batch_size=4, log_every=3, eval_every=3, checkpoint_every=2,
+                 precision="fp32")
+    pre = _pretrain(processed, tmp_path / "pre", PretrainConfig(**short), llama)
+    assert pre["arch"] == "llama" and pre["val_loss"] is not None
+    res = _sft(processed, tmp_path / "pre" / "model", tmp_path / "sft",
+               SftConfig(method="lora", lora=LoraConfig(r=2, alpha=4), lr=1e-2, **short))
+    adapter = json.loads((tmp_path / "sft" / "model" / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"}
+    # r=2 adapters on 7 projections in 2 layers: (in + out) * r each
+    per_layer = 2 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + 2 * (64 + 192) + (192 + 64))
+    assert res["trainable_params"] == 2 * per_layer
+    with pytest.raises(StageError, match=r"sft\.lora\.target_modules"):
+        _sft(processed, tmp_path / "pre" / "model", tmp_path / "bad",
+             SftConfig(method="lora", lora=LoraConfig(target_modules=["c_attn"]), **short))

@@ -1,0 +1,143 @@
+"""The pipeline's side of distributed runs: submit a stage to its deployment and watch it, apply
+params overrides, link a registered version to its runs, and say in one place how a run ended."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from components.common import StageError
+from components.config import OrchestrationConfig, load_params
+from flows.stages import _key_fn, read_record
+
+STAGE_FLOW = "seedlm-stage"
+"""Flow name of the per-stage deployments: `seedlm-stage/<stage>`."""
+
+
+class StageFailed(RuntimeError):
+    """A stage's flow run on a worker ended Failed, Crashed (after its retries), Cancelled or timed out."""
+
+
+def apply_overrides(root: Path, overrides: dict[str, Any] | None) -> None:
+    """Write dotted-key overrides into params.yaml (comments kept), as `dvc exp run -S` does; validated first."""
+    if not overrides:
+        return
+    from dvc.utils.serialize import modify_yaml
+
+    load_params(root / "params.yaml", overrides)  # raises ConfigError naming the bad key
+    with modify_yaml(root / "params.yaml") as data:
+        for key, value in overrides.items():
+            node = data
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+
+
+def _wait(client: Any, run_id: Any, timeout_s: float, poll_s: float) -> Any:
+    """The flow run once final; cancelled (and returned) when it runs longer than `timeout_s`."""
+    from prefect.states import Cancelling
+
+    started = None
+    while True:
+        fr = client.read_flow_run(run_id)
+        if fr.state and fr.state.is_final():
+            return fr
+        if fr.state and fr.state.is_running():
+            started = started or time.monotonic()
+            if time.monotonic() - started > timeout_s:
+                client.set_flow_run_state(run_id, Cancelling(message=f"timed out after {timeout_s:.0f} s"), force=True)
+                return client.read_flow_run(run_id)
+        time.sleep(poll_s)
+
+
+@task(name="submit", cache_key_fn=_key_fn, persist_result=True, cache_expiration=None)
+def submit(stage: str, key: str, params: dict[str, Any], orch: OrchestrationConfig, storage: str) -> dict:
+    """Run `stage` as a flow run of its deployment on its pool; resubmit it when it crashed (a lost worker);
+    return the record it filed under `key`."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    log = get_run_logger()
+    pool, timeout = orch.pools[stage], orch.timeouts[stage]
+    for attempt in range(orch.retries + 1):
+        name = stage if not attempt else f"{stage}-retry{attempt}"
+        fr = run_deployment(f"{STAGE_FLOW}/{stage}", parameters={**params, "key": key}, timeout=0,
+                            flow_run_name=name, tags=["seedlm", f"pool:{pool}"], as_subflow=True)
+        log.info("%s: flow run %s submitted to pool %s", stage, fr.name, pool)
+        with get_client(sync_client=True) as client:
+            fr = _wait(client, fr.id, timeout, orch.poll_s)
+        state = fr.state
+        if state.is_completed():
+            return read_record(storage, key)
+        if state.is_crashed() and attempt < orch.retries:
+            log.warning("%s: flow run %s crashed (%s); resubmitting in %d s (%d of %d); it resumes from its "
+                        "last checkpoint", stage, fr.name, state.message, orch.retry_delay_s, attempt + 1, orch.retries)
+            time.sleep(orch.retry_delay_s)
+            continue
+        raise StageFailed(f"{stage}: flow run {fr.name} on pool {pool} ended {state.type.value}: "
+                          f"{state.message or 'no message'}")
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- links and outcome
+def prefect_run_url(flow_run_id: str | None) -> str | None:
+    """The Prefect UI page of a flow run (None in ephemeral mode, which has no UI)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value() if PREFECT_API_URL.value() else None
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui and flow_run_id else None
+
+
+def _artifact_url(uri: str, run_id: str, path: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/get-artifact?path={path}&run_uuid={run_id}"
+    return f"runs:/{run_id}/{path}"
+
+
+def annotate_version(mlflow: Any, reg: dict[str, Any], flow_run_id: str | None) -> dict[str, str]:
+    """Make the version's description link its MLflow run, its Prefect flow run and its gate report
+    (adds only the links the register stage did not write); return the links."""
+    from mlflow import MlflowClient
+
+    if not reg.get("model_name") or not reg.get("version") or not reg.get("run_id"):
+        return {}
+    uri = mlflow.get_tracking_uri()
+    client = MlflowClient()
+    mv = client.get_model_version(reg["model_name"], str(reg["version"]))
+    run = client.get_run(reg["run_id"])
+    web = uri.startswith(("http://", "https://"))
+    links = {"MLflow run": (f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+                            if web else f"runs:/{run.info.run_id}"),
+             "Gate report": _artifact_url(uri, reg["run_id"], "register/gate.md")}
+    if url := prefect_run_url(flow_run_id):
+        links["Prefect flow run"] = url
+    elif flow_run_id:
+        links["Prefect flow run"] = f"{flow_run_id} (ephemeral Prefect, no UI)"
+    description = mv.description or ""
+    missing = [f"- {label}: {url}" for label, url in links.items() if url not in description]
+    if missing:
+        client.update_model_version(mv.name, mv.version, description=(
+            description.rstrip() + "\n\n**Links**\n" + "\n".join(missing)).strip())
+    for label, url in links.items():
+        client.set_model_version_tag(mv.name, mv.version, "link." + label.lower().replace(" ", "_"), url)
+    return links
+
+
+def outcome(mlflow: Any, reg: dict[str, Any], how: str) -> tuple[str, str]:
+    """("promoted" | "gated_out", why) for the register stage's result."""
+    name, ver = reg.get("model_name"), reg.get("version")
+    again = "" if how in ("ran", "forced") else " (unchanged: register was up to date)"
+    if reg.get("promoted"):
+        return "promoted", f"{name} v{ver} promoted to champion{again}"
+    reasons = ""
+    try:
+        reasons = mlflow.MlflowClient().get_model_version(name, str(ver)).tags.get("gate.reasons", "")
+    except Exception:  # noqa: BLE001  (the registry is optional for the message)
+        pass
+    champ = reg.get("champion_version")
+    return "gated_out", (f"{name} v{ver} gated out, stays challenger" + (f" (champion stays v{champ})" if champ else "")
+                         + f": {reasons or reg.get('decision', 'rejected')}{again}")

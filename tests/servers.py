@@ -1,0 +1,183 @@
+"""Helpers for the server tests (not a test module): a tiny seedlm repo, and real Prefect / MLflow
+servers and Prefect workers on 127.0.0.1, each started in its own process group and stopped by it."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+
+TINY = {  # the pattern of tests/test_pipeline_e2e.py: seconds per stage on 2 cores
+    "ingest.synthetic.entities": 10,
+    "ingest.synthetic.paraphrases": 3,
+    "preprocess.vocab_size": 320,
+    "model.n_layer": 2,
+    "model.n_embd": 64,
+    "model.n_head": 2,
+    "model.context_length": 64,
+    "pretrain.max_steps": 40,
+    "pretrain.warmup_steps": 4,
+    "pretrain.eval_every": 20,
+    "pretrain.checkpoint_every": 20,
+    "pretrain.batch_size": 8,
+    "sft.max_steps": 20,
+    "sft.warmup_steps": 2,
+    "sft.eval_every": 10,
+    "sft.checkpoint_every": 10,
+    "sft.batch_size": 8,
+    "evaluate.bootstrap": 50,
+    "evaluate.max_new_tokens": 12,
+    "evaluate.champion": False,
+    "register.gate.min": {"exact_match": 0.0},
+}
+
+
+def make_repo(dest: Path, overrides: dict) -> Path:
+    """A clone-like copy of the project (tracked sources only) with its own git history and DVC state."""
+    for item in ("components", "flows", "dvc.yaml", "params.yaml", "data/sources", ".dvc/config", ".dvc/.gitignore",
+                 ".dvcignore", ".gitignore"):
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (dest / item).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dest / item)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for key, value in overrides.items():
+        node = params
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    commit(dest, "init")
+    return dest
+
+
+def commit(repo: Path, message: str) -> None:
+    subprocess.run(GIT + ["add", "-A"], cwd=repo, check=True)
+    subprocess.run(GIT + ["commit", "-qm", message], cwd=repo, check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+           "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A background process in its own session; `stop()` ends its whole process group."""
+
+    def __init__(self, args: list[str], log: Path, **kw: Any) -> None:
+        self.log = log
+        self._fh = open(log, "wb")
+        self.popen = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.alive():
+            with _suppress():
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                with _suppress():
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        with _suppress():  # children that outlived the leader (same group)
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self._fh.close()
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> bool:
+        return exc[0] is not None and issubclass(exc[0], ProcessLookupError)
+
+
+def wait_http(url: str, proc: Proc, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.popen.args[:3]} exited early:\n{proc.tail()}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not up after {timeout} s:\n{proc.tail()}")
+
+
+def start_mlflow(tmp: Path, wait: bool = True) -> tuple[Proc, str]:
+    """`mlflow server` with a sqlite backend and an artifact root, configured by environment only."""
+    port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp}/mlflow.db",
+                   MLFLOW_ARTIFACTS_DESTINATION=str(tmp / "artifacts"), MLFLOW_HOST="127.0.0.1",
+                   MLFLOW_PORT=str(port), MLFLOW_WORKERS="1")
+    proc = Proc([str(BIN / "mlflow"), "server"], tmp / "mlflow.log", env=env, cwd=tmp)
+    url = f"http://127.0.0.1:{port}"
+    if wait:
+        wait_http(f"{url}/health", proc)
+    return proc, url
+
+
+def start_prefect(home: Path, wait: bool = True) -> tuple[Proc, str, dict[str, str]]:
+    """`prefect server start` on a free port with its own PREFECT_HOME; returns (proc, api url, client env)."""
+    port = free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    env = base_env(PREFECT_HOME=str(home), PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
+                   PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port))
+    env.pop("PREFECT_API_URL", None)
+    proc = Proc([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                home / "server.log", env=env, cwd=home)
+    api = f"http://127.0.0.1:{port}/api"
+    if wait:
+        wait_http(f"{api}/health", proc)
+    client_env = base_env(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_WORKER_QUERY_SECONDS="1",
+                          PREFECT_WORKER_PREFETCH_SECONDS="1")
+    return proc, api, client_env
+
+
+def prefect(env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 300) -> str:
+    """Run the prefect CLI; fail loudly with its output."""
+    res = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=env, cwd=cwd, capture_output=True,
+                         text=True, timeout=timeout)
+    if res.returncode:
+        raise RuntimeError(f"prefect {' '.join(args)} -> {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res.stdout
+
+
+def start_worker(env: dict[str, str], pool: str, name: str, cwd: Path, log: Path) -> Proc:
+    return Proc([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name],
+                log, env=env, cwd=cwd)
