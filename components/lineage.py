@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -108,16 +109,11 @@ def meta_hash(folder: Path) -> str | None:
 
 def weights_sha256(folder: Path) -> str:
     """Content hash of a model's weights and config (*.safetensors + config.json; serving checks the same)."""
-    folder = Path(folder)
-    files = sorted([*folder.glob("*.safetensors"), folder / "config.json"])
-    return sha256_file_list([p for p in files if p.is_file()], folder)
-
-
-def sha256_file_list(files: list[Path], root: Path) -> str:
-    import hashlib
+    root = Path(folder)
     h = hashlib.sha256()
-    for p in files:
-        h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p).encode())
+    for p in sorted([*root.glob("*.safetensors"), root / "config.json"]):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p).encode())
     return h.hexdigest()
 
 
@@ -371,7 +367,7 @@ def render(info: dict[str, Any]) -> str:
         lines += [f"  {k}: {a} -> {b}" for k, (a, b) in ch["hashes"].items()] or ["  data/code hashes: identical"]
         if ch.get("code"):
             lines += ["  code:", *(f"    {x}" for x in ch["code"].splitlines())]
-    elif info.get("changes") is None:
+    else:
         lines += ["", "No other version to compare with (it is the champion, or there is none)."]
     return "\n".join(lines)
 
