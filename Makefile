@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export DO_NOT_TRACK = true
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup run test bench ui clean
+.PHONY: setup run test bench ui clean prefect-server mlflow-server pools worker remote deploy trigger push
 
 # torch first: `pip install torch==2.13.0` takes the local CPU build; installed later it would pull CUDA.
 $(STAMP): pyproject.toml constraints.txt
@@ -35,3 +35,42 @@ ui: setup
 
 clean:
 	rm -rf data/raw data/processed models reports metrics plots .seedlm mlflow.db mlruns dvc.lock
+
+# ---- Operating it (README, "Operating it"): servers, pools, workers, deployments. Offline on one machine.
+PREFECT_PORT    ?= 4200
+MLFLOW_PORT     ?= 5000
+PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+MLFLOW_URL      ?= http://127.0.0.1:$(MLFLOW_PORT)
+DVC_REMOTE      ?= $(CURDIR)/../seedlm-dvc-remote
+POOL            ?= cpu
+SCHEDULE        ?= nightly
+PREFECT_ENV      = PREFECT_API_URL=$(PREFECT_API_URL)
+
+prefect-server: setup   ## Prefect server + UI on 127.0.0.1:$(PREFECT_PORT) (state in ~/.prefect)
+	PREFECT_UI_URL=http://127.0.0.1:$(PREFECT_PORT) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+mlflow-server: setup    ## MLflow tracking server, configured by environment only (sqlite + artifact root)
+	mkdir -p .seedlm/mlflow-server
+	MLFLOW_BACKEND_STORE_URI=sqlite:///$(CURDIR)/.seedlm/mlflow-server/mlflow.db \
+	MLFLOW_ARTIFACTS_DESTINATION=$(CURDIR)/.seedlm/mlflow-server/artifacts \
+	MLFLOW_HOST=127.0.0.1 MLFLOW_PORT=$(MLFLOW_PORT) MLFLOW_WORKERS=1 \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server
+
+pools: setup            ## the cpu and gpu process work pools
+	$(PREFECT_ENV) $(BIN)/prefect work-pool create cpu --type process --overwrite
+	$(PREFECT_ENV) $(BIN)/prefect work-pool create gpu --type process --overwrite
+
+worker: setup           ## a worker for POOL (run one per pool, on the machine that pool stands for)
+	$(PREFECT_ENV) $(BIN)/prefect worker start --pool $(POOL) --type process
+
+remote:                 ## the DVC remote stages share data through (commit .dvc/config afterwards)
+	$(BIN)/dvc remote add -d -f seedlm $(DVC_REMOTE)
+
+deploy: setup           ## seedlm/<schedule> + seedlm-stage/<stage> deployments, zombie-run automation
+	$(PREFECT_ENV) $(BIN)/python -m flows.deploy --env MLFLOW_TRACKING_URI=$(MLFLOW_URL) --automations $(DEPLOY_ARGS)
+
+trigger: setup          ## run the SCHEDULE deployment now and watch it
+	$(PREFECT_ENV) $(BIN)/prefect deployment run seedlm/$(SCHEDULE) --watch $(RUN_ARGS)
+
+push: setup             ## share this workspace's stage outputs and run-cache (incl. dvc exp runs) via the remote
+	$(BIN)/python -m flows.dvcstage push --all-runs

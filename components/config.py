@@ -112,6 +112,13 @@ class PreprocessConfig(Section):
     min_frequency: int = Field(default=2, ge=1)
     """BPE merges need at least this many occurrences."""
 
+    @model_validator(mode="after")
+    def _lengths(self) -> "PreprocessConfig":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars}): every document "
+                             "would be dropped; lower min_chars or raise max_chars")
+        return self
+
 
 # ---------------------------------------------------------------- model
 class ModelConfig(Section):
@@ -356,6 +363,9 @@ class Params(Section):
         for key in (*self.register.gate.min, *self.register.gate.max_regression):
             if key not in GATE_METRICS:
                 raise ValueError(f"register.gate: unknown metric {key!r}; use one of {sorted(GATE_METRICS)}")
+        if self.model.init_from is None and self.preprocess.vocab_size < BPE_MIN_VOCAB:
+            raise ValueError(f"preprocess.vocab_size ({self.preprocess.vocab_size}) is below {BPE_MIN_VOCAB}: a "
+                             f"byte-level BPE needs 256 byte tokens + 6 special tokens; raise it")
         if self.sft.method == "lora" and not self.pretrain.enabled and self.model.init_from is None:
             raise ValueError("sft.method: lora on a freshly initialized model trains adapters on noise; "
                              "enable pretrain, set model.init_from, or use sft.method: full")
@@ -363,6 +373,8 @@ class Params(Section):
 
 
 GATE_METRICS = {"exact_match", "rougeL", "bleu", "chrf", "accuracy"}
+BPE_MIN_VOCAB = 262
+"""256 byte tokens + the 6 chat special tokens (components/chat.py)."""
 
 # Which params each stage depends on (dvc.yaml lists exactly these leaf keys; tests keep them in sync).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -431,16 +443,50 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     if not path.is_file():
         raise ConfigError(f"{path}: not found; run from the repo root or pass --params PATH")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror}); check its permissions") from None
+    if data is None:
+        data = {}
     for key, value in (overrides or {}).items():
         node = data
         *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is not a section (a mapping) in "
+                                  f"{path}; set a key of a section, e.g. -S pretrain.max_steps=50")
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {path} does not hold a mapping of sections")
         node[last] = value
     return parse_params(data, str(path))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+
+def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (lines {first + 1} and {key_node.start_mark.line + 1}); "
+                "keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 
 
 def stage_output(params: Params, stage: str) -> Path:

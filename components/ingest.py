@@ -1,6 +1,7 @@
 """Ingest: validate every source and stream it, one line/row at a time, into JSONL shards + a manifest."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -18,7 +19,8 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from components import synthetic
-from components.common import StageContext, StageError, atomic_dir, sha256_file, write_json, write_meta
+from components.common import (StageContext, StageError, atomic_dir, disk_error, fsync_dir, redact, sha256_file,
+                               write_json, write_meta)
 from components.config import IngestConfig, Params, Source
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,26 @@ def _ext(path: Path | str) -> tuple[str, bool]:
     return os.path.splitext(name.removesuffix(".gz"))[1], name.endswith(".gz")
 
 
+def _unreadable(path: Path, e: OSError) -> StageError:
+    return StageError(f"{path}: cannot read it ({e.strerror or type(e).__name__}); fix its permissions "
+                      "(e.g. `chmod a+r`) or remove it from the ingest sources")
+
+
+def _hash(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        raise _unreadable(path, e) from None
+
+
 def _open(path: Path) -> BinaryIO:
     """Open a (possibly gzipped) file for binary streaming, after the file-level checks."""
     (ext, gz), opener = _ext(path), gzip.open if _ext(path)[1] else open
-    with open(path, "rb") as f:
-        magic = f.read(2)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError as e:
+        raise _unreadable(path, e) from None
     if magic and gz and magic != b"\x1f\x8b":
         raise StageError(f"{path}: named .gz but not gzip data; compress it with `gzip` or drop the .gz suffix")
     try:
@@ -110,6 +127,8 @@ def _jsonl_records(path: Path, fh: BinaryIO, max_bytes: int) -> Records:
                     f"expected a JSON object per line, got {type(obj).__name__}; fix the line, {SKIP_HINT}")
             except json.JSONDecodeError as e:
                 line = _Malformed(f"not valid JSON ({e.msg} at column {e.colno}); fix the line, {SKIP_HINT}")
+            except RecursionError:
+                line = _Malformed(f"JSON nested too deeply to read; flatten the line, {SKIP_HINT}")
         if not isinstance(line, str):
             yield f"{path}:{lineno}", line
 
@@ -189,7 +208,7 @@ def _local_files(path: Path, kind: str, shown: str) -> tuple[list[Path], dict[st
         if _ext(path)[0] not in EXTS[kind]:
             raise StageError(f"{shown}: unsupported file type for {kind} sources; use one of "
                              f"{', '.join(EXTS[kind])} (optionally .gz)")
-        return [path], {"sha256": sha256_file(path), "bytes": path.stat().st_size, "files": 1, "skipped_files": 0}
+        return [path], {"sha256": _hash(path), "bytes": path.stat().st_size, "files": 1, "skipped_files": 0}
     found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(path).parts))
     files = [p for p in found if _ext(p)[0] in EXTS[kind]]
@@ -197,44 +216,66 @@ def _local_files(path: Path, kind: str, shown: str) -> tuple[list[Path], dict[st
         raise StageError(f"{shown}: folder holds no {kind} files ({', '.join(EXTS[kind])}, optionally .gz)")
     h = hashlib.sha256()  # sorted relative paths + file hashes
     for f in files:
-        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+        h.update(f"{f.relative_to(path).as_posix()}\0{_hash(f)}\n".encode())
     return files, {"sha256": h.hexdigest(), "bytes": sum(f.stat().st_size for f in files), "files": len(files),
                    "skipped_files": len(found) - len(files)}
 
 
 def _download(src: Source, kind: str, max_mb: int, cache_dir: Path) -> Path:
-    """Stream a url into cache_dir once (temp file, then rename); verify its sha256."""
+    """Stream an http(s) url into cache_dir once (temp file, fsync, rename); verify size and sha256.
+
+    The file name comes from the url but never leaves `cache_dir/<sha256 prefix>/`; messages and the
+    manifest show the url without credentials."""
     import requests
 
+    shown = redact(src.url)
+    if urlparse(src.url).scheme not in ("http", "https"):
+        raise StageError(f"{shown}: only http(s) urls are downloaded; use a `path:` source for local files")
     name = Path(urlparse(src.url).path).name or "download"
     if _ext(name)[0] not in EXTS[kind]:
-        raise StageError(f"{src.url}: cannot tell the file type from the url; it must end in one of "
+        raise StageError(f"{shown}: cannot tell the file type from the url; it must end in one of "
                          f"{', '.join(EXTS[kind])} (optionally .gz)")
-    dest = cache_dir / src.sha256[:16] / name
+    folder = (cache_dir / src.sha256[:16]).resolve()
+    dest = folder / name
+    if dest.parent != folder or name.startswith("."):
+        raise StageError(f"{shown}: the file name {name!r} would leave the download folder {folder}; rename it")
     if dest.is_file() and sha256_file(dest) == src.sha256:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    limit = max_mb * 2**20
     tmp, h, size = dest.with_name(f".{name}.{os.getpid()}.part"), hashlib.sha256(), 0
     try:
-        with requests.get(src.url, stream=True, timeout=30) as r, open(tmp, "wb") as f:
+        folder.mkdir(parents=True, exist_ok=True)
+        with requests.get(src.url, stream=True, timeout=30) as r:
             if r.status_code != 200:
-                raise StageError(f"{src.url}: HTTP {r.status_code}; check the url in ingest sources")
-            for chunk in r.iter_content(1 << 20):
-                size += len(chunk)
-                if size > max_mb * 2**20:
-                    raise StageError(f"{src.url}: larger than max_download_mb ({max_mb}); raise it or use a "
-                                     f"smaller file")
-                h.update(chunk)
-                f.write(chunk)
+                raise StageError(f"{shown}: HTTP {r.status_code}; check the url in ingest sources")
+            if int(r.headers.get("Content-Length") or 0) > limit:
+                raise StageError(f"{shown}: {int(r.headers['Content-Length']) / 2**20:.1f} MiB is larger than "
+                                 f"max_download_mb ({max_mb}); raise it or use a smaller file")
+            with open(tmp, "wb") as f:
+                for chunk in r.iter_content(1 << 20):
+                    size += len(chunk)
+                    if size > limit:
+                        raise StageError(f"{shown}: larger than max_download_mb ({max_mb}); raise it or use a "
+                                         f"smaller file")
+                    h.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
         if h.hexdigest() != src.sha256:
-            raise StageError(f"{src.url}: sha256 mismatch: expected {src.sha256}, got {h.hexdigest()}; if the "
+            raise StageError(f"{shown}: sha256 mismatch: expected {src.sha256}, got {h.hexdigest()}; if the "
                              f"file changed on purpose, fix `sha256:` of this source in params.yaml")
         os.replace(tmp, dest)
+        fsync_dir(folder)
     except requests.RequestException as e:
-        raise StageError(f"{src.url}: could not download (offline? {type(e).__name__}: {e}); "
-                         f"put the file into {dest.parent}/ by hand or use a `path:` source") from None
+        raise StageError(f"{shown}: could not download (offline? {type(e).__name__}: {redact(str(e))}); "
+                         f"put the file into {folder}/ by hand or use a `path:` source") from None
+    except OSError as e:
+        if msg := disk_error(e, folder):
+            raise StageError(msg) from None
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -333,7 +374,7 @@ def _source_lines(src: Source, kind: str, cfg: IngestConfig, seed: int, sources_
             if not path.resolve().is_relative_to(sources_root.resolve()):
                 log.warning("%s is outside %s: DVC will not rerun ingest when it changes", src.path, sources_root)
             files, known = _local_files(path, kind, src.path)
-        origin, skind = src.url or src.path, "url" if src.url else "path"
+        origin, skind = (redact(src.url), "url") if src.url else (src.path, "path")  # no credentials shown
         records = (rec for f in files for rec in _file_records(f, kind, max_bytes, src.text_field))
     rows = skipped = text_bytes = out_bytes = 0
     row_hash = hashlib.sha256()
@@ -342,6 +383,11 @@ def _source_lines(src: Source, kind: str, cfg: IngestConfig, seed: int, sources_
             if isinstance(rec, _Malformed):
                 raise rec
             row = _pretrain_row(rec, src.text_field) if kind == "pretrain" else _sft_row(rec)
+            try:
+                line = (json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n").encode("utf-8")
+            except UnicodeEncodeError as e:  # a JSON "\ud800" escape: not a character
+                raise _Malformed(f"lone surrogate {e.object[e.start:e.end]!r} (a broken \\u escape) is not valid "
+                                 f"Unicode; fix the text, {SKIP_HINT}") from None
             size = sum(len(m["content"].encode()) for m in row["messages"]) if kind == "sft" else len(
                 row["text"].encode())
             if size > max_bytes and skind != "synthetic":
@@ -352,7 +398,6 @@ def _source_lines(src: Source, kind: str, cfg: IngestConfig, seed: int, sources_
                 raise StageError(f"{loc}: {e}") from None
             skipped += 1
             continue
-        line = (json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n").encode("utf-8")
         yield line
         row_hash.update(line)
         rows, out_bytes = rows + 1, out_bytes + len(line)

@@ -129,3 +129,22 @@ def cpu_has_fast_bf16() -> bool:
     except AttributeError:
         pass
     return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+
+
+def training_attention(model: PreTrainedModel, device: torch.device, dtype: torch.dtype | None, *,
+                       restore: str | None = None) -> str | None:
+    """Pick the faster attention kernel for training; returns the one to put back afterwards (None: unchanged).
+
+    On CPU with bf16 autocast, eager attention (plain bf16 matmuls + softmax) beats SDPA, whose CPU
+    flash-attention kernel gains nothing from bf16 and whose backward then takes a quarter of a small
+    model's step (bench/README). Kept to contexts up to 1024, where the [B, H, T, T] scores stay small.
+    With `restore`, sets that implementation back (saved models keep SDPA)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if restore is not None:
+        base.set_attn_implementation(restore)
+        return None
+    current = base.config._attn_implementation
+    if device.type == "cpu" and dtype == torch.bfloat16 and current == "sdpa" and max_positions(base) <= 1024:
+        base.set_attn_implementation("eager")
+        return current
+    return None

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from components import distributed as dd
 from components.common import StageContext, StageError, atomic_dir, read_meta, write_json, write_meta
 from components.config import ModelConfig, Params, PretrainConfig, config_hash
 from components.model import build_model, load_model, save_model
-from components.train import Batch, BatchSource, step_generator, train
+from components.train import Batch, BatchSource, PeakMemory, step_generator, train
 
 PLOT_COLUMNS = ("step", "train_loss", "val_loss", "lr")
 
@@ -85,31 +86,66 @@ def write_plot_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 def metrics_of(result: dict[str, Any]) -> dict[str, Any]:
     keys = ("final_train_loss", "val_loss", "val_ppl", "tokens", "tokens_per_s", "steps", "n_params",
-            "peak_mem_mb", "seconds", "trainable_params", "enabled")
+            "peak_mem_mb", "peak_rss_mb", "peak_cuda_mb", "seconds", "trainable_params", "enabled", "devices")
     return {k: result[k] for k in keys if k in result}
+
+
+def _stage_conf(model_cfg: ModelConfig, cfg: PretrainConfig, seed: int) -> dict[str, Any]:
+    return {"seed": seed, "model": model_cfg.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json")}
+
+
+def checkpoint_dir(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, ckpt_root: Path, seed: int) -> Path:
+    """Where this run's resumable state lives: one folder per (settings, data)."""
+    stage_conf = _stage_conf(model_cfg, cfg, seed)
+    return Path(ckpt_root) / "pretrain" / config_hash({"stage": stage_conf, "data": data_fingerprint(Path(data_dir))})
 
 
 def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, out_dir: Path, metrics_path: Path,
              plots_path: Path, ckpt_root: Path, *, seed: int, ctx: StageContext | None = None) -> dict:
-    """Pretrain (or, with enabled: false, just initialize) the model; write an HF model folder."""
+    """Pretrain (or, with enabled: false, just initialize) the model; write an HF model folder.
+
+    With pretrain.devices > 1 this launches that many data-parallel processes (components.distributed);
+    rank 0 writes everything."""
     ctx = ctx or StageContext()
-    data_dir, out_dir, ckpt_root = Path(data_dir), Path(out_dir), Path(ckpt_root)
+    if cfg.enabled and cfg.devices > 1 and not dd.active():
+        kwargs = dict(model_cfg=model_cfg, cfg=cfg, data_dir=data_dir, out_dir=out_dir, metrics_path=metrics_path,
+                      plots_path=plots_path, ckpt_root=ckpt_root, seed=seed)
+        return dd.launch("components.pretrain:pretrain", kwargs, devices=cfg.devices, ctx=ctx, key="pretrain")
+    with PeakMemory() as mem:
+        result, history, model, tokenizer, ckpt_dir, stage_conf, inputs = _pretrain(
+            model_cfg, cfg, Path(data_dir), Path(ckpt_root), seed, ctx)
+    result.update(mem.report())  # the whole stage's peak (loading and saving included), max over ranks
+    if dd.is_main():
+        with atomic_dir(out_dir) as tmp:
+            save_model(model, tokenizer, tmp)
+            write_meta(tmp, "pretrain", stage_conf, result, inputs)
+        write_json(metrics_path, metrics_of(result))
+        write_plot_csv(Path(plots_path), history)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    dd.barrier()
+    return {**result, "artifacts": [str(plots_path)]}
+
+
+def _pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, ckpt_root: Path, seed: int,
+              ctx: StageContext) -> tuple:
     meta = read_meta(data_dir, "preprocess")["result"]
     dtype = meta.get("dtype", "uint16")
     tokenizer = load_tokenizer(data_dir)
     T = model_cfg.context_length
-    if model_cfg.init_from:
-        model = load_model(model_cfg.init_from, what="model.init_from", tokenizer=tokenizer, context_length=T)
-    else:
-        model = build_model(model_cfg, tokenizer, seed)
+
+    def fresh():
+        if model_cfg.init_from:
+            return load_model(model_cfg.init_from, what="model.init_from", tokenizer=tokenizer, context_length=T)
+        return build_model(model_cfg, tokenizer, seed)
+    model = fresh()
     n_params = sum(p.numel() for p in model.parameters())
-    stage_conf = {"seed": seed, "model": model_cfg.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json")}
+    stage_conf = _stage_conf(model_cfg, cfg, seed)
     data_hash = data_fingerprint(data_dir)
     inputs = {"processed": str(data_dir), "processed_hash": data_hash, "init_from": model_cfg.init_from}
     result: dict[str, Any] = {"enabled": cfg.enabled, "n_params": n_params, "arch": model.config.model_type,
                               "context_length": T, "vocab_size": len(tokenizer)}
     history: list[dict[str, Any]] = []
-    ckpt_dir = ckpt_root / "pretrain" / config_hash({"stage": stage_conf, "data": data_hash})
+    ckpt_dir = checkpoint_dir(model_cfg, cfg, data_dir, ckpt_root, seed)
     if cfg.enabled:
         train_tokens = token_file(data_dir, "train.bin", dtype)
         if len(train_tokens) < T + 1:
@@ -117,20 +153,29 @@ def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, out_di
                              f"model.context_length + 1 ({T + 1}); lower model.context_length or add text "
                              "to ingest.pretrain_sources")
         val_tokens = token_file(data_dir, "val.bin", dtype)
-        res = train(model, cfg, window_source(train_tokens, T, cfg.batch_size, seed),
-                    eval_batches_fn=lambda: val_batches(val_tokens, T, cfg.batch_size, cfg.eval_batches, seed),
+        world = dd.info()[1]
+        res = train(model, cfg, window_source(train_tokens, T, cfg.batch_size * world, seed),
+                    eval_batches_fn=lambda: val_batches(val_tokens, T, cfg.batch_size * world, cfg.eval_batches, seed),
                     ckpt_dir=ckpt_dir, seed=seed, ctx=ctx, desc="pretrain",
                     fingerprint={"data": data_hash, "init_from": model_cfg.init_from}, key="pretrain")
         history = res.pop("history")
+        full = res.pop("state_dict", None)
+        if full is not None or (cfg.strategy == "fsdp" and world > 1):  # FSDP: rebuild unsharded on rank 0
+            model = fresh()
+            if full is not None:
+                model.load_state_dict(full)
         result.update(res)
     model.to("cpu")
-    with atomic_dir(out_dir) as tmp:
-        save_model(model, tokenizer, tmp)
-        write_meta(tmp, "pretrain", stage_conf, result, inputs)
-    write_json(metrics_path, metrics_of(result))
-    write_plot_csv(Path(plots_path), history)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return {**result, "artifacts": [str(plots_path)]}
+    return result, history, model, tokenizer, ckpt_dir, stage_conf, inputs
+
+
+def resume_key(params: Params) -> str | None:
+    """Names a run of this stage so that a rerun after a crash continues its MLflow run (see runner)."""
+    try:
+        p = params.paths
+        return f"pretrain:{checkpoint_dir(params.model, params.pretrain, Path(p.processed), Path(p.checkpoints), params.seed).name}"
+    except (StageError, OSError, ValueError):
+        return None
 
 
 def run(params: Params, ctx: StageContext) -> dict:

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from components.common import RUN_ID, StageContext, StageError
+from components import retry
+from components.common import RUN_ID, StageContext, StageError, redact
 from components.config import STAGES, ConfigError, Params, load_params, stage_config
 
 EXPERIMENT = "seedlm"
@@ -29,8 +30,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def tracking_uri(root: Path | None = None) -> str:
-    """MLFLOW_TRACKING_URI, else a sqlite store at the repo root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or Path.cwd()).resolve()}/mlflow.db"
+    """MLFLOW_TRACKING_URI, else a sqlite store at the repo root (DVC_ROOT: `dvc exp` temp workspaces share it)."""
+    root = root or Path(os.environ.get("DVC_ROOT") or Path.cwd())
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve()}/mlflow.db"
 
 
 def setup_tracking(root: Path | None = None):
@@ -85,7 +87,8 @@ def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, p
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     module = importlib.import_module(f"components.{stage}")
-    mlflow = setup_tracking()
+    mlflow = retry.Tracking(retry.call(setup_tracking, what="connect to the tracking store",
+                                       also=("RESOURCE_ALREADY_EXISTS",)))  # retried with backoff, reported
     parent_run_id = parent_run_id or os.environ.get(PARENT_ENV) or None
     tags = {"seedlm.stage": stage}
     nested = mlflow.active_run() is not None
@@ -97,10 +100,8 @@ def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, p
     with mlflow.start_run(**start) as run:
         if resume:
             mlflow.set_tag("seedlm.resumed", "true")
-        mlflow.log_params({k: str(v)[:6000] for k, v in flat(stage_config(params, stage)).items()})
-
-        def log(metrics: dict[str, float], step: int | None = None) -> None:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        mlflow.log_params({k: redact(str(v))[:6000] for k, v in flat(stage_config(params, stage)).items()})
+        log = mlflow.metric_logger()  # buffered: training never waits on the tracking store
 
         ctx = StageContext(log=log, run_id=run.info.run_id, parent_run_id=parent_run_id, progress=progress,
                            extra=dict(extra or {}))
@@ -121,6 +122,13 @@ def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, p
     return result
 
 
+def stage_resume_key(stage: str, params: Params) -> str | None:
+    """The stage's own resume key (`resume_key(params)` in its module: pretrain/sft name their checkpoint
+    folder), so rerunning `python -m components.<stage>` after a kill continues the MLflow run it resumes."""
+    fn = getattr(importlib.import_module(f"components.{stage}"), "resume_key", None)
+    return fn(params) if fn else None
+
+
 def main(stage: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m components.{stage}", description=f"Run the {stage} stage.")
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
@@ -131,9 +139,9 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         params = load_params(args.params, parse_overrides(args.set))
-        result = run_stage(stage, params, progress=not args.no_progress)
+        result = run_stage(stage, params, progress=not args.no_progress, resume_key=stage_resume_key(stage, params))
     except (ConfigError, StageError) as e:
-        print(f"seedlm {stage}: error: {e}", file=sys.stderr)
+        print(f"seedlm {stage}: error: {redact(str(e))}", file=sys.stderr)
         return 2
     summary = {k: v for k, v in result.items() if k not in ("history", "artifacts", "tables")}
     print(f"seedlm {stage}: done {json.dumps(summary, default=str)[:2000]}")

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from datasets import load_from_disk
 
+from components import distributed as dd
 from components.common import StageContext, StageError, atomic_dir, read_meta, sha256_file, write_json, write_meta
 from components.config import LoraConfig, Params, SftConfig, config_hash
 from components.model import load_model, max_positions, save_model
 from components.pretrain import data_fingerprint, load_tokenizer, metrics_of, write_plot_csv
-from components.train import Batch, BatchSource, step_generator, train
+from components.train import Batch, BatchSource, PeakMemory, step_generator, train
 
 LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
                 "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -95,13 +96,55 @@ def add_lora(model, cfg: LoraConfig, seed: int):
         raise StageError(f"sft.lora.target_modules: {e}; use module names of this {kind} model") from None
 
 
+def _fingerprints(cfg: SftConfig, data_dir: Path, base_dir: Path, seed: int) -> tuple[dict, str, str]:
+    stage_conf = {"seed": seed, "sft": cfg.model_dump(mode="json")}
+    base_hash = config_hash([sha256_file(p) for p in sorted(Path(base_dir).glob("*.safetensors"))])
+    return stage_conf, data_fingerprint(Path(data_dir)), base_hash
+
+
+def checkpoint_dir(cfg: SftConfig, data_dir: Path, base_dir: Path, ckpt_root: Path, seed: int) -> Path:
+    """Where this run's resumable state lives: one folder per (settings, data, base weights)."""
+    stage_conf, data_hash, base_hash = _fingerprints(cfg, data_dir, base_dir, seed)
+    return Path(ckpt_root) / "sft" / config_hash({"stage": stage_conf, "data": data_hash, "base": base_hash})
+
+
 def sft(cfg: SftConfig, data_dir: Path, base_dir: Path, out_dir: Path, metrics_path: Path, plots_path: Path,
         ckpt_root: Path, *, seed: int, ctx: StageContext | None = None) -> dict:
-    """Fine-tune the pretrain output on sft_train (validated on sft_val); write an HF model folder."""
+    """Fine-tune the pretrain output on sft_train (validated on sft_val); write an HF model folder.
+
+    With sft.devices > 1 this launches that many data-parallel processes (components.distributed);
+    rank 0 writes everything."""
     ctx = ctx or StageContext()
+    if cfg.devices > 1 and not dd.active():
+        kwargs = dict(cfg=cfg, data_dir=data_dir, base_dir=base_dir, out_dir=out_dir, metrics_path=metrics_path,
+                      plots_path=plots_path, ckpt_root=ckpt_root, seed=seed)
+        return dd.launch("components.sft:sft", kwargs, devices=cfg.devices, ctx=ctx, key="sft")
     data_dir, base_dir, out_dir, ckpt_root = Path(data_dir), Path(base_dir), Path(out_dir), Path(ckpt_root)
+    with PeakMemory() as mem:
+        result, history, model, tokenizer, ckpt_dir, stage_conf, inputs = _sft(cfg, data_dir, base_dir, ckpt_root,
+                                                                              seed, ctx)
+    result.update(mem.report())  # the whole stage's peak (loading and saving included), max over ranks
+    if dd.is_main():
+        with atomic_dir(out_dir) as tmp:
+            if cfg.method == "lora":
+                model.save_pretrained(tmp / "adapter")
+                model = model.merge_and_unload()
+            save_model(model, tokenizer, tmp)
+            write_meta(tmp, "sft", stage_conf, result, inputs)
+        write_json(metrics_path, {**metrics_of(result), "method": cfg.method, "dropped_train": result["dropped_train"]})
+        write_plot_csv(Path(plots_path), history)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    dd.barrier()
+    return {**result, "artifacts": [str(plots_path)]}
+
+
+def _sft(cfg: SftConfig, data_dir: Path, base_dir: Path, ckpt_root: Path, seed: int, ctx: StageContext) -> tuple:
     base_meta = read_meta(base_dir, "pretrain")
     tokenizer = load_tokenizer(data_dir)
+
+    def fresh():
+        m = load_model(base_dir, what="paths.pretrain", tokenizer=tokenizer)
+        return add_lora(m, cfg.lora, seed) if cfg.method == "lora" else m
     model = load_model(base_dir, what="paths.pretrain", tokenizer=tokenizer)
     context = int((base_meta.get("config", {}).get("model") or {}).get("context_length") or max_positions(model))
     context = min(context, max_positions(model))
@@ -115,15 +158,20 @@ def sft(cfg: SftConfig, data_dir: Path, base_dir: Path, out_dir: Path, metrics_p
     if cfg.method == "lora":
         model = add_lora(model, cfg.lora, seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stage_conf = {"seed": seed, "sft": cfg.model_dump(mode="json")}
-    data_hash = data_fingerprint(data_dir)
-    base_hash = config_hash([sha256_file(p) for p in sorted(base_dir.glob("*.safetensors"))])
+    stage_conf, data_hash, base_hash = _fingerprints(cfg, data_dir, base_dir, seed)
     ckpt_dir = ckpt_root / "sft" / config_hash({"stage": stage_conf, "data": data_hash, "base": base_hash})
-    res = train(model, cfg, example_source(train_rows, cfg.batch_size, cfg.grad_accum, pad_id, seed),
-                eval_batches_fn=lambda: fixed_batches(val_rows, cfg.batch_size, cfg.eval_batches, pad_id),
+    world = dd.info()[1]
+    gb = cfg.batch_size * world  # the global micro-batch; each rank trains on its share
+    res = train(model, cfg, example_source(train_rows, gb, cfg.grad_accum, pad_id, seed),
+                eval_batches_fn=lambda: fixed_batches(val_rows, gb, cfg.eval_batches, pad_id),
                 ckpt_dir=ckpt_dir, seed=seed, ctx=ctx, desc="sft",
                 fingerprint={"data": data_hash, "base": base_hash}, key="sft")
     history = res.pop("history")
+    full = res.pop("state_dict", None)
+    if full is not None or (cfg.strategy == "fsdp" and world > 1):  # FSDP: rebuild unsharded on rank 0
+        model = fresh()
+        if full is not None:
+            model.load_state_dict(full)
     result: dict[str, Any] = {
         **res, "method": cfg.method, "n_params": n_params, "trainable_params": trainable,
         "context_length": context, "train_examples": len(train_rows), "val_examples": len(val_rows),
@@ -131,16 +179,16 @@ def sft(cfg: SftConfig, data_dir: Path, base_dir: Path, out_dir: Path, metrics_p
         "base_pretrained": bool(base_meta.get("result", {}).get("enabled", True))}
     inputs = {"processed": str(data_dir), "processed_hash": data_hash, "base": str(base_dir), "base_hash": base_hash}
     model.to("cpu")
-    with atomic_dir(out_dir) as tmp:
-        if cfg.method == "lora":
-            model.save_pretrained(tmp / "adapter")
-            model = model.merge_and_unload()
-        save_model(model, tokenizer, tmp)
-        write_meta(tmp, "sft", stage_conf, result, inputs)
-    write_json(metrics_path, {**metrics_of(result), "method": cfg.method, "dropped_train": dropped_train})
-    write_plot_csv(Path(plots_path), history)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return {**result, "artifacts": [str(plots_path)]}
+    return result, history, model, tokenizer, ckpt_dir, stage_conf, inputs
+
+
+def resume_key(params: Params) -> str | None:
+    """Names a run of this stage so that a rerun after a crash continues its MLflow run (see runner)."""
+    try:
+        p = params.paths
+        return f"sft:{checkpoint_dir(params.sft, Path(p.processed), Path(p.pretrain), Path(p.checkpoints), params.seed).name}"
+    except (StageError, OSError, ValueError):
+        return None
 
 
 def run(params: Params, ctx: StageContext) -> dict:

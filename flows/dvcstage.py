@@ -8,7 +8,7 @@ inputs are on the machine. Stages on different machines share data through a DVC
 uploads a stage's outputs (metrics too) and its run-cache entry; `materialize` checks the outputs a
 dvc.lock entry names out of the local cache or the remote; `restore` reuses a run-cache hit.
 
-    python -m flows.dvcstage push [--remote NAME] [STAGE ...]   # share this workspace's results
+    python -m flows.dvcstage push [--remote NAME] [--all-runs] [STAGE ...]   # share results
     python -m flows.dvcstage pull [--remote NAME] [STAGE ...]   # check out the outputs dvc.lock names
     python -m flows.dvcstage key STAGE                          # the stage's cache key
 """
@@ -195,10 +195,12 @@ def materialize(root: Path, stages: list[str], remote: str | None = None, entrie
                 st.checkout(force=True)
 
 
-def push(root: Path, stages: list[str], remote: str | None = None) -> int:
-    """Upload the outputs of `stages` (metrics and other uncached outputs too) and every run-cache
-    entry with its objects to `remote`; return the number of objects sent."""
+def push(root: Path, stages: list[str], remote: str | None = None, all_runs: bool = False) -> int:
+    """Upload the outputs of `stages` (metrics and other uncached outputs too) and their run-cache
+    entries to `remote` (with `all_runs`: every run-cache entry, e.g. `dvc exp run` results); return
+    the number of files sent."""
     lock = lock_entries(root)
+    keys = {name: stage_key(root, name) for name in stages}
     sent = 0
     with _repo(root, lock=True) as repo:
         for name in stages:
@@ -212,37 +214,58 @@ def push(root: Path, stages: list[str], remote: str | None = None) -> int:
                             raise StageError(f"{out}: not in this workspace nor in its DVC cache; cannot push "
                                              f"{name} from here")
                         out.commit()
-            for objs in st.get_used_objs().values():
-                sent += len(repo.cloud.push(objs, remote=remote or None).transferred)
-        for key, value in _run_cache_entries(repo):
-            entry = repo.stage_cache._load_cache(key, value)
-            if entry:
-                st = _entry_stage(repo, entry)
-                if st.outs_cached():
-                    for objs in st.get_used_objs().values():
-                        sent += len(repo.cloud.push(objs, remote=remote or None).transferred)
-        repo.stage_cache.push(remote or None)
+            sent += _push_objects(repo, st, remote)
+        runs = _run_cache_keys(repo) if all_runs else [k for k in keys.values() if k]
+        for key in runs:
+            for value in _transfer_runs(repo, key, remote, upload=True):
+                entry = repo.stage_cache._load_cache(key, value)
+                if entry and (st := _entry_stage(repo, entry)).outs_cached():
+                    sent += 1 + _push_objects(repo, st, remote)
     return sent
 
 
-def _run_cache_entries(repo: Repo) -> list[tuple[str, str]]:
+def _push_objects(repo: Repo, st: Any, remote: str | None) -> int:
+    return sum(len(repo.cloud.push(objs, remote=remote or None).transferred) for objs in st.get_used_objs().values())
+
+
+def _run_cache_keys(repo: Repo) -> list[str]:
     runs = Path(repo.stage_cache.cache_dir)
-    return [(p.parent.name, p.name) for p in runs.glob("*/*/*") if p.is_file()] if runs.is_dir() else []
+    return sorted({p.name for p in runs.glob("*/*") if p.is_dir()}) if runs.is_dir() else []
+
+
+def _transfer_runs(repo: Repo, key: str, remote: str | None, upload: bool) -> list[str]:
+    """Copy the run-cache entries filed under `key` to (or from) the remote; return their names."""
+    from dvc import fs as dvcfs
+
+    odb = repo.cloud.get_remote_odb(remote or None, "push --run-cache", hash_name="md5-dos2unix")
+    src, dst = (repo.cache.legacy, odb) if upload else (odb, repo.cache.legacy)
+    src_dir = src.fs.join(src.path, "runs", key[:2], key)
+    if not src.fs.exists(src_dir):
+        return []
+    names = []
+    for path in src.fs.find(src_dir):
+        name = src.fs.name(path)
+        target = dst.fs.join(dst.path, "runs", key[:2], key, name)
+        if not dst.fs.exists(target):
+            dvcfs.generic.copy(src.fs, path, dst.fs, target)
+        names.append(name)
+    return names
 
 
 def restore(root: Path, stage: str, remote: str | None = None) -> bool:
-    """Reuse a run-cache hit for `stage` (this workspace's, or pulled from `remote`): check its outputs
+    """Reuse a run-cache hit for `stage` (this workspace's, or fetched from `remote`): check its outputs
     out and record it in dvc.lock. False when no run with these inputs was ever filed."""
-    from dvc.stage.cache import RunCacheNotFoundError, RunCacheNotSupported, _can_hash
+    from dvc.config import NoRemoteError
+    from dvc.stage.cache import RunCacheNotFoundError, _can_hash, _get_stage_hash
 
     with _repo(root, lock=True) as repo:
-        if remote is not None:
-            with contextlib.suppress(RunCacheNotSupported):
-                repo.stage_cache.pull(remote or None)
         st = _stage(repo, stage)
         if not _can_hash(st):
             return False
         st.save_deps()
+        if remote is not None:
+            with contextlib.suppress(NoRemoteError):
+                _transfer_runs(repo, _get_stage_hash(st), remote, upload=False)
         entry = repo.stage_cache._load(st)
     if not entry:
         return False
@@ -261,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stages", nargs="*", help="stages (default: every stage in dvc.lock)")
     parser.add_argument("--remote", default="", help="DVC remote name (default: the repo's default remote)")
     parser.add_argument("--root", default=".", help="repo root")
+    parser.add_argument("--all-runs", action="store_true",
+                        help="push: every run-cache entry too (results of `dvc exp run` experiments)")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
     stages = args.stages or list(lock_entries(root))
@@ -269,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in stages:
                 print(s, stage_key(root, s))
         elif args.action == "push":
-            print(f"pushed {push(root, stages, args.remote or None)} objects")
+            print(f"pushed {push(root, stages, args.remote or None, args.all_runs)} files")
         else:
             materialize(root, stages, args.remote or None)
             print(f"checked out {', '.join(stages)}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import flows  # noqa: F401  (quiet defaults for prefect/dvc/mlflow)
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 
 from components.common import StageError
@@ -85,9 +85,12 @@ def _stage(name: str, root: Path, ctx: dict[str, Any]) -> dict:
 def pipeline(root: str = ".", force: list[str] | None = None, overrides: dict[str, Any] | None = None,
              mode: str | None = None) -> dict:
     """Run the six stages in order from the repo at `root`; `force` reruns the named stages; `overrides`
-    changes params.yaml settings (dotted keys) first; `mode` overrides orchestration.mode."""
+    changes params.yaml settings (dotted keys) first (a deployment's run starts from the committed
+    params.yaml); `mode` overrides orchestration.mode."""
     root_path = Path(root).resolve()
     os.chdir(root_path)
+    if deployment.id:  # a deployment runs the committed settings + its overrides, never last run's leftovers
+        subprocess.run(["git", "checkout", "-q", "HEAD", "--", "params.yaml"], cwd=root_path, capture_output=True)
     apply_overrides(root_path, overrides)
     params = load_params(root_path / "params.yaml")  # validate once, fail before any work
     unknown = set(force or ()) - set(STAGES)

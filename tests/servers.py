@@ -157,7 +157,8 @@ def start_prefect(home: Path, wait: bool = True) -> tuple[Proc, str, dict[str, s
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
     env = base_env(PREFECT_HOME=str(home), PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
-                   PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port))
+                   PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
+                   PREFECT_UI_URL=f"http://127.0.0.1:{port}")  # links in notifications
     env.pop("PREFECT_API_URL", None)
     proc = Proc([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                 home / "server.log", env=env, cwd=home)
