@@ -30,6 +30,11 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Training throughput: seedlm's pretrain vs a bare PyTorch loop vs the HF Trainer (README, "Speed").
+# Options through BENCH_ARGS, e.g. make bench BENCH_ARGS="--threads 1 --rounds 20".
+bench: setup
+	$(BIN)/python bench/train_bench.py $(BENCH_ARGS)
+
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 

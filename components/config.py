@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- ingest
@@ -87,7 +87,7 @@ class IngestConfig(Section):
     """Rows per output shard."""
     max_download_mb: int = Field(default=2048, ge=1)
     """Refuse url downloads larger than this."""
-    max_line_mb: float = Field(default=16, gt=0)
+    max_line_mb: float = Field(default=16, gt=0, le=1024)
     """Refuse (or skip, with skip_malformed) a single line/row larger than this."""
 
 

@@ -145,7 +145,7 @@ def _resolve(target: str) -> Callable[..., dict]:
 def _worker(rank: int, world: int, store: str, target: str, kwargs: dict, msgs: Any,
             parent: int, threads: int, run_id: str | None, parent_run_id: str | None, progress: bool,
             extra: dict) -> None:
-    pass  # _die_with_parent(parent)
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
     _bind_device(rank)
     RUN_ID.set(run_id)

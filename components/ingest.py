@@ -1,26 +1,23 @@
 """Ingest: validate every source and stream it, one line/row at a time, into JSONL shards + a manifest."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import gzip
 import hashlib
 import itertools
 import json
 import logging
-import os
 import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
-from urllib.parse import urlparse
 
 from tqdm import tqdm
 
 from components import synthetic
-from components.common import (StageContext, StageError, atomic_dir, disk_error, fsync_dir, redact, sha256_file,
-                               write_json, write_meta)
+from components.fetch import download, file_ext as _ext, hf_records
+from components.common import StageContext, StageError, atomic_dir, redact, sha256_file, write_json, write_meta
 from components.config import IngestConfig, Params, Source
 
 log = logging.getLogger(__name__)
@@ -37,12 +34,6 @@ class _Malformed(Exception):
 
 
 # ---------------------------------------------------------------- files
-def _ext(path: Path | str) -> tuple[str, bool]:
-    """('.jsonl', gzipped?) from a file name like corpus.jsonl.gz."""
-    name = str(path).lower()
-    return os.path.splitext(name.removesuffix(".gz"))[1], name.endswith(".gz")
-
-
 def _unreadable(path: Path, e: OSError) -> StageError:
     return StageError(f"{path}: cannot read it ({e.strerror or type(e).__name__}); fix its permissions "
                       "(e.g. `chmod a+r`) or remove it from the ingest sources")
@@ -214,81 +205,15 @@ def _local_files(path: Path, kind: str, shown: str) -> tuple[list[Path], dict[st
     files = [p for p in found if _ext(p)[0] in EXTS[kind]]
     if not files:
         raise StageError(f"{shown}: folder holds no {kind} files ({', '.join(EXTS[kind])}, optionally .gz)")
+    for f in files:  # a link out of the folder would pull unrelated files (keys, secrets) into the corpus
+        if f.is_symlink() and not f.resolve().is_relative_to(path.resolve()):
+            raise StageError(f"{f}: a symlink to {f.resolve()}, outside the source folder {shown}; copy the file "
+                             "in, or list it as a `path:` source of its own")
     h = hashlib.sha256()  # sorted relative paths + file hashes
     for f in files:
         h.update(f"{f.relative_to(path).as_posix()}\0{_hash(f)}\n".encode())
     return files, {"sha256": h.hexdigest(), "bytes": sum(f.stat().st_size for f in files), "files": len(files),
                    "skipped_files": len(found) - len(files)}
-
-
-def _download(src: Source, kind: str, max_mb: int, cache_dir: Path) -> Path:
-    """Stream an http(s) url into cache_dir once (temp file, fsync, rename); verify size and sha256.
-
-    The file name comes from the url but never leaves `cache_dir/<sha256 prefix>/`; messages and the
-    manifest show the url without credentials."""
-    import requests
-
-    shown = redact(src.url)
-    if urlparse(src.url).scheme not in ("http", "https"):
-        raise StageError(f"{shown}: only http(s) urls are downloaded; use a `path:` source for local files")
-    name = Path(urlparse(src.url).path).name or "download"
-    if _ext(name)[0] not in EXTS[kind]:
-        raise StageError(f"{shown}: cannot tell the file type from the url; it must end in one of "
-                         f"{', '.join(EXTS[kind])} (optionally .gz)")
-    folder = (cache_dir / src.sha256[:16]).resolve()
-    dest = folder / name
-    if dest.parent != folder or name.startswith("."):
-        raise StageError(f"{shown}: the file name {name!r} would leave the download folder {folder}; rename it")
-    if dest.is_file() and sha256_file(dest) == src.sha256:
-        return dest
-    limit = max_mb * 2**20
-    tmp, h, size = dest.with_name(f".{name}.{os.getpid()}.part"), hashlib.sha256(), 0
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with requests.get(src.url, stream=True, timeout=30) as r:
-            if r.status_code != 200:
-                raise StageError(f"{shown}: HTTP {r.status_code}; check the url in ingest sources")
-            if int(r.headers.get("Content-Length") or 0) > limit:
-                raise StageError(f"{shown}: {int(r.headers['Content-Length']) / 2**20:.1f} MiB is larger than "
-                                 f"max_download_mb ({max_mb}); raise it or use a smaller file")
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(1 << 20):
-                    size += len(chunk)
-                    if size > limit:
-                        raise StageError(f"{shown}: larger than max_download_mb ({max_mb}); raise it or use a "
-                                         f"smaller file")
-                    h.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        if h.hexdigest() != src.sha256:
-            raise StageError(f"{shown}: sha256 mismatch: expected {src.sha256}, got {h.hexdigest()}; if the "
-                             f"file changed on purpose, fix `sha256:` of this source in params.yaml")
-        os.replace(tmp, dest)
-        fsync_dir(folder)
-    except requests.RequestException as e:
-        raise StageError(f"{shown}: could not download (offline? {type(e).__name__}: {redact(str(e))}); "
-                         f"put the file into {folder}/ by hand or use a `path:` source") from None
-    except OSError as e:
-        if msg := disk_error(e, folder):
-            raise StageError(msg) from None
-        raise
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return dest
-
-
-def _hf_records(src: Source) -> Records:
-    n = 0
-    try:  # an error raised by the consumer closes this generator (GeneratorExit): not caught here
-        import datasets
-        for n, rec in enumerate(datasets.load_dataset(src.hf, src.hf_config, split=src.split, streaming=True), 1):
-            yield f"hf:{src.hf}:row {n}", rec
-    except Exception as e:
-        raise StageError(f"could not load Hugging Face dataset {src.hf!r} ({src.hf_config}/{src.split}; offline?) "
-                         f"after {n} rows: {type(e).__name__}: {e}; check the name, or export the data to a file "
-                         f"and use a `path:` source") from None
 
 
 # ---------------------------------------------------------------- normalization
@@ -359,10 +284,10 @@ def _source_lines(src: Source, kind: str, cfg: IngestConfig, seed: int, sources_
         make = synthetic.pretrain_documents if kind == "pretrain" else synthetic.instruction_rows
         records: Records = ((f"synthetic:row {i}", r) for i, r in enumerate(make(cfg.synthetic, seed), 1))
     elif src.hf:
-        origin, skind, records = src.hf, "hf", _hf_records(src)
+        origin, skind, records = src.hf, "hf", hf_records(src)
     else:
         if src.url:
-            files = [_download(src, kind, cfg.max_download_mb, cache_dir)]
+            files = [download(src, EXTS[kind], cfg.max_download_mb, cache_dir)]
             known = {"sha256": src.sha256, "bytes": files[0].stat().st_size}
         else:
             path = Path(src.path)

@@ -188,7 +188,8 @@ class Tracking:
             if name == "log_artifact" and args:  # keep a copy: the file may change before the replay
                 files = BACKLOG_DIR.resolve() / f"{self.run_id}.files"
                 files.mkdir(parents=True, exist_ok=True)
-                dest = files / f"{len(list(files.iterdir())):04d}-{Path(args[0]).name}"
+                dest = files / f"{len(list(files.iterdir())):04d}" / Path(args[0]).name  # the name is the artifact's
+                dest.parent.mkdir()
                 shutil.copy2(args[0], dest)
                 args = (str(dest), *args[1:])
             self._save({"op": name, "args": _jsonable(args), "kwargs": _jsonable(kwargs)}, str(e))

@@ -45,7 +45,7 @@ def deploy_all(params: Params, source: str, per_pool: dict[str, str] | None = No
     env = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(orch.heartbeat_s), **(env or {})}
     ids: dict[str, str] = {}
     for name, sched in orch.schedules.items():
-        load_params_check(params, sched.overrides, name)
+        check_overrides(params, sched.overrides, name)
         pipe = flow.from_source(_source(orch.pipeline_pool, source, per_pool, branch), PIPELINE_ENTRY)
         ids[f"seedlm/{name}"] = str(pipe.deploy(
             name=name, work_pool_name=orch.pipeline_pool, schedules=[Cron(sched.cron, timezone=sched.timezone)],
@@ -62,7 +62,7 @@ def deploy_all(params: Params, source: str, per_pool: dict[str, str] | None = No
     return ids
 
 
-def load_params_check(params: Params, overrides: dict[str, Any], name: str) -> None:
+def check_overrides(params: Params, overrides: dict[str, Any], name: str) -> None:
     """Fail at deploy time, not at 3 am, when a schedule's overrides are invalid."""
     from components.config import parse_params
 

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from components.common import StageError
 from components.config import OrchestrationConfig, load_params
-from flows.stages import _key_fn, read_record
+from flows.stages import stage_cache_key, read_record
 
 STAGE_FLOW = "seedlm-stage"
 """Flow name of the per-stage deployments: `seedlm-stage/<stage>`."""
@@ -54,7 +54,7 @@ def _wait(client: Any, run_id: Any, timeout_s: float, poll_s: float) -> Any:
         time.sleep(poll_s)
 
 
-@task(name="submit", cache_key_fn=_key_fn, persist_result=True, cache_expiration=None)
+@task(name="submit", cache_key_fn=stage_cache_key, persist_result=True, cache_expiration=None)
 def submit(stage: str, key: str, params: dict[str, Any], orch: OrchestrationConfig, storage: str) -> dict:
     """Run `stage` as a flow run of its deployment on its pool; resubmit it when it crashed (a lost worker);
     return the record it filed under `key`."""

@@ -58,11 +58,12 @@ def read_record(storage: str, key: str) -> dict:
     return store.read(key).result
 
 
-def _key_fn(context: Any, parameters: dict[str, Any]) -> str | None:
+def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    """Prefect's cache key of a stage task: the DVC run-cache key it was handed (None: not cacheable)."""
     return parameters.get("key")
 
 
-@task(name="stage", cache_key_fn=_key_fn, persist_result=True, cache_expiration=None)
+@task(name="stage", cache_key_fn=stage_cache_key, persist_result=True, cache_expiration=None)
 def execute(stage: str, root: str, key: str | None, remote: str | None = None, parent_run_id: str | None = None,
             force: bool = False, extra: dict[str, Any] | None = None) -> dict:
     """Bring `stage` up to date in the workspace at `root` and share it; return its record.
@@ -115,7 +116,7 @@ def sync_workspace(root: Path, rev: str | None, params_yaml: str | None, lock: d
     dvcstage.set_lock_entries(root, lock or {})
 
 
-@flow(name="seedlm-stage")
+@flow(name="seedlm-stage", persist_result=False)
 def stage_flow(stage: str, key: str | None = None, rev: str | None = None, params_yaml: str | None = None,
                lock: dict[str, dict] | None = None, force: bool = False, parent_run_id: str | None = None,
                tracking_uri: str | None = None, remote: str = "", extra: dict[str, Any] | None = None,

@@ -174,7 +174,7 @@ def test_overrides_are_validated_then_written_keeping_comments(tmp_path):
 
 
 def test_orchestration_settings_are_checked(tmp_path):
-    from flows.deploy import load_params_check
+    from flows.deploy import check_overrides
 
     with pytest.raises(ConfigError, match="pools must name every stage"):
         parse_params({"orchestration": {"pools": {"ingest": "cpu"}}})
@@ -182,9 +182,38 @@ def test_orchestration_settings_are_checked(tmp_path):
         parse_params({"orchestration": {"schedules": {"nightly": {"cron": "every night"}}}})
     params = parse_params({})
     with pytest.raises(ConfigError, match="pretrain.nope: no such setting"):
-        load_params_check(params, {"pretrain.nope": 1}, "nightly")
+        check_overrides(params, {"pretrain.nope": 1}, "nightly")
     with pytest.raises(ConfigError, match="warmup_steps"):
-        load_params_check(params, {"pretrain.max_steps": 5}, "nightly")
-    load_params_check(params, {"pretrain.max_steps": 500}, "nightly")
+        check_overrides(params, {"pretrain.max_steps": 5}, "nightly")
+    check_overrides(params, {"pretrain.max_steps": 500}, "nightly")
     with pytest.raises(ConfigError, match="orchestration.mode"):
         parse_params({"orchestration": {"mode": "cluster"}})
+
+
+def test_a_stage_running_past_its_timeout_is_cancelled_and_a_finished_one_returned():
+    from types import SimpleNamespace as NS
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import State
+
+    from flows.orchestration import _wait
+
+    class Client:
+        def __init__(self, states: list[StateType]) -> None:
+            self.states, self.proposed = states, []
+
+        def read_flow_run(self, run_id):
+            kind = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+            return NS(id=run_id, state=State(type=kind))
+
+        def set_flow_run_state(self, run_id, state, force=False):
+            self.proposed.append(state)
+            self.states = [StateType.CANCELLED]
+
+    slow = Client([StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING])
+    run = _wait(slow, "r1", timeout_s=0.3, poll_s=0.05)
+    assert run.state.type == StateType.CANCELLED
+    assert [s.type for s in slow.proposed] == [StateType.CANCELLING]
+    assert "timed out after 0 s" in slow.proposed[0].message
+    fast = Client([StateType.PENDING, StateType.RUNNING, StateType.COMPLETED])
+    assert _wait(fast, "r2", timeout_s=60, poll_s=0.01).state.type == StateType.COMPLETED and not fast.proposed

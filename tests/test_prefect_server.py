@@ -9,9 +9,10 @@ MLflow's REST API.
    in a notification.
 2. Two pools standing in for CPU and GPU machines, each worker in its own clone that shares only git
    and the DVC remote with the others: stages run as flow runs of their deployments on their pools,
-   inputs come from the remote, a training run killed mid-way is resubmitted and resumes from its
-   checkpoint in the same MLflow run, the registry links runs and gate report, and nothing is
-   redone: not by the next scheduled run, not by `dvc repro`.
+   inputs come from the remote (stages the one-pool run made are reused from it), a training run
+   killed mid-way is resubmitted and resumes from its checkpoint in the same MLflow run, the
+   registry links runs and gate report, and nothing is redone: not by the next scheduled run, not
+   by `dvc repro`.
 Everything started here is stopped here (workers before the servers).
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from servers import (BIN, TINY, commit, make_repo, prefect, start_mlflow, start_
 STAGES = ["ingest", "preprocess", "pretrain", "sft", "evaluate", "register"]
 FAST = {**TINY, "evaluate.max_examples": 8, "evaluate.ppl_batches": 2, "evaluate.num_samples": 2,
         "evaluate.bootstrap": 20, "orchestration.poll_s": 1.0, "orchestration.retry_delay_s": 1}
-LONGER_PRETRAIN = {"pretrain.max_steps": 160, "pretrain.checkpoint_every": 10, "pretrain.eval_every": 80}
+LONGER_SFT = {"sft.max_steps": 60, "sft.checkpoint_every": 10, "sft.eval_every": 30}
 
 
 # ---------------------------------------------------------------- helpers
@@ -179,7 +180,7 @@ def solo(infra):
 
 @pytest.fixture(scope="module")
 def two_pools(infra, solo):
-    """Pools cpu and gpu, mode deployments, each worker in its own clone; pretrain is killed once."""
+    """Pools cpu and gpu, mode deployments, each worker in its own clone; sft is killed once."""
     t0 = time.monotonic()
     main = solo.repo
     subprocess.run(["git", "checkout", "-q", "--", "params.yaml"], cwd=main, check=True)
@@ -187,7 +188,7 @@ def two_pools(infra, solo):
     params["orchestration"].update({
         "mode": "deployments", "pipeline_pool": "cpu", "retries": 1,
         "pools": {s: ("gpu" if s in ("pretrain", "sft", "evaluate") else "cpu") for s in STAGES},
-        "schedules": {"nightly": {"cron": "30 2 * * *", "timezone": "UTC", "overrides": LONGER_PRETRAIN}}})
+        "schedules": {"nightly": {"cron": "30 2 * * *", "timezone": "UTC", "overrides": LONGER_SFT}}})
     (main / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     commit(main, "two pools")
     cpu, gpu = infra.tmp / "cpu-clone", infra.tmp / "gpu-clone"
@@ -213,9 +214,9 @@ def two_pools(infra, solo):
 
 
 def _kill_after_first_checkpoint(worker, clone: Path, killed: list[int], timeout: float = 400) -> None:
-    """SIGKILL the gpu worker's flow-run process (pretrain) once its first checkpoint is on disk: a lost machine."""
+    """SIGKILL the gpu worker's flow-run process (sft) once its first checkpoint is on disk: a lost machine."""
     deadline = time.monotonic() + timeout
-    while not glob.glob(str(clone / ".seedlm/checkpoints/pretrain/*/step-*")):
+    while not glob.glob(str(clone / ".seedlm/checkpoints/sft/*/step-*")):
         if time.monotonic() > deadline:
             return
         time.sleep(0.02)
@@ -296,33 +297,35 @@ def test_cron_schedule_creates_scheduled_runs(infra, solo):
 # ---------------------------------------------------------------- two pools
 def test_stages_run_as_deployments_on_their_pools(infra, two_pools):
     assert two_pools.first["state"]["type"] == "COMPLETED", logs(two_pools.first, *two_pools.workers.values())
-    expect = {"pretrain": "gpu", "sft": "gpu", "evaluate": "gpu", "register": "cpu"}
-    for stage, pool in expect.items():
+    for stage, pool in {"sft": "gpu", "evaluate": "gpu", "register": "cpu"}.items():
         runs = runs_of(infra.api, f"seedlm-stage/{stage}")
         assert runs and {r["work_pool_name"] for r in runs} == {pool}, stage
-    # ingest and preprocess were made by the one-pool run: reused through the remote, never submitted
-    assert runs_of(infra.api, "seedlm-stage/ingest") == runs_of(infra.api, "seedlm-stage/preprocess") == []
-    # the gpu clone got only what its stages read (processed data), never the raw data
-    assert (two_pools.gpu / "data/processed/train.bin").is_file() and not (two_pools.gpu / "data/raw").exists()
-    assert (two_pools.gpu / "models/sft/seedlm.json").is_file()
+    assert deployment(infra.api, "seedlm-stage/pretrain")["work_pool_name"] == "gpu"
+    # ingest, preprocess and pretrain were made by the one-pool run: reused through the remote, never submitted
+    for stage in ("ingest", "preprocess", "pretrain"):
+        assert runs_of(infra.api, f"seedlm-stage/{stage}") == [], stage
+    # the gpu clone got only what its stages read (processed data, pretrained model), never the raw data
+    gpu = two_pools.gpu
+    assert (gpu / "data/processed/train.bin").is_file() and (gpu / "models/pretrain/seedlm.json").is_file()
+    assert not (gpu / "data/raw").exists() and (gpu / "models/sft/seedlm.json").is_file()
 
 
 def test_killed_training_is_resubmitted_and_resumes_the_same_mlflow_run(infra, two_pools):
-    assert two_pools.killed, "the pretrain flow run was never killed"
-    runs = runs_of(infra.api, "seedlm-stage/pretrain")
+    assert two_pools.killed, "the sft flow run was never killed"
+    runs = runs_of(infra.api, "seedlm-stage/sft")
     assert [r["state"]["type"] for r in runs[:2]] == ["CRASHED", "COMPLETED"]
-    assert [r["name"] for r in runs[:2]] == ["pretrain", "pretrain-retry1"]
+    assert [r["name"] for r in runs[:2]] == ["sft", "sft-retry1"]
     parent = pipeline_runs(infra, f"tags.`prefect_flow_run_id` = '{two_pools.first['id']}'")[0]["info"]["run_id"]
     exp = ml_get(infra, "experiments/get-by-name", experiment_name="seedlm")["experiment"]["experiment_id"]
     found = requests.post(f"{infra.ml_url}/api/2.0/mlflow/runs/search", timeout=30, json={
-        "experiment_ids": [exp], "filter": f"tags.`mlflow.parentRunId` = '{parent}' and tags.`seedlm.stage` = 'pretrain'"
+        "experiment_ids": [exp], "filter": f"tags.`mlflow.parentRunId` = '{parent}' and tags.`seedlm.stage` = 'sft'"
     }).json()["runs"]
     assert len(found) == 1 and found[0]["info"]["status"] == "FINISHED"
     tags = {t["key"]: t["value"] for t in found[0]["data"]["tags"]}
     metrics = {m["key"]: m["value"] for m in found[0]["data"]["metrics"]}
     assert tags.get("seedlm.resumed") == "true" and metrics["resumed_from"] >= 10
-    assert metrics["steps"] == LONGER_PRETRAIN["pretrain.max_steps"]
-    infra.hook.wait_for("pretrain", "Crashed")  # the lost worker was reported too
+    assert metrics["steps"] == LONGER_SFT["sft.max_steps"]
+    infra.hook.wait_for("sft", "Crashed")  # the lost worker was reported too
 
 
 def test_registry_on_the_tracking_server_links_runs_and_gate_report(infra, two_pools):
@@ -349,8 +352,8 @@ def test_nothing_is_redone_by_the_next_scheduled_run_or_by_dvc_repro(infra, two_
 
     assert two_pools.second["state"]["type"] == "COMPLETED", logs(two_pools.second, *two_pools.workers.values())
     assert "unchanged" in two_pools.second["state"]["message"]
-    for stage in ("pretrain", "sft", "evaluate"):  # cached under their DVC keys: not submitted again
-        assert len(runs_of(infra.api, f"seedlm-stage/{stage}")) == (2 if stage == "pretrain" else 1), stage
+    for stage in ("sft", "evaluate"):  # cached under their DVC keys: not submitted again
+        assert len(runs_of(infra.api, f"seedlm-stage/{stage}")) == (2 if stage == "sft" else 1), stage
     assert len(runs_of(infra.api, "seedlm-stage/register")) == 2  # register always asks its workspace
     cpu = two_pools.cpu
     with contextlib.chdir(cpu), Repo(str(cpu)) as repo:  # the pipeline's workspace is complete and recorded

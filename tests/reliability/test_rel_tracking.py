@@ -1,0 +1,225 @@
+"""A tracking store that fails or goes away: calls are retried with backoff and reported, metrics are
+buffered so training goes on, and what cannot be delivered is saved and replayed — never dropped.
+A real `mlflow server` is SIGKILLed in the middle of a pretraining run (and restarted, or not)."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+import _harness as h
+from components import retry
+from components.common import StageError
+
+
+# ---------------------------------------------------------------- the retry loop
+class _Flaky:
+    def __init__(self, errors: list[BaseException]) -> None:
+        self.errors, self.calls = list(errors), 0
+
+    def __call__(self, x: int) -> int:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return x * 2
+
+
+def _mlflow_error(msg: str, code: str = "INTERNAL_ERROR"):
+    from mlflow.exceptions import MlflowException
+    return MlflowException(msg, error_code=code)
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(retry, "delay", lambda attempt: 0.01)
+
+
+def test_transient_errors_are_retried_and_reported(fast, caplog):
+    import sqlalchemy.exc
+
+    errors = [requests.ConnectionError("refused"),
+              _mlflow_error("API request to http://x/api failed with exception Max retries exceeded"),
+              _mlflow_error("API request failed with error code 503 != 200"),
+              sqlalchemy.exc.OperationalError("insert", {}, Exception("database is locked")),
+              sqlalchemy.exc.OperationalError("create", {}, Exception("table runs already exists"))]
+    fn = _Flaky(errors)
+    counted = []
+    with caplog.at_level(logging.WARNING, logger="seedlm.tracking"):
+        assert retry.call(fn, 21, what="log_params", budget_s=30, on_retry=lambda: counted.append(1)) == 42
+    assert fn.calls == 6 and len(counted) == 5
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("log_params failed" in m for m in msgs) == 5 and "went through after 5 retries" in msgs[-1]
+
+
+@pytest.mark.parametrize("error", [ValueError("bad"), KeyError("x")])
+def test_errors_that_are_not_transient_are_not_retried(fast, error):
+    fn = _Flaky([error])
+    with pytest.raises(type(error)):
+        retry.call(fn, 1, what="x", budget_s=30)
+    assert fn.calls == 1
+
+
+def test_request_errors_of_mlflow_are_not_retried(fast):
+    fn = _Flaky([_mlflow_error("Run 'abc' not found", "RESOURCE_DOES_NOT_EXIST")])
+    with pytest.raises(Exception, match="not found"):
+        retry.call(fn, 1, what="get_run", budget_s=30)
+    assert fn.calls == 1
+
+
+def test_budget_exhausted_is_a_clear_stage_error(monkeypatch):
+    monkeypatch.setattr(retry, "delay", lambda attempt: 0.2)
+    fn = _Flaky([requests.ConnectionError("refused")] * 100)
+    t = time.monotonic()
+    with pytest.raises(StageError) as e:
+        retry.call(fn, 1, what="start_run", budget_s=1.0)
+    assert time.monotonic() - t < 3 and 3 <= fn.calls <= 7
+    assert "start_run failed" in str(e.value) and retry.BUDGET_ENV in str(e.value)
+
+
+def test_delay_backs_off_exponentially_with_jitter():
+    ds = [retry.delay(a) for a in range(1, 9)]
+    assert 0.75 <= ds[0] <= 1.25 and 1.5 <= ds[1] <= 2.5 and 3 <= ds[2] <= 5
+    assert all(d <= retry.MAX_DELAY_S * 1.25 for d in ds) and ds[-1] >= retry.MAX_DELAY_S * 0.75
+
+
+# ---------------------------------------------------------------- runs left RUNNING by killed processes
+def test_runs_of_killed_processes_are_marked_killed(tmp_path, monkeypatch):
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    mlflow.set_experiment("seedlm")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name("seedlm").experiment_id
+    orphan = client.create_run(exp, tags={"seedlm.stage": "ingest", **retry.identity(), "seedlm.pid": str(dead.pid)})
+    alive = client.create_run(exp, tags={"seedlm.stage": "ingest", **retry.identity()})  # this process: alive
+    other = client.create_run(exp, tags={"seedlm.stage": "preprocess", **retry.identity(), "seedlm.pid": str(dead.pid)})
+    with retry.Tracking(mlflow, budget_s=5).start_run(run_name="ingest", tags={"seedlm.stage": "ingest"}) as run:
+        pass
+    status = {r: client.get_run(r.info.run_id).info.status for r in (orphan, alive, other)}
+    assert status == {orphan: "KILLED", alive: "RUNNING", other: "RUNNING"}
+    assert "gone" in client.get_run(orphan.info.run_id).data.tags["seedlm.reaped"]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    for r in (alive, other):
+        client.set_terminated(r.info.run_id)
+
+
+# ---------------------------------------------------------------- a real server that goes away
+@pytest.fixture(scope="module")
+def data_repo(tmp_path_factory):
+    """A micro repo with ingest and preprocess done (directly, no tracking)."""
+    from components.config import load_params
+    from components.ingest import ingest
+    from components.preprocess import preprocess
+
+    repo = h.make_repo(tmp_path_factory.mktemp("tracking") / "repo", {
+        "pretrain.max_steps": 120, "pretrain.log_every": 1, "pretrain.eval_every": 40,
+        "pretrain.checkpoint_every": 40}, git=False)
+    p = load_params(repo / "params.yaml")
+    ingest(p.ingest, repo / "data/raw", seed=p.seed, sources_root=repo / "data/sources", cache_dir=repo / ".cache")
+    preprocess(p.preprocess, repo / "data/raw", repo / "data/processed", repo / "metrics/preprocess.json", seed=p.seed)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = h.MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield s
+    s.kill()
+
+
+def _pretrain(repo: Path, server: h.MlflowServer, budget_s: float) -> subprocess.Popen:
+    import shutil
+
+    for out in ("models/pretrain", "metrics/pretrain.json", "plots/pretrain_loss.csv", ".seedlm"):
+        shutil.rmtree(repo / out, ignore_errors=True) if (repo / out).is_dir() else (repo / out).unlink(missing_ok=True)
+    e = h.env(None, MLFLOW_TRACKING_URI=server.url, SEEDLM_TRACKING_RETRY_S=str(budget_s), NO_PROXY="127.0.0.1")
+    return subprocess.Popen([str(h.BIN / "python"), "-m", "components.pretrain", "--no-progress"], cwd=repo, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_metrics(server: h.MlflowServer, proc: subprocess.Popen, timeout: float = 120):
+    import mlflow
+
+    client = mlflow.MlflowClient(server.url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        exp = client.get_experiment_by_name("seedlm")
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") if exp else []
+        if runs and "train_loss" in client.get_run(runs[0].info.run_id).data.metrics:
+            return runs[0].info.run_id
+        time.sleep(0.1)
+    raise AssertionError(f"no training metrics arrived: {proc.communicate()[1][-3000:] if proc.poll() else ''}")
+
+
+def _check_complete(repo: Path, server: h.MlflowServer, run_id: str) -> None:
+    """Training output complete; the run FINISHED with every train_loss point the loss curve holds."""
+    import mlflow
+
+    assert (repo / "models/pretrain/model.safetensors").is_file() and (repo / "metrics/pretrain.json").is_file()
+    rows = list(csv.DictReader(open(repo / "plots/pretrain_loss.csv")))
+    want = {int(r["step"]) for r in rows if r["train_loss"]}
+    client = mlflow.MlflowClient(server.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    got = {m.step for m in client.get_metric_history(run_id, "train_loss")}
+    assert want and want <= got, f"missing steps {sorted(want - got)[:20]}"
+    assert "final_train_loss" in run.data.metrics and "model.n_layer" in run.data.params
+
+
+def test_server_killed_mid_training_and_restarted(data_repo, server):
+    proc = _pretrain(data_repo, server, budget_s=180)
+    run_id = _wait_for_metrics(server, proc)
+    server.kill()
+    time.sleep(3)  # training goes on; its metrics wait in the buffer
+    assert proc.poll() is None, "the stage did not survive the tracking server going away"
+    server.start()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert "tracking: metrics not sent" in err and "buffered" in err, err[-4000:]
+    assert "everything was delivered" in err and "WARNING" not in err.split("seedlm tracking:")[-1]
+    _check_complete(data_repo, server, run_id)
+
+
+def test_server_gone_for_good_saves_a_backlog_that_replays(data_repo, server, tmp_path):
+    proc = _pretrain(data_repo, server, budget_s=3)
+    run_id = _wait_for_metrics(server, proc)
+    server.kill()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]  # the training is not lost: outputs complete, DVC may record it
+    assert (data_repo / "models/pretrain/model.safetensors").is_file()
+    backlog = data_repo / ".seedlm/tracking-backlog" / f"{run_id}.jsonl"
+    assert backlog.is_file() and f"python -m components.retry replay {backlog}" in err, err[-3000:]
+    assert "could not be delivered" in err and "the stage's outputs are complete" in err
+    server.start()
+    res = subprocess.run([str(h.BIN / "python"), "-m", "components.retry", "replay"], cwd=data_repo,
+                         env=h.env(None, MLFLOW_TRACKING_URI=server.url, NO_PROXY="127.0.0.1"),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "item(s) sent" in res.stdout, res.stderr[-3000:]
+    assert not backlog.exists()
+    _check_complete(data_repo, server, run_id)
+    import mlflow
+    arts = [a.path for a in mlflow.MlflowClient(server.url).list_artifacts(run_id)]
+    assert "pretrain_loss.csv" in arts, arts
+
+
+def test_server_down_at_start_fails_clearly_before_any_work(data_repo, server):
+    server.kill()
+    try:
+        proc = _pretrain(data_repo, server, budget_s=2)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        server.start()
+    assert proc.returncode == 2, err[-3000:]
+    line = [x for x in err.splitlines() if x.startswith("seedlm pretrain: error:")]
+    assert line and "tracking store" in line[0] and "start the tracking server" in line[0], err[-3000:]
+    assert not (data_repo / "models/pretrain").exists() and not (data_repo / ".seedlm/checkpoints").exists()
