@@ -101,9 +101,9 @@ class Method:
 
 # ---------------------------------------------------------------- the contenders
 def seedlm_pretrain(model_cfg: ModelConfig, data: Path, batch: int, steps: int, total: int, precision: str,
-                    compile_: bool, out: Path) -> Callable[[Gate], Any]:
+                    compile_: bool, out: Path, ckpt_every: int = 10) -> Callable[[Gate], Any]:
     cfg = PretrainConfig(max_steps=total, batch_size=batch, warmup_steps=1, log_every=steps, eval_every=total,
-                         eval_batches=2, checkpoint_every=4 * steps, precision=precision, compile=compile_)
+                         eval_batches=2, checkpoint_every=ckpt_every, precision=precision, compile=compile_)
 
     def body(gate: Gate) -> dict:
         def log(metrics: dict, step: int | None = None) -> None:
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps per timing window")
     ap.add_argument("--rounds", type=int, default=10, help="measured windows per method")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (all methods)")
+    ap.add_argument("--checkpoint-every", type=int, default=10, help="pretrain's checkpoint interval (steps)")
     ap.add_argument("--compile", action="store_true", help="also time the pretrain component with torch.compile")
     ap.add_argument("--no-bf16", action="store_true")
     args = ap.parse_args(argv)
@@ -247,19 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     fpt = flops_per_token(model_cfg, vocab)
     total = args.steps * (args.rounds + 2)  # a start-up window and a warm-up window, then the measured ones
     tmp = Path(tempfile.mkdtemp(prefix="seedlm-bench-"))
-    B, S = args.batch, args.steps
-    methods = {"pretrain_fp32": seedlm_pretrain(model_cfg, data, B, S, total, "fp32", False, tmp / "p32"),
+    B, S, ck = args.batch, args.steps, args.checkpoint_every
+    methods = {"pretrain_fp32": seedlm_pretrain(model_cfg, data, B, S, total, "fp32", False, tmp / "p32", ck),
                "bare_fp32": bare_loop(model_cfg, data, B, S, total, None),
                "trainer_fp32": hf_trainer(model_cfg, data, B, S, total, tmp / "trainer"),
                "matmul_fp32": matmul_probe(torch.float32, device, MM_N[cuda], MM_REPS[cuda]["matmul_fp32"])}
     if bf16:
-        methods |= {"pretrain_bf16": seedlm_pretrain(model_cfg, data, B, S, total, "bf16", False, tmp / "p16"),
+        methods |= {"pretrain_bf16": seedlm_pretrain(model_cfg, data, B, S, total, "bf16", False, tmp / "p16", ck),
                     "bare_bf16": bare_loop(model_cfg, data, B, S, total, torch.bfloat16),
                     "bare_bf16_eager": bare_loop(model_cfg, data, B, S, total, torch.bfloat16, "eager"),
                     "matmul_bf16": matmul_probe(torch.bfloat16, device, MM_N[cuda], MM_REPS[cuda]["matmul_bf16"])}
     if args.compile:
         methods["pretrain_compiled"] = seedlm_pretrain(model_cfg, data, B, S, total, "bf16" if bf16 else "fp32",
-                                                       True, tmp / "pc")
+                                                       True, tmp / "pc", ck)
     runners = {k: Method(k, v) for k, v in methods.items()}
     t_start = time.perf_counter()
     print(f"seedlm bench: {args.layers} layers x {args.width}, {args.heads} heads, context {args.context}, "
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out: dict[str, Any] = {
         "config": {"layers": args.layers, "width": args.width, "heads": args.heads, "context": args.context,
-                   "batch": B, "vocab": vocab, "threads": torch.get_num_threads(), "steps_per_window": S,
+                   "batch": B, "vocab": vocab, "checkpoint_every": ck, "threads": torch.get_num_threads(), "steps_per_window": S,
                    "rounds": args.rounds, "device": device_peak()[0], "torch": torch.__version__},
         "pretrain_tok_s": tok_s["pretrain_fp32"], "bare_tok_s": tok_s["bare_fp32"], "trainer_tok_s": tok_s["trainer_fp32"],
         "pretrain_vs_bare": ratio("pretrain_fp32", "bare_fp32"), "trainer_vs_bare": ratio("trainer_fp32", "bare_fp32"),

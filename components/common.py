@@ -64,9 +64,10 @@ def sha256_dir(path: str | Path) -> str:
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (temp file, fsync, rename); a full or read-only disk is a clear StageError."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{_HOST}-{uuid.uuid4().hex[:8]}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(path)
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True, default=str)
             f.write("\n")
@@ -155,8 +156,8 @@ def _alive(pid: int) -> bool:
 
 
 def _sweep(out: Path) -> None:
-    """Remove the temp siblings of `out` left by killed writers on this machine. A kill between the two
-    renames of the fallback swap leaves no `out` but a complete `.old-`: that one is put back."""
+    """Remove the temp siblings of `out` (a folder or file) left by killed writers on this machine. A kill
+    between the two renames of the fallback swap leaves no `out` but a complete `.old-`: it is put back."""
     stale = []
     for p in out.parent.iterdir():
         m = _PARTIAL.fullmatch(p.name)
@@ -168,7 +169,11 @@ def _sweep(out: Path) -> None:
             with contextlib.suppress(OSError):
                 os.replace(p, out)
                 continue
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 _RENAMEAT2: list[Any] = []

@@ -355,7 +355,15 @@ def replay(path: Path) -> int:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    entries = []
+    for i, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+            log.warning("%s: skipping its torn last line (the process was killed while writing it)", path)
     for e in entries:
         client, run_id, op = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or e["uri"]), e["run_id"], e["op"]
         args, kwargs = e.get("args", []), e.get("kwargs", {})

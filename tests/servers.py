@@ -2,6 +2,7 @@
 servers and Prefect workers on 127.0.0.1, each started in its own process group and stopped by it."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -99,29 +100,30 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, grace: float = 10.0) -> None:
+        import psutil
+
+        try:  # flow-run processes a worker started may sit in sessions of their own: end them by pid too
+            descendants = psutil.Process(self.popen.pid).children(recursive=True) if self.alive() else []
+        except psutil.NoSuchProcess:
+            descendants = []
         if self.alive():
-            with _suppress():
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGTERM)
             try:
                 self.popen.wait(grace)
             except subprocess.TimeoutExpired:
-                with _suppress():
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(5)
-        with _suppress():  # children that outlived the leader (same group)
+        with contextlib.suppress(ProcessLookupError):  # children that outlived the leader (same group)
             os.killpg(self.popen.pid, signal.SIGKILL)
+        for child in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         self._fh.close()
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], ProcessLookupError)
 
 
 def wait_http(url: str, proc: Proc, timeout: float = 120.0) -> None:

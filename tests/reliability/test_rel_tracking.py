@@ -213,13 +213,12 @@ def test_server_gone_for_good_saves_a_backlog_that_replays(data_repo, server, tm
 
 
 def test_server_down_at_start_fails_clearly_before_any_work(data_repo, server):
+    before = h.tree(data_repo / "data/raw")
     server.kill()
-    try:
-        proc = _pretrain(data_repo, server, budget_s=2)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        server.start()
-    assert proc.returncode == 2, err[-3000:]
-    line = [x for x in err.splitlines() if x.startswith("seedlm pretrain: error:")]
-    assert line and "tracking store" in line[0] and "start the tracking server" in line[0], err[-3000:]
-    assert not (data_repo / "models/pretrain").exists() and not (data_repo / ".seedlm/checkpoints").exists()
+    e = h.env(None, MLFLOW_TRACKING_URI=server.url, SEEDLM_TRACKING_RETRY_S="2", NO_PROXY="127.0.0.1")
+    res = subprocess.run([str(h.BIN / "python"), "-m", "components.ingest", "--no-progress"], cwd=data_repo, env=e,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = [x for x in res.stderr.splitlines() if x.startswith("seedlm ingest: error:")]
+    assert line and "tracking store" in line[0] and "start the tracking server" in line[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and h.tree(data_repo / "data/raw") == before and h.leftovers(data_repo) == []
