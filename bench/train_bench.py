@@ -309,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - t_start}
     def precision_of(k: str) -> str:
         return "bf16" if "bf16" in k or (k == "pretrain_compiled" and bf16) else "fp32"
-    out["mfu"] = {k: v * fpt / flops[f"matmul_{precision_of(k)}"] for k, v in tok_s.items()}
+
+    def mfu(k: str) -> float:  # per round, against the matmul probe of the same round; then the median
+        probe = f"matmul_{precision_of(k)}"
+        return statistics.median((tokens * fpt / w) / (2 * MM_N[cuda] ** 3 * MM_REPS[cuda][probe] / m)
+                                 for w, m in zip(secs[k], secs[probe]))
+    out["mfu"] = {k: mfu(k) for k in tok_s}
     if bf16:
         out |= {"pretrain_bf16_tok_s": tok_s["pretrain_bf16"], "bf16_speedup": ratio("pretrain_bf16", "pretrain_fp32"),
                 "bf16_speedup_cpu": ratio("pretrain_bf16", "pretrain_fp32", cpu),

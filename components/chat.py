@@ -103,6 +103,8 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[lis
 
 def prompt_text(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> str:
     """The text a model completes: the conversation so far plus `<|assistant|>\\n`."""
+    if not messages:  # transformers refuses an empty conversation; the template would render just this
+        return render([], add_generation_prompt=True)
     return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
 

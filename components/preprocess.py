@@ -268,6 +268,7 @@ def _clean_sft(cfg: PreprocessConfig, shards: list[Path], work: Path, progress: 
                 key = _digest(json.dumps(msgs))
                 reason = ("empty" if any(not m["content"] for m in msgs)
                           else "no_final_assistant" if msgs[-1]["role"] != "assistant"
+                          else "no_prompt" if len(msgs) < 2  # a reply to nothing: no prompt to evaluate it on
                           else "special_token_text" if any(_SPECIAL.search(m["content"]) for m in msgs)
                           else "duplicate" if key in seen else None)
                 if reason:

@@ -116,34 +116,47 @@ def _ppl(loss: float | None) -> float | None:
 
 
 class PeakMemory:
-    """Peak resident memory (sampled on a thread) and CUDA max-allocated over a `with` block, in MiB."""
+    """Peak resident memory (sampled on a thread) and CUDA max-allocated over a `with` block, in MiB.
 
-    def __init__(self, every: float = 0.05) -> None:
+    A block nested in another (train() inside a stage) shares the outer sampler: one thread, one reset."""
+
+    _outer: "PeakMemory | None" = None
+
+    def __init__(self, every: float = 0.1) -> None:
         self.every, self.rss_mb, self.cuda_mb = every, 0.0, 0.0
         self._stop = threading.Event()
         self._proc = psutil.Process()
+        self._thread: threading.Thread | None = None
 
     def _sample(self) -> None:
         self.rss_mb = max(self.rss_mb, self._proc.memory_info().rss / 2**20)
+        if torch.cuda.is_available():
+            self.cuda_mb = max(self.cuda_mb, torch.cuda.max_memory_allocated() / 2**20)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             self._sample()
 
     def __enter__(self) -> "PeakMemory":
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        if PeakMemory._outer is None:
+            PeakMemory._outer = self
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            self._thread = threading.Thread(target=self._run, daemon=True, name="peak-memory")
+            self._thread.start()
         self._sample()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="peak-memory")
-        self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            PeakMemory._outer = None
         self._sample()
-        if torch.cuda.is_available():
-            self.cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+        outer = PeakMemory._outer
+        if outer is not None:  # nested: the outer sampler saw everything since the outer block began
+            outer._sample()
+            self.rss_mb, self.cuda_mb = max(self.rss_mb, outer.rss_mb), max(self.cuda_mb, outer.cuda_mb)
 
     def report(self) -> dict[str, float]:
         """peak_mem_mb (CUDA max allocated on a GPU, else RSS), peak_rss_mb, peak_cuda_mb; max over ranks."""
@@ -164,13 +177,7 @@ def _prefetch(batches: BatchSource, start: int, stop: int, accum: int, rank: int
                     x, y = batches(step, micro)
                     n = int((y != -100).sum())
                     x, y = _shard(x, y, rank, world)
-                    item = (x.pin_memory(), y.pin_memory(), n) if pin else (x, y, n)
-                    while not done.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    q.put((x.pin_memory(), y.pin_memory(), n) if pin else (x, y, n))  # blocks: no polling
                     if done.is_set():
                         return
         except BaseException as e:  # re-raised in the training thread
@@ -186,7 +193,10 @@ def _prefetch(batches: BatchSource, start: int, stop: int, accum: int, rank: int
             yield item
     finally:
         done.set()
-        thread.join()
+        while thread.is_alive():  # free a producer blocked on the full queue; it then sees `done`
+            with contextlib.suppress(queue.Empty):
+                q.get_nowait()
+            thread.join(timeout=0.01)
 
 
 # ---------------------------------------------------------------- the loop
