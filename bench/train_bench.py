@@ -118,7 +118,7 @@ def bare_loop(model_cfg: ModelConfig, data: Path, batch: int, steps: int, total:
               attn: str = "sdpa") -> Callable[[Gate], Any]:
     def body(gate: Gate) -> None:
         tok = load_tokenizer(data)
-        tokens = token_file(data, "train.bin", "uint16")
+        tokens = token_file(data, "train.bin", token_dtype(data))
         source = window_source(tokens, model_cfg.context_length, batch, seed=0)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = build_model(model_cfg, tok, seed=0).to(device)
@@ -146,7 +146,7 @@ def hf_trainer(model_cfg: ModelConfig, data: Path, batch: int, steps: int, total
     def body(gate: Gate) -> None:
         from transformers import Trainer, TrainerCallback, TrainingArguments
         tok = load_tokenizer(data)
-        tokens = token_file(data, "train.bin", "uint16")
+        tokens = token_file(data, "train.bin", token_dtype(data))
         T = model_cfg.context_length
         offsets = np.random.default_rng(0).integers(0, len(tokens) - T, total * batch)
 
@@ -187,8 +187,12 @@ def matmul_probe(dtype: torch.dtype, device: torch.device, n: int, reps: int) ->
 
 
 # ---------------------------------------------------------------- data, flops, report
-def make_data(cache: Path) -> Path:
-    """The embedded synthetic corpus through the real ingest + preprocess stages (cached)."""
+def make_data(cache: Path, vocab: int | None = None) -> Path:
+    """The embedded synthetic corpus through the real ingest + preprocess stages (cached). With `vocab`
+    (e.g. 50257 for GPT-2 124M): a word-level tokenizer of that size and uniform random tokens, for
+    throughput only."""
+    if vocab:
+        return random_data(cache / f"random-{vocab}", vocab)
     from components.ingest import ingest
     from components.preprocess import preprocess
     p = Params()
@@ -198,6 +202,31 @@ def make_data(cache: Path) -> Path:
         ingest(p.ingest, cache / "raw", seed=p.seed, sources_root=cache / "sources", cache_dir=cache / "dl", ctx=quiet)
         preprocess(p.preprocess, cache / "raw", processed, cache / "preprocess.json", seed=p.seed, ctx=quiet)
     return processed
+
+
+def random_data(folder: Path, vocab: int) -> Path:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from components.common import write_meta
+    if (folder / "seedlm.json").is_file():
+        return folder
+    special = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    words = special + [f"w{i}" for i in range(vocab - len(special))]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                                                            unk_token="<|pad|>")),
+                                  bos_token=special[0], eos_token=special[0], pad_token=special[1])
+    tok.save_pretrained(folder / "tokenizer")
+    dtype = np.uint16 if vocab <= 65535 else np.uint32
+    rng = np.random.default_rng(0)
+    for name, n in (("train.bin", 2_000_000), ("val.bin", 100_000)):
+        rng.integers(0, vocab, n, dtype=np.int64).astype(dtype).tofile(folder / name)
+    write_meta(folder, "preprocess", {"random": vocab}, {"vocab_size": vocab, "dtype": np.dtype(dtype).name})
+    return folder
+
+
+def token_dtype(data: Path) -> str:
+    return json.loads((data / "seedlm.json").read_text())["result"].get("dtype", "uint16")
 
 
 def flops_per_token(model_cfg: ModelConfig, vocab: int) -> float:
@@ -213,12 +242,13 @@ def device_peak() -> tuple[str, float | None]:
     return name, next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def previous_run() -> dict | None:
-    runs = sorted(RESULTS.glob("train_bench-*.json"))
-    if runs:
-        return json.loads(runs[-1].read_text())
+def previous_run(config: dict) -> dict | None:
+    """The newest saved run of the same configuration, else the newest of any (flagged), else the baseline."""
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("train_bench-*.json"), reverse=True)]
     baseline = ROOT / "bench" / "baseline.json"
-    return json.loads(baseline.read_text()) if baseline.is_file() else None
+    if baseline.is_file():
+        runs.append(json.loads(baseline.read_text()))
+    return next((r for r in runs if r.get("config") == config), runs[0] if runs else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="random tokens over a vocabulary of this size (default: the embedded corpus, BPE 1024)")
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps per timing window")
     ap.add_argument("--rounds", type=int, default=10, help="measured windows per method")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (all methods)")
@@ -243,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg = ModelConfig(arch="gpt2", n_layer=args.layers, n_embd=args.width, n_head=args.heads,
                             context_length=args.context)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = make_data(RESULTS / "data")
+    data = make_data(RESULTS / "data", args.vocab)
     vocab = len(load_tokenizer(data))
     fpt = flops_per_token(model_cfg, vocab)
     total = args.steps * (args.rounds + 2)  # a start-up window and a warm-up window, then the measured ones
@@ -327,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     name, peak = device_peak()
     if peak:
         out["mfu_vs_device_peak_bf16"] = {k: v * fpt / peak for k, v in tok_s.items()}
-    prev = previous_run()
+    prev = previous_run(out["config"])
     report(out, prev)
     path = RESULTS / f"train_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

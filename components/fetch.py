@@ -1,8 +1,9 @@
 """Remote ingest sources: http(s) downloads (size-limited, checksummed, atomic) and Hugging Face datasets.
 
-Credentials never go into params.yaml: a url may name environment variables, `${NAME}`, expanded only at
-download time (e.g. `https://${CORPUS_USER}:${CORPUS_TOKEN}@host/corpus.txt.gz`), so params, dvc.lock,
-MLflow and logs hold the placeholder; every url shown (messages, manifest, progress) is redacted.
+Credentials never go into params.yaml: a url may name environment variables, `{env:NAME}`, expanded only
+at download time (e.g. `https://{env:CORPUS_USER}:{env:CORPUS_TOKEN}@host/corpus.txt.gz`), so params,
+dvc.lock, MLflow and logs hold the placeholder; every url shown (messages, manifest, progress) is redacted.
+(Not `${NAME}`: DVC and `dvc exp run -S` read that as their own interpolation.)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from urllib.parse import urlparse
 from components.common import StageError, disk_error, fsync_dir, redact, sha256_file
 from components.config import Source
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_VAR = re.compile(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 PART = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.part")
 
 
@@ -29,7 +30,7 @@ def file_ext(path: Path | str) -> tuple[str, bool]:
 
 
 def expand(url: str) -> str:
-    """The url with `${NAME}` replaced by environment variables (StageError naming a missing one)."""
+    """The url with `{env:NAME}` replaced by environment variables (StageError naming a missing one)."""
     def value(m: re.Match) -> str:
         if m[1] not in os.environ:
             raise StageError(f"{url}: environment variable {m[1]} is not set; export it before running ingest")

@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = StageContext(progress=False)
 REL, ATOL = 1e-5, 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-PT = dict(max_steps=12, warmup_steps=2, lr=3e-3, log_every=3, eval_every=6, checkpoint_every=4, precision="fp32")
+PT = dict(max_steps=40, warmup_steps=2, lr=3e-3, log_every=3, eval_every=20, checkpoint_every=4, precision="fp32")
+"""Long enough that the launcher kills the workers (at step 9) well before they could finish."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,17 +85,17 @@ def test_ddp_pretrain_matches_one_process_and_resumes(processed, one_process, tm
     with pytest.raises(Crash):
         _pretrain(processed, tmp_path, StageContext(log=crash_at_9, progress=False), batch_size=4, devices=2)
     ckpts = list((tmp_path / "ckpt" / "pretrain").iterdir())
-    assert len(ckpts) == 1 and (ckpts[0] / "latest").read_text().strip() == "step-000008"
-    assert not (tmp_path / "model").exists()
+    assert len(ckpts) == 1 and (ckpts[0] / "latest").is_file() and not (tmp_path / "model").exists()
     logs.clear()
     res = _pretrain(processed, tmp_path, StageContext(log=lambda m, s=None: logs.append((s, m)), progress=False),
                     batch_size=4, devices=2)
-    assert res["resumed_from"] == 8 and res["devices"] == 2 and res["tokens"] == ref["tokens"] == 12 * 8 * 32
+    # the workers were killed just after step 9 (step 8's checkpoint, written in the background, may be lost)
+    assert res["resumed_from"] in (4, 8, 12) and res["devices"] == 2 and res["tokens"] == ref["tokens"] == 40 * 8 * 32
     assert res["final_train_loss"] == pytest.approx(ref["final_train_loss"], rel=REL)
     assert res["val_loss"] == pytest.approx(ref["val_loss"], rel=REL)
     _close_weights(tmp_path / "model", one_process / "model")
     # rank 0 alone reports: one train_loss per log step after the resume, not one per rank
-    assert [s for s, m in logs if "train_loss" in m] == [9, 12]
+    assert [s for s, m in logs if "train_loss" in m] == [s for s in range(3, 40, 3) if s > res["resumed_from"]] + [40]
     assert read_json(tmp_path / "metrics.json")["devices"] == 2 and res["peak_rss_mb"] > 0
     assert not ckpts[0].exists()
     # the same per-process batch on one process (half the global batch) is measurably another run
@@ -102,9 +103,17 @@ def test_ddp_pretrain_matches_one_process_and_resumes(processed, one_process, tm
     assert abs(half["final_train_loss"] - ref["final_train_loss"]) > 1e-2
 
 
-def test_fsdp_pretrain_matches_one_process(processed, one_process, tmp_path):
+def test_fsdp_pretrain_matches_one_process_and_resumes(processed, one_process, tmp_path):
     ref = read_json(one_process / "model" / "seedlm.json")["result"]
+
+    def crash_at_9(metrics, step=None):
+        if step == 9 and "train_loss" in metrics:
+            raise Crash("the tracking side fails at step 9")
+    with pytest.raises(Crash):
+        _pretrain(processed, tmp_path, StageContext(log=crash_at_9, progress=False), batch_size=4, devices=2,
+                  strategy="fsdp")
     res = _pretrain(processed, tmp_path, batch_size=4, devices=2, strategy="fsdp")
+    assert res["resumed_from"] in (4, 8, 12)  # full weights + optimizer state, loaded back into the shards
     assert res["final_train_loss"] == pytest.approx(ref["final_train_loss"], rel=REL)
     assert res["val_loss"] == pytest.approx(ref["val_loss"], rel=REL)
     _close_weights(tmp_path / "model", one_process / "model")  # gathered from the shards, saved unsharded

@@ -147,3 +147,27 @@ def test_cpu_bf16_detection_matches_cpuinfo():
         assert cpu_has_fast_bf16()
     elif flags:
         assert not cpu_has_fast_bf16()
+
+
+def test_training_attention_picks_eager_for_cpu_bf16_and_restores(tok):
+    from peft import LoraConfig, get_peft_model
+
+    from components.model import training_attention
+    cpu = torch.device("cpu")
+    m = build_model(ModelConfig(**TINY), tok, seed=0)
+    assert training_attention(m, cpu, None) is None and m.config._attn_implementation == "sdpa"
+    before = training_attention(m, cpu, torch.bfloat16)
+    assert before == "sdpa" and m.config._attn_implementation == "eager"
+    ids = torch.randint(0, len(tok), (2, 16))
+    with torch.no_grad():
+        eager = m.eval()(input_ids=ids).logits
+    training_attention(m, cpu, torch.bfloat16, restore=before)
+    assert m.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, eager, atol=1e-5, rtol=1e-5)  # same function
+    lora = get_peft_model(build_model(ModelConfig(**TINY), tok, seed=0),
+                          LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    assert training_attention(lora, cpu, torch.bfloat16) == "sdpa"
+    assert lora.get_base_model().config._attn_implementation == "eager"
+    long = build_model(ModelConfig(**{**TINY, "context_length": 2048}), tok, seed=0)
+    assert training_attention(long, cpu, torch.bfloat16) is None  # [B, H, T, T] scores would be too big

@@ -336,3 +336,7 @@ def read_path(data: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         data = data[part]
     return data
+
+
+SHARED: dict[str, Any] = {}
+"""Results one test module leaves for a later one in the same session (e.g. a finished micro pipeline)."""

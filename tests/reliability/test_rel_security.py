@@ -196,7 +196,7 @@ def test_no_credentials_reach_mlflow_outputs_or_logs(tmp_path, server, capsys, m
     sha = __import__("hashlib").sha256(b"doc one\n\ndoc two\n").hexdigest()
     host = server.split("//")[1]
     sources = [{"url": f"http://alice:Pa55word-lit@{host}/a.txt", "sha256": sha},
-               {"url": f"http://{host}/b.txt?token=${{CORPUS_TOKEN}}", "sha256": sha}]
+               {"url": f"http://{host}/b.txt?token={{env:CORPUS_TOKEN}}", "sha256": sha}]
     rc, err = h.cli(capsys, repo, "ingest", "-S", f"ingest.pretrain_sources={json.dumps(sources)}")
     assert rc == 0, err
     for secret in ("Pa55word-lit", token):

@@ -264,6 +264,8 @@ def test_url_failures_are_clear_and_leave_nothing(repo, capsys, server):
         (f"{server}/files/c.txt", "0" * 64, ["sha256 mismatch", good, "fix `sha256:`"]),
         (f"{server}/files/c.pdf", good, ["cannot tell the file type from the url"]),
         (f"http://alice:{SECRET}@{server.split('//')[1]}/status/500/c.txt", good, ["http://***@127.0.0.1", "HTTP 500"]),
+        (f"http://{{env:SEEDLM_NOT_SET}}@{server.split('//')[1]}/files/c.txt", good,
+         ["environment variable SEEDLM_NOT_SET is not set"]),
     ]
     for url, sha, parts in cases:
         rc, err = h.cli(capsys, repo, "ingest", *sources("pretrain", [{"url": url, "sha256": sha}]),

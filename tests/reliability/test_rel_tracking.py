@@ -122,8 +122,8 @@ def data_repo(tmp_path_factory):
     from components.preprocess import preprocess
 
     repo = h.make_repo(tmp_path_factory.mktemp("tracking") / "repo", {
-        "pretrain.max_steps": 120, "pretrain.log_every": 1, "pretrain.eval_every": 40,
-        "pretrain.checkpoint_every": 40}, git=False)
+        "pretrain.max_steps": 80, "pretrain.log_every": 1, "pretrain.eval_every": 20,
+        "pretrain.checkpoint_every": 20}, git=False)
     p = load_params(repo / "params.yaml")
     ingest(p.ingest, repo / "data/raw", seed=p.seed, sources_root=repo / "data/sources", cache_dir=repo / ".cache")
     preprocess(p.preprocess, repo / "data/raw", repo / "data/processed", repo / "metrics/preprocess.json", seed=p.seed)
@@ -132,7 +132,8 @@ def data_repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = h.MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    """Not started yet: the first test needs it down."""
+    s = h.MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     yield s
     s.kill()
 
@@ -176,7 +177,20 @@ def _check_complete(repo: Path, server: h.MlflowServer, run_id: str) -> None:
     assert "final_train_loss" in run.data.metrics and "model.n_layer" in run.data.params
 
 
+def test_server_down_at_start_fails_clearly_before_any_work(data_repo, server):
+    before = h.tree(data_repo / "data/raw")
+    assert server.proc is None  # not started yet
+    e = h.env(None, MLFLOW_TRACKING_URI=server.url, SEEDLM_TRACKING_RETRY_S="2", NO_PROXY="127.0.0.1")
+    res = subprocess.run([str(h.BIN / "python"), "-m", "components.ingest", "--no-progress"], cwd=data_repo, env=e,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = [x for x in res.stderr.splitlines() if x.startswith("seedlm ingest: error:")]
+    assert line and "tracking store" in line[0] and "start the tracking server" in line[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and h.tree(data_repo / "data/raw") == before and h.leftovers(data_repo) == []
+
+
 def test_server_killed_mid_training_and_restarted(data_repo, server):
+    server.start()
     proc = _pretrain(data_repo, server, budget_s=180)
     run_id = _wait_for_metrics(server, proc)
     server.kill()
@@ -212,13 +226,3 @@ def test_server_gone_for_good_saves_a_backlog_that_replays(data_repo, server, tm
     assert "pretrain_loss.csv" in arts, arts
 
 
-def test_server_down_at_start_fails_clearly_before_any_work(data_repo, server):
-    before = h.tree(data_repo / "data/raw")
-    server.kill()
-    e = h.env(None, MLFLOW_TRACKING_URI=server.url, SEEDLM_TRACKING_RETRY_S="2", NO_PROXY="127.0.0.1")
-    res = subprocess.run([str(h.BIN / "python"), "-m", "components.ingest", "--no-progress"], cwd=data_repo, env=e,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2, res.stderr[-3000:]
-    line = [x for x in res.stderr.splitlines() if x.startswith("seedlm ingest: error:")]
-    assert line and "tracking store" in line[0] and "start the tracking server" in line[0], res.stderr[-3000:]
-    assert "Traceback" not in res.stderr and h.tree(data_repo / "data/raw") == before and h.leftovers(data_repo) == []

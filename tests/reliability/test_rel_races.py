@@ -3,8 +3,9 @@
 registration gets its own version (none lost, none duplicated), and the champion ends on a version that
 passed the gate. MLFLOW_TRACKING_URI is not set: every run must find the repo's one tracking store.
 
-To stay cheap the shared upstream (ingest, preprocess, pretrain) is reproduced and committed first;
-three runs reuse it, and the Prefect run changes pretrain.max_steps so it retrains from there.
+To stay cheap the shared upstream (ingest, preprocess, pretrain) is committed first (taken from the
+pipeline test_rel_kill finished, when it ran in this session); three runs reuse it, and the Prefect run
+changes pretrain.max_steps so it retrains from there.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import _harness as h
 
@@ -23,6 +25,25 @@ RUNS = {  # name: overrides; gate min 2.0 cannot be met: those must never become
     "exp-c": {"sft.max_steps": 6},
     "prefect": {"pretrain.max_steps": 16, "register.gate.min": {"exact_match": 2.0}},
 }
+
+
+def _upstream(dest: Path) -> Path:
+    """A micro repo whose ingest/preprocess/pretrain are done: a copy of test_rel_kill's finished pipeline
+    (its registry and later outputs left behind), else a fresh repo."""
+    import shutil
+
+    done = h.SHARED.get("finished_repo")
+    if done is None or not (done / "dvc.lock").is_file():
+        return h.make_repo(dest)
+    top = {"mlflow.db", "mlruns", ".seedlm", "models", "reports", "metrics", "plots", "data"}
+    shutil.copytree(done, dest, symlinks=True, ignore=lambda d, names: top & set(names) if Path(d) == done else [])
+    shutil.copytree(done / "data/sources", dest / "data/sources")
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())
+    lock["stages"] = {k: v for k, v in lock["stages"].items() if k in ("ingest", "preprocess", "pretrain")}
+    (dest / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    res = h.run(dest, str(h.BIN / "dvc"), "checkout", "ingest", "preprocess", "pretrain", environ=h.env(None))
+    assert res.returncode == 0, res.stderr[-2000:]
+    return dest
 
 
 def _value(v) -> str:
@@ -37,11 +58,11 @@ def _sets(overrides: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def concurrent(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("concurrency")
-    repo = h.make_repo(tmp / "repo")
+    repo = _upstream(tmp / "repo")
     e = h.env(None, PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     # (no MLFLOW_TRACKING_URI: every run must find the repo's own store)
     run = lambda *a, **kw: h.run(repo, *a, environ=e, **kw)  # noqa: E731
-    res = run(str(h.BIN / "dvc"), "repro", "pretrain", timeout=400)
+    res = run(str(h.BIN / "dvc"), "repro", "pretrain", timeout=400)  # a no-op when taken from test_rel_kill
     assert res.returncode == 0, res.stderr[-3000:]
     h.commit(repo, "upstream")
     for name, overrides in RUNS.items():
