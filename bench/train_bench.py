@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,9 +55,7 @@ class Gate:
         self.t0: float | None = None
         self.c0 = 0.0
         self.windows: list[float] = []
-        self.cpu: list[float] = []
-        """CPU seconds of the whole process per window (only this method runs then): its helper threads
-        count, other processes' load does not (much): the steadier number on a shared machine."""
+        self.cpu: list[float] = []  # process CPU seconds per window: helper threads count, other processes don't
         self.error: BaseException | None = None
 
     def tick(self) -> None:  # worker thread, every `steps` optimizer steps
@@ -315,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             r.finish()
             results[name] = r.result
     secs = {k: r.gate.windows for k, r in runners.items()}
+    shutil.rmtree(tmp, ignore_errors=True)
 
     tokens = B * args.context * S
     tok_s = {k: statistics.median(tokens / w for w in v) for k, v in secs.items() if not k.startswith("matmul")}

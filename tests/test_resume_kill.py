@@ -1,6 +1,7 @@
 """SIGKILL a real `python -m components.<stage>` run mid-training, then run it again: it resumes from its
 last checkpoint, ends bit-identical to an uninterrupted run (CPU, fixed seed, one thread), and continues
-the same MLflow run (tmp sqlite store), leaving nothing RUNNING. Plus: torn checkpoint writes are ignored."""
+the same MLflow run (tmp sqlite store), leaving nothing RUNNING. Plus: torn checkpoint writes are ignored,
+bf16 + gradient accumulation resume exactly, a failing batch source stops the loop with its checkpoints."""
 from __future__ import annotations
 
 import os
@@ -13,18 +14,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerFast
 
 from components import checkpoint as ck
-from components.common import StageContext, read_json
-from components.config import load_params
+from components.common import StageContext, StageError, read_json
+from components.config import TrainConfig, load_params
+from components.model import build_model
+from components.pretrain import pretrain, window_source
 from components.runner import parse_overrides
-from components.pretrain import pretrain
 from components.sft import sft
-from tests.test_train import make_processed
+from components.train import train
+from tests.test_train import RESUME_PT, TINY, Crash, _assert_same_weights, _pretrain, crash_at, make_processed
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = StageContext(progress=False)
@@ -214,3 +219,44 @@ def test_async_writer_snapshots_and_reports_errors(tmp_path):
     bad.submit(1, {"w": snap}, {"config_hash": "h", "step": 1})
     with pytest.raises(Exception, match="writing a checkpoint failed"):
         bad.wait()
+
+
+# ---------------------------------------------------------------- in-process resumption details
+@pytest.fixture(scope="module")
+def processed(repo) -> Path:
+    return repo / "processed"
+
+
+def test_bf16_resume_is_exact(tmp_path, processed):
+    """bf16 autocast (CPU: with eager attention) with gradient accumulation resumes bit-exactly."""
+    cfg = RESUME_PT.model_copy(update={"precision": "bf16", "grad_accum": 2, "batch_size": 2})
+    full = _pretrain(processed, tmp_path / "full", cfg)
+    with pytest.raises(Crash):
+        _pretrain(processed, tmp_path / "cut", cfg, ctx=crash_at(9))
+    resumed = _pretrain(processed, tmp_path / "cut", cfg)
+    assert resumed["resumed_from"] == 8
+    assert resumed["final_train_loss"] == full["final_train_loss"] and resumed["val_loss"] == full["val_loss"]
+    _assert_same_weights(tmp_path / "full" / "model", tmp_path / "cut" / "model")
+    fp32 = _pretrain(processed, tmp_path / "fp32", cfg.model_copy(update={"precision": "fp32"}))
+    assert fp32["final_train_loss"] != full["final_train_loss"]  # bf16 really ran in bf16
+    assert abs(fp32["final_train_loss"] - full["final_train_loss"]) < 0.05
+
+
+def test_batch_source_errors_surface_and_stop_the_loop(tmp_path, processed):
+    tok = PreTrainedTokenizerFast.from_pretrained(processed / "tokenizer")
+    stream = np.fromfile(processed / "train.bin", dtype=np.uint16)
+    good = window_source(stream, 32, 4, 0)
+
+    def flaky(step: int, micro: int):
+        if step == 3:
+            raise StageError("train.bin: unreadable at step 3")
+        return good(step, micro)
+    cfg = TrainConfig(max_steps=6, warmup_steps=1, batch_size=4, log_every=1, checkpoint_every=2, precision="fp32")
+    seen = []
+    with pytest.raises(StageError, match="unreadable at step 3"):
+        train(build_model(TINY, tok, 0), cfg, flaky, eval_batches_fn=lambda: [], ckpt_dir=tmp_path / "c", seed=0,
+              ctx=StageContext(log=lambda m, s=None: seen.append(s), progress=False))
+    assert seen == [1, 2, 3]  # batches are built ahead, yet steps 0-2 trained and the error stopped step 3
+    assert (tmp_path / "c" / "latest").read_text().strip() == "step-000002"
+    import threading
+    assert not [t for t in threading.enumerate() if t.name in ("batches", "checkpoint-2")]
