@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from components.common import (StageContext, StageError, atomic_dir, read_json, read_meta,
+from components.common import (StageContext, StageError, atomic_dir, read_json, read_meta, redact,
                                sha256_dir, write_json, write_meta)
 from components.config import GateConfig, Params, Paths, RegisterConfig, STAGES, config_hash, stage_config
 from components.lineage import (FLOW_RUN_TAG, dvc_hashes, flow_run_id, git_state, lock_md5, log_datasets,
@@ -76,9 +76,10 @@ def _check_gate_metrics(gate: GateConfig, metrics: dict[str, Any], path: Path) -
 
 # ---------------------------------------------------------------- provenance
 def _params_data(params: Params | None, meta: dict[str, Any], cfg: RegisterConfig) -> dict[str, Any]:
+    """The settings recorded on the version, with credentials (URL passwords, tokens) redacted."""
     if params is not None:
-        return params.model_dump(mode="json")
-    return {**(meta.get("config") or {}), "register": cfg.model_dump(mode="json")}
+        return redact(params.model_dump(mode="json"))
+    return redact({**(meta.get("config") or {}), "register": cfg.model_dump(mode="json")})
 
 
 def _params_tag(params: Params | None, data: dict[str, Any]) -> str:
@@ -86,7 +87,7 @@ def _params_tag(params: Params | None, data: dict[str, Any]) -> str:
     if len(text) <= MAX_TAG:
         return text
     if params is not None:
-        text = json.dumps({s: stage_config(params, s) for s in STAGES}, sort_keys=True, separators=(",", ":"))
+        text = json.dumps(redact({s: stage_config(params, s) for s in STAGES}), sort_keys=True, separators=(",", ":"))
         if len(text) <= MAX_TAG:
             return text
     return json.dumps({"truncated": True, "see": "run artifact register/params.json"})
@@ -251,7 +252,7 @@ def champion_evidence(client: Any, name: str, champ: str | None, evals: dict[str
 def _run_link(run: Any) -> str:
     import mlflow
 
-    uri = mlflow.get_tracking_uri()
+    uri = redact(mlflow.get_tracking_uri())
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     return f"runs:/{run.info.run_id} (experiment {run.info.experiment_id}, tracking {uri})"

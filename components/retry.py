@@ -133,6 +133,22 @@ def _uri() -> str:
     return "?"
 
 
+@contextlib.contextmanager
+def store_lock(uri: str, timeout: float = 600.0) -> Iterator[None]:
+    """Hold a file lock beside a sqlite store (`<db folder>/.seedlm/mlflow-init-<db>.lock`) while it is first
+    opened: two processes creating or migrating one new store at once corrupt it. No-op for servers."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    path = db.parent / ".seedlm" / f"mlflow-init-{db.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path), timeout=timeout, thread_local=False, is_singleton=False):
+        yield
+
+
 # ---------------------------------------------------------------- process identity (reaping)
 def _start_time(pid: int) -> str | None:
     import psutil

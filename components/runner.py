@@ -39,8 +39,10 @@ def setup_tracking(root: Path | None = None):
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri(root))
-    mlflow.set_experiment(EXPERIMENT)
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    with retry.store_lock(uri):  # concurrent first runs must not create (migrate) one sqlite store at once
+        mlflow.set_experiment(EXPERIMENT)
     return mlflow
 
 

@@ -80,9 +80,15 @@ def concurrent(tmp_path_factory):
             break
         time.sleep(2)
     flow.wait(timeout=max(10, deadline - time.monotonic()))
-    logs = {n: run(str(h.BIN / "dvc"), "queue", "logs", n).stdout[-4000:] for n in RUNS if n.startswith("exp-")}
+    logs = {n: _failure(run(str(h.BIN / "dvc"), "queue", "logs", n).stdout) for n in RUNS if n.startswith("exp-")}
     return {"repo": repo, "status": status, "flow_rc": flow.returncode, "logs": logs,
-            "flow_log": (tmp / "prefect.log").read_text()[-4000:], "env": e}
+            "flow_log": _failure((tmp / "prefect.log").read_text()), "env": e}
+
+
+def _failure(log: str) -> str:
+    """The part of a run's log that explains a failure: its first traceback and the end."""
+    i = log.find("Traceback")
+    return (log[i:i + 3000] + "\n...\n" if i >= 0 else "") + log[-1500:]
 
 
 def test_all_four_runs_completed(concurrent):

@@ -213,8 +213,6 @@ def _params_with(url: str):
     return parse_params({"ingest": {"pretrain_sources": [{"url": url, "sha256": "0" * 64}]}})
 
 
-@pytest.mark.xfail(strict=True, raises=h.KnownBug, reason="components/register.py (issue 4): the version tag "
-                   "`params` and the run artifacts register/params.{yaml,json} carry params unredacted")
 def test_register_tags_and_artifacts_carry_no_url_credentials():
     from components import register
 
@@ -226,8 +224,6 @@ def test_register_tags_and_artifacts_carry_no_url_credentials():
         raise h.KnownBug("register's params tag holds the url password")
 
 
-@pytest.mark.xfail(strict=True, raises=h.KnownBug, reason="components/register.py (issue 4): _run_link puts the "
-                   "tracking URI, credentials included, into the model version's description")
 def test_register_run_link_carries_no_tracking_credentials(monkeypatch):
     from types import SimpleNamespace
 

@@ -88,6 +88,32 @@ def test_delay_backs_off_exponentially_with_jitter():
     assert all(d <= retry.MAX_DELAY_S * 1.25 for d in ds) and ds[-1] >= retry.MAX_DELAY_S * 0.75
 
 
+# ---------------------------------------------------------------- a new store opened by many at once
+OPEN = """
+import os, sys, time
+from components import retry
+from components.runner import setup_tracking
+while time.time() < float(sys.argv[1]):
+    time.sleep(0.001)
+mlflow = retry.Tracking(retry.call(setup_tracking, what="connect", also=("RESOURCE_ALREADY_EXISTS",)), budget_s=60)
+with mlflow.start_run(run_name="x", tags={"seedlm.stage": "x"}):
+    mlflow.log_params({"pid": os.getpid()})
+print("ok")
+"""
+
+
+def test_four_first_runs_create_one_sqlite_store_together(tmp_path):
+    """Four stage processes of a fresh repo start at the same moment (dvc exp queue workers, a Prefect run):
+    one creates and migrates the store while the others wait, and all four log their run."""
+    env = h.env(None, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", PYTHONPATH=str(h.ROOT))
+    start = f"{time.time() + 4:.3f}"
+    procs = [subprocess.Popen([str(h.BIN / "python"), "-c", OPEN, start], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e[-1500:] for _, e in outs]
+    assert h.runs(tmp_path / "mlflow.db") == [("x", "FINISHED")] * 4
+
+
 # ---------------------------------------------------------------- runs left RUNNING by killed processes
 def test_runs_of_killed_processes_are_marked_killed(tmp_path, monkeypatch):
     import mlflow
