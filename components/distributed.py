@@ -122,8 +122,16 @@ def _bind_device(local_rank: int) -> None:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
 
 
-def _die_with_parent(parent: int) -> None:
-    """A worker must not outlive its launcher (e.g. after a SIGKILL): ask Linux to kill it too."""
+def _die_with_parent() -> None:
+    """A worker must not outlive its launcher (e.g. after a SIGKILL): Linux kills it with its parent, the
+    fork server, which exits once no process holds its "alive" pipe; workers let go of theirs, so the
+    launcher's death ends the server and with it the workers."""
+    from multiprocessing import forkserver
+    server = getattr(forkserver, "_forkserver", None)
+    if getattr(server, "_forkserver_alive_fd", None) is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+    parent = os.getppid()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -132,7 +140,7 @@ def _die_with_parent(parent: int) -> None:
                 threading.Event().wait(1.0)
             os._exit(1)
         threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent:
+    if os.getppid() != parent or parent == 1:
         os._exit(1)
 
 
@@ -142,10 +150,9 @@ def _resolve(target: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(module), name)
 
 
-def _worker(rank: int, world: int, store: str, target: str, kwargs: dict, msgs: Any,
-            parent: int, threads: int, run_id: str | None, parent_run_id: str | None, progress: bool,
-            extra: dict) -> None:
-    _die_with_parent(parent)
+def _worker(rank: int, world: int, store: str, target: str, kwargs: dict, msgs: Any, threads: int,
+            run_id: str | None, parent_run_id: str | None, progress: bool, extra: dict) -> None:
+    _die_with_parent()
     torch.set_num_threads(threads)
     _bind_device(rank)
     RUN_ID.set(run_id)
@@ -193,13 +200,16 @@ def launch(target: str, kwargs: dict[str, Any], *, devices: int, ctx: StageConte
     if torch.cuda.is_available() and torch.cuda.device_count() < devices:
         raise StageError(f"{key}.devices: {devices}, but only {torch.cuda.device_count()} GPUs are visible; "
                          f"lower {key}.devices")
-    mp = torch.multiprocessing.get_context("spawn")
+    # a fork server (started once per launching process, with the stage modules imported) forks the workers:
+    # no fork of this possibly threaded/CUDA-initialised process, and no re-import per launch
+    mp = torch.multiprocessing.get_context("forkserver")
+    mp.set_forkserver_preload(["components.pretrain", "components.sft"])
     msgs = mp.Queue()
     threads = max(1, torch.get_num_threads() // devices)
     with tempfile.TemporaryDirectory(prefix="seedlm-dist-") as tmp:
         store = str(Path(tmp) / "store")
         procs = [mp.Process(target=_worker, daemon=False, name=f"seedlm-{key}-rank{r}",
-                            args=(r, devices, store, target, kwargs, msgs, os.getpid(), threads, ctx.run_id,
+                            args=(r, devices, store, target, kwargs, msgs, threads, ctx.run_id,
                                   ctx.parent_run_id, ctx.progress, dict(ctx.extra)))
                  for r in range(devices)]
         for p in procs:
@@ -218,11 +228,15 @@ def _collect(procs: list, msgs: Any, ctx: StageContext, key: str) -> dict:
         except queue.Empty:
             dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
             if dead:
-                raise RuntimeError(f"{key}: worker rank {dead[0][0]} died (exit code {dead[0][1]}); "
-                                   "the run resumes from its last checkpoint when started again")
-            if result is not None and all(p.exitcode == 0 for p in procs):
-                return result
-            continue
+                try:  # a worker that failed said why just before it exited
+                    msg = msgs.get(timeout=1.0)
+                except queue.Empty:
+                    raise RuntimeError(f"{key}: worker rank {dead[0][0]} died (exit code {dead[0][1]}); the run "
+                                       "resumes from its last checkpoint when started again") from None
+            else:
+                if result is not None and all(p.exitcode == 0 for p in procs):
+                    return result
+                continue
         if msg[0] == "log":
             ctx.log(msg[1], msg[2])
         elif msg[0] == "result":

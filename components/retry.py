@@ -1,17 +1,12 @@
 """Tracking that survives a flaky, busy or restarting tracking store.
 
-Every MLflow call the runner makes goes through `Tracking`: transient failures (connection refused or
-reset, timeouts, 5xx/429 answers, "database is locked") are retried with exponential backoff and
-jitter for up to SEEDLM_TRACKING_RETRY_S seconds (default 300), each retry reported on the
-`seedlm.tracking` logger. Metrics are buffered, so training never waits on the server: they are sent
-when it answers again. Whatever still cannot be delivered when the stage ends (metrics, params,
-tags, artifacts, the run's final status) is saved to `.seedlm/tracking-backlog/<run id>.jsonl` and
-reported, never dropped; send it later with (MLFLOW_TRACKING_URI, if set, is the store it goes to)
-
-    python -m components.retry replay            # every backlog file (or name some)
-
-Runs are tagged with their host and process; a new run of a stage marks the RUNNING runs of that
-stage whose process is gone (killed) as KILLED, so no run stays RUNNING forever.
+Every MLflow call the runner makes goes through `Tracking`: transient failures (refused or reset
+connections, timeouts, 5xx/429 answers, "database is locked") are retried with exponential backoff and
+jitter for up to SEEDLM_TRACKING_RETRY_S seconds (default 300), each retry reported on the `seedlm.tracking`
+logger. Metrics are buffered: training never waits on the server. What still cannot be delivered when the
+stage ends (metrics, params, tags, artifacts, the final status) is saved to `.seedlm/tracking-backlog/<run
+id>.jsonl`, reported, and sent later by `python -m components.retry replay` (to MLFLOW_TRACKING_URI if set).
+Runs carry their host and process: a new run of a stage marks those its killed predecessors left RUNNING as KILLED.
 """
 from __future__ import annotations
 
@@ -36,28 +31,23 @@ BUDGET_ENV = "SEEDLM_TRACKING_RETRY_S"
 DEFAULT_BUDGET_S = 300.0
 MAX_DELAY_S = 30.0
 BACKLOG_DIR = Path(".seedlm") / "tracking-backlog"
-MAX_BUFFER = 100_000
-"""Buffered metric values kept in memory while the store is unreachable; beyond, they go to the backlog."""
+MAX_BUFFER = 100_000  # metric values kept in memory while the store is away; beyond, they go to the backlog
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED",
                    "ABORTED", "UNAVAILABLE"}
-TRANSIENT_TEXT = ("database is locked", "connection", "max retries exceeded", "timed out", "timeout",
-                  "temporarily", "error code 5", "error code 429", "broken pipe", "reset by peer",
-                  "remote end closed", "remotedisconnected", "unable to open database")
+TRANSIENT_TEXT = ("database is locked", "connection", "max retries exceeded", "timed out", "timeout", "temporarily",
+                  "error code 5", "error code 429", "broken pipe", "reset by peer", "remote end closed", "unable to open")
 RETRIED = {"get_experiment_by_name", "search_runs", "get_run", "set_experiment", "set_tag", "set_tags",
            "log_param", "log_params", "log_artifact", "log_artifacts", "log_table", "log_dict"}
-DEFERRABLE = {"set_tag", "set_tags", "log_param", "log_params", "log_artifact", "log_table", "log_dict"}
-"""Calls that, when the store stays away, go to the backlog instead of failing a stage that did its work."""
+DEFERRABLE = {"set_tag", "set_tags", "log_param", "log_params", "log_artifact", "log_table", "log_dict"}  # to backlog
 
 
 class TrackingUnavailable(StageError):
-    """The tracking store kept failing for the whole retry budget."""
+    """The tracking store kept failing for the whole retry budget (a StageError: one clear line, exit 2)."""
 
 
 def budget() -> float:
-    try:
-        return max(0.0, float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_S)))
-    except ValueError:
-        return DEFAULT_BUDGET_S
+    value = os.environ.get(BUDGET_ENV, "")
+    return max(0.0, float(value)) if value.replace(".", "", 1).isdigit() else DEFAULT_BUDGET_S
 
 
 def is_transient(e: BaseException, also: tuple[str, ...] = ()) -> bool:
@@ -82,8 +72,13 @@ def delay(attempt: int) -> float:
     return min(MAX_DELAY_S, 2.0 ** (attempt - 1)) * random.uniform(0.75, 1.25)
 
 
+def _uri() -> str:
+    import mlflow
+    return redact(mlflow.get_tracking_uri())
+
+
 def _short(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return redact(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
 @contextlib.contextmanager
@@ -126,13 +121,6 @@ def call(fn: Callable[..., Any], *args: Any, what: str, budget_s: float | None =
             time.sleep(wait)
 
 
-def _uri() -> str:
-    with contextlib.suppress(Exception):
-        import mlflow
-        return redact(mlflow.get_tracking_uri())
-    return "?"
-
-
 @contextlib.contextmanager
 def store_lock(uri: str, timeout: float = 600.0) -> Iterator[None]:
     """Hold a file lock beside a sqlite store (`<db folder>/.seedlm/mlflow-init-<db>.lock`) while it is first
@@ -147,6 +135,17 @@ def store_lock(uri: str, timeout: float = 600.0) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path), timeout=timeout, thread_local=False, is_singleton=False):
         yield
+
+
+def open_store(mlflow: Any, uri: str, experiment: str) -> None:
+    """set_experiment, one process at a time while the store is new. A sqlite store's experiment keeps its
+    artifacts beside the database: by default MLflow puts them under the cwd, which for a `dvc exp` run is a
+    temp workspace that is deleted afterwards, taking the registered models with it."""
+    with store_lock(uri):
+        if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
+            root = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve()
+            mlflow.create_experiment(experiment, artifact_location=root.as_uri())
+        mlflow.set_experiment(experiment)
 
 
 # ---------------------------------------------------------------- process identity (reaping)
@@ -176,15 +175,12 @@ class Tracking:
     """The `mlflow` module as the runner uses it, with retries, a metric buffer and a backlog."""
 
     def __init__(self, mlflow: Any, budget_s: float | None = None) -> None:
-        self._mlflow = mlflow
-        self.budget_s = budget() if budget_s is None else budget_s
-        self.failed_attempts = 0
-        self.undelivered = 0
+        self._mlflow, self.budget_s = mlflow, budget() if budget_s is None else budget_s
+        self.failed_attempts = self.undelivered = self._streak = 0
         self.backlog: Path | None = None
         self.run_id: str | None = None
         self._buffer: list[tuple[str, float, int, int]] = []
         self._next_try = 0.0
-        self._streak = 0
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._mlflow, name)
@@ -201,13 +197,10 @@ class Tracking:
         except TrackingUnavailable as e:
             if name not in DEFERRABLE or self.run_id is None:
                 raise
-            if name == "log_artifact" and args:  # keep a copy: the file may change before the replay
-                files = BACKLOG_DIR.resolve() / f"{self.run_id}.files"
-                files.mkdir(parents=True, exist_ok=True)
-                dest = files / f"{len(list(files.iterdir())):04d}" / Path(args[0]).name  # the name is the artifact's
-                dest.parent.mkdir()
-                shutil.copy2(args[0], dest)
-                args = (str(dest), *args[1:])
+            if name == "log_artifact" and args:  # keep a copy (its name is the artifact's): the file may change
+                dest = BACKLOG_DIR.resolve() / f"{self.run_id}.files" / os.urandom(4).hex() / Path(args[0]).name
+                dest.parent.mkdir(parents=True)
+                args = (shutil.copy2(args[0], dest), *args[1:])
             self._save({"op": name, "args": _jsonable(args), "kwargs": _jsonable(kwargs)}, str(e))
 
     # -- runs
@@ -226,15 +219,12 @@ class Tracking:
 
     def _reap(self, active: Any, stage: str | None) -> None:
         """Mark RUNNING runs of `stage` whose process on this host is gone as KILLED."""
-        if not stage:
-            return
+        query = (f"attributes.status = 'RUNNING' and tags.`seedlm.stage` = '{stage}' and "
+                 f"tags.`seedlm.host` = '{socket.gethostname()}'")
         try:
             client = self._mlflow.MlflowClient()
-            query = (f"attributes.status = 'RUNNING' and tags.`seedlm.stage` = '{stage}' and "
-                     f"tags.`seedlm.host` = '{socket.gethostname()}'")
-            runs = call(client.search_runs, [active.info.experiment_id], query, max_results=200, what="search_runs",
-                        budget_s=min(self.budget_s, 30.0))
-            for r in runs:
+            for r in call(client.search_runs, [active.info.experiment_id], query, max_results=200, what="search_runs",
+                          budget_s=min(self.budget_s, 30.0)) if stage else []:
                 if r.info.run_id != active.info.run_id and gone(r.data.tags):
                     client.set_tag(r.info.run_id, "seedlm.reaped", f"process {r.data.tags.get('seedlm.pid')} is "
                                    f"gone (killed); marked KILLED by run {active.info.run_id}")
@@ -264,8 +254,7 @@ class Tracking:
             return True
         from mlflow.entities import Metric
 
-        client = self._mlflow.MlflowClient()
-        batch = self._buffer
+        client, batch = self._mlflow.MlflowClient(), self._buffer
         send = lambda: [client.log_batch(self.run_id, metrics=[Metric(*m) for m in batch[i:i + 1000]])  # noqa: E731
                         for i in range(0, len(batch), 1000)]
         try:
@@ -276,10 +265,9 @@ class Tracking:
                     send()
         except Exception as e:  # noqa: BLE001
             if not final and is_transient(e):
-                self._streak += 1
-                self._count()
-                wait = delay(self._streak)
+                self._streak, wait = self._streak + 1, delay(self._streak + 1)
                 self._next_try = time.monotonic() + wait
+                self._count()
                 log.warning("tracking: metrics not sent (%s); %d value(s) buffered, training goes on; next try in "
                             "%.1f s", _short(e), len(batch), wait)
                 return False
@@ -296,8 +284,8 @@ class Tracking:
     def end(self, status: str) -> None:
         """Final flush and the run's end status (both saved to the backlog if the store stays away)."""
         self.flush(final=True)
-        if self.failed_attempts:
-            with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the retries, recorded on the run itself when it can be
+            if self.failed_attempts:
                 call(self._mlflow.MlflowClient().set_tag, self.run_id, "seedlm.tracking.failed_attempts",
                      str(self.failed_attempts), what="set_tag", budget_s=min(self.budget_s, 10.0))
         try:
@@ -318,9 +306,8 @@ class Tracking:
         self.undelivered += len(entry.get("metrics", ())) or 1
         log.error("tracking: %s not delivered (%s); saved to %s", entry["op"], why, self.backlog)
 
-    def report(self) -> dict[str, Any]:
-        out = {"failed_attempts": self.failed_attempts, "undelivered": self.undelivered,
-               "backlog": str(self.backlog) if self.backlog else None}
+    def report(self) -> None:
+        """One line on stderr when anything needed a retry (and the replay command when something is saved)."""
         if self.undelivered:
             print(f"seedlm tracking: WARNING: {self.undelivered} tracking item(s) of run {self.run_id} could not be "
                   f"delivered ({self.failed_attempts} failed attempts); the stage's outputs are complete. Send them "
@@ -328,7 +315,6 @@ class Tracking:
         elif self.failed_attempts:
             print(f"seedlm tracking: {self.failed_attempts} failed attempt(s) retried; everything was delivered",
                   file=sys.stderr)
-        return out
 
 
 class _Run:
@@ -337,7 +323,7 @@ class _Run:
     def __init__(self, tracking: Tracking, active: Any) -> None:
         self.tracking, self.active = tracking, active
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Any:  # the ActiveRun, as `with mlflow.start_run() as run` gives
         return self.active
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
@@ -358,11 +344,7 @@ class _Run:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+    return json.loads(json.dumps(value, default=str))
 
 
 # ---------------------------------------------------------------- replay
@@ -372,14 +354,10 @@ def replay(path: Path) -> int:
     from mlflow.entities import Metric, Param, RunTag
 
     lines = path.read_text(encoding="utf-8").splitlines()
-    entries = []
-    for i, line in enumerate(lines):
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-            log.warning("%s: skipping its torn last line (the process was killed while writing it)", path)
+    if lines and not lines[-1].rstrip().endswith("}"):  # a kill while the last line was being written
+        log.warning("%s: skipping its torn last line", path)
+        lines = lines[:-1]
+    entries = [json.loads(line) for line in lines if line.strip()]
     for e in entries:
         client, run_id, op = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or e["uri"]), e["run_id"], e["op"]
         args, kwargs = e.get("args", []), e.get("kwargs", {})
@@ -412,8 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"{f}: {replay(f)} item(s) sent")
         except Exception as e:  # noqa: BLE001 - report each file, keep going
-            failed += 1
-            print(f"{f}: not sent ({_short(e)}); try again later", file=sys.stderr)
+            failed, _ = failed + 1, print(f"{f}: not sent ({_short(e)}); try again later", file=sys.stderr)
     return 1 if failed else 0
 
 

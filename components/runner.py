@@ -41,8 +41,7 @@ def setup_tracking(root: Path | None = None):
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
-    with retry.store_lock(uri):  # concurrent first runs must not create (migrate) one sqlite store at once
-        mlflow.set_experiment(EXPERIMENT)
+    retry.open_store(mlflow, uri, EXPERIMENT)  # one creator at a time; artifacts beside a sqlite store, not in cwd
     return mlflow
 
 

@@ -8,6 +8,7 @@ batch (e.g. each rank training on the same rows) moves the loss by > 1e-2.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -156,24 +157,24 @@ def test_killing_the_launcher_takes_its_workers(processed, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(tmp_path / "launch.py")], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    workers: list[psutil.Process] = []
+    family: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
         while not list((tmp_path / "ckpt").glob("pretrain/*/latest")):  # both ranks are training
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.05)
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                   if "spawn_main" in " ".join(c.cmdline())]
+        family = psutil.Process(proc.pid).children(recursive=True)  # fork server, workers, resource tracker
+        workers = [p for p in family if p.ppid() != proc.pid]
         assert len(workers) == 2
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        gone, alive = psutil.wait_procs(workers, timeout=20)
-        assert not alive, f"workers outlived their launcher: {[p.pid for p in alive]}"
+        gone, alive = psutil.wait_procs(family, timeout=20)
+        assert not alive, f"outlived their launcher: {[(p.pid, p.cmdline()[-1][:80]) for p in alive]}"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for p in workers:  # never leave strays behind, even when the test fails
-            if p.is_running():
+        for p in family:  # never leave strays behind, even when the test fails
+            with contextlib.suppress(psutil.Error):
                 p.kill()

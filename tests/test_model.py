@@ -149,6 +149,7 @@ def test_cpu_bf16_detection_matches_cpuinfo():
         assert not cpu_has_fast_bf16()
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft
 def test_training_attention_picks_eager_for_cpu_bf16_and_restores(tok):
     from peft import LoraConfig, get_peft_model
 

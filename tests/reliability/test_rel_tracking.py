@@ -114,6 +114,21 @@ def test_four_first_runs_create_one_sqlite_store_together(tmp_path):
     assert h.runs(tmp_path / "mlflow.db") == [("x", "FINISHED")] * 4
 
 
+def test_a_first_run_in_a_dvc_exp_workspace_keeps_artifacts_beside_the_store(tmp_path, monkeypatch):
+    """`dvc exp run` runs stages in a temp workspace that DVC deletes afterwards; the store is the repo's
+    (DVC_ROOT), and so must be the experiment's artifact folder, or registered models vanish with the workspace."""
+    from components.runner import EXPERIMENT, setup_tracking
+
+    workspace = tmp_path / ".dvc/tmp/exps/tmp1234"
+    workspace.mkdir(parents=True)
+    monkeypatch.chdir(workspace)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    mlflow = setup_tracking()
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert mlflow.get_experiment_by_name(EXPERIMENT).artifact_location == (tmp_path / "mlruns").resolve().as_uri()
+
+
 # ---------------------------------------------------------------- runs left RUNNING by killed processes
 def test_runs_of_killed_processes_are_marked_killed(tmp_path, monkeypatch):
     import mlflow
