@@ -10,7 +10,8 @@ processed data and tokenizer, base checkpoint, params, run ids) is stored as ver
 MLflow dataset inputs. Reading the champion, creating the version and moving aliases happen under a
 file lock (components.lineage.registry_lock), so concurrent registrations get distinct versions
 and a consistent champion. A failure after the version is created deletes it again and restores
-the aliases: no half-registered versions.
+the aliases: no half-registered versions. A registration killed outright (SIGKILL) cannot clean up;
+its rerun continues the same MLflow run (`resume_key`) and first deletes the version that run left.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Any, Iterator
 import yaml
 
 from components.common import (StageContext, StageError, atomic_dir, read_json, read_meta, redact,
-                               sha256_dir, write_json, write_meta)
+                               sha256_dir, sha256_file, write_json, write_meta)
 from components.config import GateConfig, Params, Paths, RegisterConfig, STAGES, config_hash, stage_config
 from components.lineage import (FLOW_RUN_TAG, dvc_hashes, flow_run_id, git_state, lock_md5, log_datasets,
                                 meta_hash, registry_lock, weights_sha256)
@@ -258,6 +259,15 @@ def _run_link(run: Any) -> str:
     return f"runs:/{run.info.run_id} (experiment {run.info.experiment_id}, tracking {uri})"
 
 
+def _drop_orphans(client: Any, name: str, run_id: str) -> None:
+    """Delete versions this run created in an attempt that was killed before it finished (the rerun of a
+    registration resumes its run): one registration, one version."""
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if (mv.tags or {}).get("mlflow_run_id") == run_id:
+            log.warning("register: deleting %s v%s, left by a killed attempt of run %s", name, mv.version, run_id)
+            client.delete_model_version(name, mv.version)
+
+
 def _rollback(client: Any, name: str, ver: str | None, model_id: str, before: dict[str, str] | None) -> None:
     """Delete the half-registered version and restore the aliases as they were."""
     try:
@@ -319,6 +329,7 @@ def register(cfg: RegisterConfig, model_dir: Path, eval_metrics_path: Path, out_
         info = _log_model(cfg, folder, size_mb, base_tags)
         tags["datasets"] = ",".join(log_datasets(datasets, info.model_id))
         with registry_lock(mlflow.get_tracking_uri(), repo_root):  # read champion .. move aliases: one at a time
+            _drop_orphans(client, name, run_id)
             before = _registered_aliases(client, name)
             champ = (before or {}).get("champion")
             champion, paired = champion_evidence(client, name, champ, evals)
@@ -373,6 +384,15 @@ def _publish(cfg: RegisterConfig, client: Any, name: str, info: Any, tags: dict[
         _rollback(client, name, ver, info.model_id, before)
         raise
     return result
+
+
+def resume_key(params: Params) -> str:
+    """A rerun of the same registration (same settings, model and evaluation) after a kill continues its
+    MLflow run, so that it can find and replace the version the killed attempt left (see runner)."""
+    p = params.paths
+    inputs = [Path(p.sft) / "seedlm.json", Path(p.metrics) / "evaluate.json"]
+    digests = [sha256_file(f) if f.is_file() else "missing" for f in inputs]
+    return f"register:{config_hash({'register': params.register.model_dump(mode='json'), 'inputs': digests})}"
 
 
 def run(params: Params, ctx: StageContext) -> dict:

@@ -34,6 +34,10 @@ from components.config import TrainConfig, config_hash
 from components.model import device_and_precision, training_attention
 
 log = logging.getLogger("seedlm.train")
+# Batches are right-padded and attention is causal: no position attends to a pad after it, and pad targets
+# are -100, so no attention_mask is needed (passing one would cost a mask per step). Transformers cannot know
+# that and warns once per process.
+logging.getLogger("transformers.modeling_utils").addFilter(lambda r: "`attention_mask`" not in r.getMessage())
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 """(input_ids [B, T], targets [B, T]): targets are already shifted (target t = token t+1), -100 = ignored."""

@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
+        load_params(Path(args.root) / "params.yaml", overrides)  # a bad setting fails before Prefect starts
+        if unknown := set(args.force) - set(STAGES):
+            raise ConfigError(f"--force: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
         results = pipeline(root=args.root, force=args.force, overrides=overrides or None, mode=args.mode)
     except (ConfigError, StageError, StageFailed) as e:
         print(f"seedlm: error: {e}", file=sys.stderr)

@@ -531,6 +531,30 @@ def test_failure_after_create_leaves_no_version(store, sft_dir, repo, tmp_path, 
     assert res["promoted"] and versions(name) == ["1", "4"]    # deleted numbers (2, 3) are not reused
 
 
+def test_rerun_in_a_killed_registrations_run_replaces_its_orphan(store, sft_dir, repo, tmp_path, monkeypatch):
+    """SIGKILL leaves no chance to roll back: the version exists, the run stays RUNNING. The rerun resumes that
+    run (register.resume_key) and deletes the orphan first: one registration, one version."""
+    name = "seedlm-orphan"
+    cfg = RegisterConfig(model_name=name)
+    do_register(cfg, sft_dir, write_eval(tmp_path / "e1.json", 0.3), tmp_path / "out", repo)  # v1, champion
+    killed = mlflow.start_run(run_name="register")
+    def killed_here(*a):  # stands in for SIGKILL right after the version was created
+        raise SystemExit(9)
+
+    monkeypatch.setattr(reg, "gate_markdown", killed_here)
+    monkeypatch.setattr(reg, "_rollback", lambda *a: None)  # a killed process rolls nothing back
+    with pytest.raises(SystemExit):
+        reg.register(cfg, sft_dir, write_eval(tmp_path / "e2.json", 0.6), tmp_path / "out", repo_root=repo,
+                     ctx=StageContext(run_id=killed.info.run_id, progress=False))
+    monkeypatch.undo()
+    assert versions(name) == ["1", "2"]  # v2: the orphan, without aliases
+    res = reg.register(cfg, sft_dir, write_eval(tmp_path / "e2.json", 0.6), tmp_path / "out", repo_root=repo,
+                       ctx=StageContext(run_id=killed.info.run_id, progress=False))
+    mlflow.end_run()
+    assert versions(name) == ["1", "3"] and res["version"] == 3 and res["promoted"]
+    assert aliases(name) == {"champion": "3", "challenger": "3"}
+
+
 def test_failure_on_new_model_removes_registered_model(store, sft_dir, repo, tmp_path, monkeypatch):
     name = "seedlm-new-fail"
     monkeypatch.setattr(reg, "gate_markdown", lambda *a: 1 / 0)

@@ -263,12 +263,9 @@ def _register_scenario(ref: Pipeline, copy: Path, out: dict) -> None:
     out["log"] = p.logs[-1][-3000:]
 
 
-@pytest.mark.xfail(strict=True, raises=h.KnownBug, reason="components/register.py (issue 4) is not idempotent under "
-                   "SIGKILL: a kill after mlflow.register_model leaves an orphan version; the rerun registers another")
 def test_register_killed_after_its_version_was_created(faults):
     """One completed registration must leave exactly one new version, not an orphan plus a duplicate."""
     r = faults["register_scenario"]
     assert r["killed_rc"] != 0 and r["after_kill"] == r["before"] + 1, r  # the kill landed after the version existed
     assert r["rerun_rc"] == 0 and r["running"] == [], r
-    if r["after_rerun"] != r["before"] + 1:
-        raise h.KnownBug(f"{r['after_rerun'] - r['before']} versions for one registration")
+    assert r["after_rerun"] == r["before"] + 1, f"{r['after_rerun'] - r['before']} versions for one registration"
