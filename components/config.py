@@ -2,29 +2,26 @@
 
 Every section is a pydantic model that forbids unknown keys. `load_params` collects every
 problem in the file and raises one `ConfigError` that names each key (with a "did you mean"
-for misspellings) and says what to change.
+for misspellings) and says what to change. The mechanics of reading the file, and each stage's
+view of the settings (`stage_config`, `config_hash`, ...), live in components/params.py.
 """
 from __future__ import annotations
 
-import difflib
-import hashlib
-import json
 import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Reading the file and each stage's view of the settings: the rest of the code imports them from here.
+from components.params import ConfigError, read_yaml, validate  # noqa: F401 - ConfigError re-exported
+from components.params import STAGE_SECTIONS, config_hash, section, stage_config, stage_output  # noqa: F401
 
 # A field named "register" shadows BaseModel.register (an ABC helper we never use).
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 STAGES = ("ingest", "preprocess", "pretrain", "sft", "evaluate", "register")
-
-
-class ConfigError(ValueError):
-    """params.yaml is invalid; the message lists every problem, one per line."""
 
 
 class Section(BaseModel):
@@ -376,139 +373,13 @@ GATE_METRICS = {"exact_match", "rougeL", "bleu", "chrf", "accuracy"}
 BPE_MIN_VOCAB = 262
 """256 byte tokens + the 6 chat special tokens (components/chat.py)."""
 
-# Which params each stage depends on (dvc.yaml lists exactly these leaf keys; tests keep them in sync).
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "ingest": ("seed", "ingest"),
-    "preprocess": ("seed", "preprocess", "model.init_from"),
-    "pretrain": ("seed", "model", "pretrain"),
-    "sft": ("seed", "sft"),
-    "evaluate": ("seed", "evaluate", "register.model_name"),
-    "register": ("register",),
-}
 
-
-# ---------------------------------------------------------------- loading
-def _format_error(err: dict[str, Any], source: str) -> str:
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-    if err["type"] == "extra_forbidden":
-        parent = _model_at(err["loc"][:-1])
-        hint = ""
-        if parent is not None:
-            close = difflib.get_close_matches(str(err["loc"][-1]), list(parent.model_fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(parent.model_fields)}"
-        return f"{source}: {loc}: unknown key{hint}"
-    msg = err["msg"].removeprefix("Value error, ")
-    got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-    return f"{source}: {loc or '<top level>'}: {msg}{shown}"
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: Any = Params
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        for cand in (ann, *getattr(ann, "__args__", ())):
-            for inner in (cand, *getattr(cand, "__args__", ())):
-                if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    model = inner
-                    break
-            else:
-                continue
-            break
-        else:
-            return None
-    return model
-
-
+# ---------------------------------------------------------------- loading (mechanics: components/params.py)
 def parse_params(data: Any, source: str = "params.yaml") -> Params:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
-    try:
-        return Params.model_validate(data)
-    except ValidationError as e:
-        lines = [_format_error(err, source) for err in e.errors()]
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines) + "\nFix these keys and run again.") from None
+    return validate(Params, data, source)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate params.yaml; `overrides` maps dotted keys to values (like `dvc exp run -S`)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; run from the repo root or pass --params PATH")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror}); check its permissions") from None
-    if data is None:
-        data = {}
-    for key, value in (overrides or {}).items():
-        node = data
-        *parents, last = key.split(".")
-        for i, part in enumerate(parents):
-            node = node.setdefault(part, {}) if isinstance(node, dict) else None
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is not a section (a mapping) in "
-                                  f"{path}; set a key of a section, e.g. -S pretrain.max_steps=50")
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {path} does not hold a mapping of sections")
-        node[last] = value
-    return parse_params(data, str(path))
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load that refuses a key given twice in one mapping (YAML would silently keep the last)."""
-
-
-def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            first = seen.get(key)
-        except TypeError:  # an unhashable key: construct_mapping reports it
-            continue
-        if first is not None:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} appears twice (lines {first + 1} and {key_node.start_mark.line + 1}); "
-                "keep one", key_node.start_mark)
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=True)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
-
-
-def stage_output(params: Params, stage: str) -> Path:
-    """The folder a stage writes (its DVC out)."""
-    return Path(getattr(params.paths, {"ingest": "raw", "preprocess": "processed"}.get(stage, stage)))
-
-
-def section(params: Params, dotted: str) -> Any:
-    node: Any = params
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def stage_config(params: Params, stage: str) -> dict[str, Any]:
-    """The resolved settings a stage depends on, as plain data (saved beside its outputs)."""
-    out = {}
-    for key in STAGE_SECTIONS[stage]:
-        value = section(params, key)
-        out[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-    return out
-
-
-def config_hash(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return parse_params(read_yaml(path, overrides), str(path))

@@ -1,5 +1,8 @@
-"""Test-wide settings: offline, quiet, deterministic."""
+"""Test-wide settings: offline, quiet, deterministic; fixtures shared by several test files."""
+import contextlib
 import os
+
+import pytest
 
 for key, value in {
     "HF_HUB_OFFLINE": "1",
@@ -12,3 +15,69 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(key, value)
+
+
+# ---------------------------------------------------------------- fixtures of the split test files
+# Shared by several files, so built once per session; the builders are in _evaluate_fixtures / _register_fixtures.
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """test_evaluate*: a tiny tokenizer, processed data, an unfitted (pretrain) and a fitted (sft) GPT-2."""
+    from _evaluate_fixtures import build_tiny
+    return build_tiny(tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tmp_path_factory):
+    """test_register*: a tiny model folder as the sft stage writes it."""
+    from _register_fixtures import build_sft_folder
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    build_sft_folder(out)
+    return out
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """test_register*: a git repo with a dvc.lock, standing in for the project root."""
+    from _register_fixtures import LOCK, PROCESSED, RAW, git
+    (tmp_path / "dvc.lock").write_text(LOCK.format(raw=RAW, processed=PROCESSED), encoding="utf-8")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "dvc.lock")
+    git(tmp_path, "commit", "-qm", "init")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def register_tracking(tmp_path_factory):
+    """test_register*: one sqlite tracking store + artifact root for all of them (creating one takes seconds)."""
+    from mlflow import MlflowClient
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    exp = MlflowClient(uri).create_experiment("test-register", artifact_location=(root / "artifacts").as_uri())
+    return root, uri, exp
+
+
+@contextlib.contextmanager
+def current_store(uri: str, experiment_id: str | None = None):
+    """Make `uri` the tracking store (and `experiment_id` the experiment) until exit, then put back the URI,
+    env and active experiment other test files had."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+        mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # not another file's experiment
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        if experiment_id is None:
+            mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        else:
+            mp.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)  # runs land here
+        mlflow.set_tracking_uri(uri)
+        yield
+
+
+@pytest.fixture(scope="module")
+def store(register_tracking):
+    """test_register*: that store, current while one file runs (the root folder)."""
+    root, uri, exp = register_tracking
+    with current_store(uri, exp):
+        yield root

@@ -18,7 +18,7 @@ from components import lineage  # noqa: E402
 from components import register as reg  # noqa: E402
 from components.common import StageContext, StageError  # noqa: E402
 from components.config import parse_params  # noqa: E402
-from test_register import LOCK, build_sft_folder, git, write_eval  # noqa: E402
+from _register_fixtures import LOCK, build_sft_folder, git, write_eval  # noqa: E402
 
 NAME = "seedlm-lineage"
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import _harness as h
-from components.config import ConfigError, Params, _model_at, parse_params
+from components.config import ConfigError, Params, parse_params
+from components.params import model_at
 
 # name: (-S overrides, expected substrings of the one error line)
 BAD = {
@@ -159,7 +160,8 @@ def _set(data, path, value):
 
 
 SECTIONS = sorted({p[:i] for p in LEAVES for i in range(1, len(p))  # sections, not dict-valued settings
-                   if _model_at(p[:i]) is not None and set(_get(DEFAULTS, p[:i])) == set(_model_at(p[:i]).model_fields)})
+                   if model_at(Params, p[:i]) is not None
+                   and set(_get(DEFAULTS, p[:i])) == set(model_at(Params, p[:i]).model_fields)})
 values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.integers(min_value=10**15),
                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
                    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))

@@ -60,7 +60,7 @@ def test_no_unsafe_deserialization_or_remote_code():
                     ("SafeLoader", "CSafeLoader", "_StrictLoader")):
                 bad.append(where(node))
     assert bad == [], bad
-    from components.config import _StrictLoader
+    from components.params import _StrictLoader
     import yaml
     assert issubclass(_StrictLoader, yaml.SafeLoader)
 
