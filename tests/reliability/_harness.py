@@ -145,7 +145,9 @@ def runs(db: Path) -> list[tuple[str, str]]:
 
 
 def versions(db: Path) -> list[tuple[str, int]]:
-    return query(db, "select name, version from model_versions order by version")
+    """Live versions (MLflow keeps a deleted version's row, marked Deleted_Internal)."""
+    return query(db, "select name, version from model_versions where current_stage != 'Deleted_Internal' "
+                     "order by version")
 
 
 def version_tags(db: Path, key: str) -> dict[int, str]:
