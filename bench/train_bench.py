@@ -241,9 +241,9 @@ def device_peak() -> tuple[str, float | None]:
     return name, next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def previous_run(config: dict) -> dict | None:
+def previous_run(config: dict, results: Path) -> dict | None:
     """The newest saved run of the same configuration, else the newest of any (flagged), else the baseline."""
-    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("train_bench-*.json"), reverse=True)]
+    runs = [json.loads(p.read_text()) for p in sorted(results.glob("train_bench-*.json"), reverse=True)]
     baseline = ROOT / "bench" / "baseline.json"
     if baseline.is_file():
         runs.append(json.loads(baseline.read_text()))
@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=10, help="pretrain's checkpoint interval (steps)")
     ap.add_argument("--compile", action="store_true", help="also time the pretrain component with torch.compile")
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of saved runs (and the bench data)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -273,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = not args.no_bf16 and (torch.cuda.is_bf16_supported() if cuda else cpu_has_fast_bf16())
     model_cfg = ModelConfig(arch="gpt2", n_layer=args.layers, n_embd=args.width, n_head=args.heads,
                             context_length=args.context)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    data = make_data(RESULTS / "data", args.vocab)
+    args.results.mkdir(parents=True, exist_ok=True)
+    data = make_data(args.results / "data", args.vocab)
     vocab = len(load_tokenizer(data))
     fpt = flops_per_token(model_cfg, vocab)
     total = args.steps * (args.rounds + 2)  # a start-up window and a warm-up window, then the measured ones
@@ -360,11 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     name, peak = device_peak()
     if peak:
         out["mfu_vs_device_peak_bf16"] = {k: v * fpt / peak for k, v in tok_s.items()}
-    prev = previous_run(out["config"])
+    prev = previous_run(out["config"], args.results)
     report(out, prev)
-    path = RESULTS / f"train_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = args.results / f"train_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    print(f"saved {path.relative_to(ROOT)}", file=sys.stderr)
+    print(f"saved {path}", file=sys.stderr)
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict) or k in ("mfu", "matmul_gflop_s")}))
     return 0
 

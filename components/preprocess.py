@@ -6,13 +6,11 @@ never the corpus. Work files live in the output's temp folder and are deleted be
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
 import time
 import unicodedata
-import zlib
 from array import array
 from collections import Counter
 from itertools import chain
@@ -22,14 +20,12 @@ from typing import Any, Container, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from components import chat
+from components import chat, dedup
 from components.common import StageContext, StageError, atomic_dir, read_meta, sha256_file, write_json, write_meta
 from components.config import Params, PreprocessConfig
 
 BATCH_DOCS = 1000
 BATCH_CHARS = 1 << 21
-NUM_PERM = 128
-SHINGLE = 5
 _RERUN = "run `dvc repro ingest` (or python -m components.ingest) first"
 
 # ---------------------------------------------------------------- cleaning
@@ -48,59 +44,6 @@ def clean_text(text: str, normalization: str = "NFKC") -> str:
         text = unicodedata.normalize(normalization, text)
     text = _BLANKS.sub("\n\n", _TRAILING.sub("\n", _SPACES.sub(" ", text)))
     return text.strip()
-
-
-def _digest(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def _unit(digest: int) -> float:
-    """A content hash as a number in [0, 1): the split coordinate (stable as the corpus grows)."""
-    return digest / 2.0**64
-
-
-# ---------------------------------------------------------------- near de-dup (MinHash + LSH)
-def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
-    """(bands, rows) minimizing false positives + false negatives around `threshold`."""
-    s = np.linspace(0.0, 1.0, 401)
-    best, pick = float("inf"), (1, num_perm)
-    for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            p = 1 - (1 - s**r) ** b  # probability that two docs of similarity s share a band
-            fp, fn = np.where(s <= threshold, p, 0), np.where(s >= threshold, 1 - p, 0)
-            err = np.trapezoid(fp, s) + np.trapezoid(fn, s)
-            if err < best:
-                best, pick = err, (b, r)
-    return pick
-
-
-def _perms(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.random.default_rng(seed).integers(0, 2**64 - 1, (2, NUM_PERM), np.uint64, endpoint=True)
-    return a | np.uint64(1), b
-
-
-def minhash(text: str, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """MinHash signature over word 5-gram shingles (a shorter text is one shingle).
-
-    Shingle hashes are 32-bit; each permutation is a multiply-add-shift hash (a*x + b mod 2^64) >> 32.
-    """
-    words = text.split() or [""]
-    w = np.fromiter((zlib.crc32(x.encode("utf-8")) for x in words), np.uint64, len(words))
-    k = min(SHINGLE, len(w))
-    n = len(w) - k + 1
-    h = np.zeros(n, np.uint64)
-    for j in range(k):  # polynomial hash of the k words of each shingle (wraps mod 2^64)
-        h = h * np.uint64(0x9E3779B97F4A7C15) + w[j:j + n]
-    h = (h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
-    a, b = perms
-    sig = np.full(NUM_PERM, np.iinfo(np.uint64).max, np.uint64)
-    for i in range(0, n, 2048):  # bounded temporaries for long documents
-        sig = np.minimum(sig, ((h[i:i + 2048, None] * a + b) >> np.uint64(32)).min(axis=0))
-    return sig
-
-
-def band_keys(sig: np.ndarray, bands: int, rows: int) -> set[int]:
-    return {_digest(f"{i}:{sig[i * rows:(i + 1) * rows].tobytes().hex()}") for i in range(bands)}
 
 
 # ---------------------------------------------------------------- reading
@@ -148,8 +91,8 @@ def _clean_pretrain(cfg: PreprocessConfig, shards: list[Path], work: Path, seed:
     dropped: Counter[str] = Counter()
     seen: set[int] = set()
     buckets: set[int] = set()
-    bands, rows = lsh_params(cfg.near_threshold) if cfg.dedup == "near" else (0, 0)
-    perms = _perms(seed)
+    bands, rows = dedup.lsh_params(cfg.near_threshold) if cfg.dedup == "near" else (0, 0)
+    perms = dedup.perms(seed)
     n_in, chars, count = 0, 0, {"train": 0, "val": 0}
     edge: dict[str, tuple[float, int, str] | None] = {"train": None, "val": None}  # docs nearest the split line
     files = {s: open(work / f"{s}.jsonl", "w", encoding="utf-8") for s in count}
@@ -165,18 +108,18 @@ def _clean_pretrain(cfg: PreprocessConfig, shards: list[Path], work: Path, seed:
                     text = clean_text(row["text"], cfg.normalization)
                     reason = ("empty" if not text else "too_short" if len(text) < cfg.min_chars
                               else "too_long" if len(text) > cfg.max_chars else None)
-                    digest = _digest(text) if reason is None else 0
+                    digest = dedup.digest(text) if reason is None else 0
                     if reason is None and cfg.dedup != "none":
                         reason = "duplicate" if digest in seen else None
                         seen.add(digest)
                     if reason is None and cfg.dedup == "near":
-                        keys = band_keys(minhash(text, perms), bands, rows)
+                        keys = dedup.band_keys(dedup.minhash(text, perms), bands, rows)
                         reason = "near_duplicate" if not buckets.isdisjoint(keys) else None
                         buckets.update(keys if reason is None else ())
                     if reason:
                         dropped[reason] += 1
                         continue
-                    u = _unit(digest)
+                    u = dedup.unit(digest)
                     split = "val" if u < cfg.val_fraction else "train"
                     e = edge[split]
                     if e is None or (u < e[0] if split == "train" else u > e[0]):
@@ -265,7 +208,7 @@ def _clean_sft(cfg: PreprocessConfig, shards: list[Path], work: Path, progress: 
                 n_in += 1
                 msgs = _check_sft_row(row, f"{shard}:{n}")
                 msgs = [{"role": m["role"], "content": clean_text(m["content"], cfg.normalization)} for m in msgs]
-                key = _digest(json.dumps(msgs))
+                key = dedup.digest(json.dumps(msgs))
                 reason = ("empty" if any(not m["content"] for m in msgs)
                           else "no_final_assistant" if msgs[-1]["role"] != "assistant"
                           else "no_prompt" if len(msgs) < 2  # a reply to nothing: no prompt to evaluate it on
@@ -275,7 +218,7 @@ def _clean_sft(cfg: PreprocessConfig, shards: list[Path], work: Path, progress: 
                     dropped[reason] += 1
                     continue
                 seen.add(key)
-                u = _unit(_digest(json.dumps(msgs[:-1])))  # by prompt: one question never spans two splits
+                u = dedup.unit(dedup.digest(json.dumps(msgs[:-1])))  # by prompt: one question never spans two splits
                 v = ((u - t) % 1.0) / (1 - t)  # the val coordinate; >= 1 in the test zone
                 split = row.get("split") or ("test" if u < t else "val" if v < cfg.val_fraction else "train")
                 rec = {"messages": msgs, "task": row.get("task") or ""}

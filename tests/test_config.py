@@ -58,6 +58,45 @@ def test_dvc_stages_match_the_pipeline_and_params():
                 assert (ROOT / dep).exists(), f"dvc.yaml {stage}: dep {dep} does not exist"
 
 
+INFRA = {"common", "config", "params", "runner", "retry"}
+"""Shared plumbing every stage imports (paths, settings schema, the MLflow run): not a stage's computation,
+so not a DVC dependency; a change there that alters results shows up as a params or code change elsewhere."""
+
+
+def _component_imports(module: str) -> set[str]:
+    """The components/ modules (files or packages) `module` imports, transitively, minus INFRA."""
+    import ast
+
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        path = ROOT / "components" / f"{name}.py"
+        files = [path] if path.is_file() else sorted((ROOT / "components" / name).glob("*.py"))
+        for f in files:
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                found = []
+                if isinstance(node, ast.ImportFrom) and node.module == "components":
+                    found = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
+                    found = [node.module.split(".")[1]]
+                elif isinstance(node, ast.Import):
+                    found = [a.name.split(".")[1] for a in node.names if a.name.startswith("components.")]
+                for dep in set(found) - seen - INFRA - {module}:
+                    seen.add(dep)
+                    todo.append(dep)
+    return seen
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_deps_cover_the_code_a_stage_runs(stage):
+    """A stage's result depends on its own module and every components/ module it imports: all must be
+    DVC deps, or `dvc repro` reuses a stale output after that code changed."""
+    deps = {d.removeprefix("components/").removesuffix(".py").split("/")[0]
+            for d in DVC["stages"][stage]["deps"] if d.startswith("components/")}
+    wanted = _component_imports(stage) | {stage}
+    assert wanted <= deps, f"dvc.yaml {stage}.deps: add {sorted(f'components/{m}.py' for m in wanted - deps)}"
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_module_has_run_and_main(stage):
     module = importlib.import_module(f"components.{stage}")

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components import chat
+from components import chat, dedup
 from components import preprocess as pp
 from components.common import StageContext, StageError, read_json, write_json, write_meta
 from components.config import PreprocessConfig
@@ -156,8 +156,8 @@ def test_bins_decode_back_to_the_cleaned_deduplicated_docs(main_run):
 def test_split_is_by_content_hash(main_run):
     out = main_run["out"]
     val, train = decode_bin(out, "val"), decode_bin(out, "train")
-    assert all(pp._unit(pp._digest(d)) < 0.05 for d in val)
-    assert all(pp._unit(pp._digest(d)) >= 0.05 for d in train)
+    assert all(dedup.unit(dedup.digest(d)) < 0.05 for d in val)
+    assert all(dedup.unit(dedup.digest(d)) >= 0.05 for d in train)
 
 
 def test_split_is_stable_as_the_corpus_grows(tmp_path, main_run):
@@ -225,12 +225,12 @@ def test_near_duplicates(tmp_path):
         w = d.split()
         w[60] = "CHANGED"
         near.append(" ".join(w))
-    perms = pp._perms(0)
-    a, b = pp.minhash(base[0], perms), pp.minhash(near[0], perms)
+    perms = dedup.perms(0)
+    a, b = dedup.minhash(base[0], perms), dedup.minhash(near[0], perms)
     assert 0.8 < np.mean(a == b) < 1.0
-    assert np.mean(pp.minhash(base[0], perms) == pp.minhash(base[1], perms)) < 0.1
-    bands, rows = pp.lsh_params(0.85)
-    assert bands * rows <= pp.NUM_PERM and 0.75 < (1 / bands) ** (1 / rows) < 0.95
+    assert np.mean(dedup.minhash(base[0], perms) == dedup.minhash(base[1], perms)) < 0.1
+    bands, rows = dedup.lsh_params(0.85)
+    assert bands * rows <= dedup.NUM_PERM and 0.75 < (1 / bands) ** (1 / rows) < 0.95
     raw = write_raw(tmp_path, base + near + [base[5]], qa_rows(10))
     _, res = run(tmp_path, raw, "near", dedup="near", vocab_size=300)
     assert res["report"]["pretrain"]["dropped"] == {"duplicate": 1, "near_duplicate": 10}
@@ -241,11 +241,11 @@ def test_near_duplicates(tmp_path):
 
 
 def test_empty_val_takes_the_nearest_train_doc(tmp_path):
-    docs = [d for d in BASE_DOCS if pp._unit(pp._digest(d)) >= 0.01][:3]
+    docs = [d for d in BASE_DOCS if dedup.unit(dedup.digest(d)) >= 0.01][:3]
     _, res = run(tmp_path, write_raw(tmp_path, docs, qa_rows(5)), val_fraction=0.01, vocab_size=300)
     p = res["report"]["pretrain"]
     assert (p["train_docs"], p["val_docs"]) == (2, 1)
-    nearest = min(docs, key=lambda d: pp._unit(pp._digest(d)))
+    nearest = min(docs, key=lambda d: dedup.unit(dedup.digest(d)))
     assert decode_bin(tmp_path / "out", "val") == [nearest]
 
 
