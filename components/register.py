@@ -11,7 +11,7 @@ MLflow dataset inputs. Reading the champion, creating the version and moving ali
 file lock (components.lineage.registry_lock), so concurrent registrations get distinct versions
 and a consistent champion. A failure after the version is created deletes it again and restores
 the aliases: no half-registered versions. A registration killed outright (SIGKILL) cannot clean up;
-its rerun continues the same MLflow run (`resume_key`) and first deletes the version that run left.
+the next registration deletes what it left (its rerun continues the same MLflow run, `resume_key`).
 """
 from __future__ import annotations
 
@@ -259,12 +259,18 @@ def _run_link(run: Any) -> str:
     return f"runs:/{run.info.run_id} (experiment {run.info.experiment_id}, tracking {uri})"
 
 
-def _drop_orphans(client: Any, name: str, run_id: str) -> None:
-    """Delete versions this run created in an attempt that was killed before it finished (the rerun of a
-    registration resumes its run): one registration, one version."""
+def _drop_orphans(client: Any, name: str, run: Any) -> None:
+    """Delete the versions that registrations killed before they finished left behind: those of this run (a
+    rerun after a kill resumes its run), and those without an alias whose run ended KILLED (the runner marks a
+    dead process's run so) or FAILED (a rollback that failed too). One registration, one version."""
+    dead = {r.info.run_id for status in ("KILLED", "FAILED") for r in client.search_runs(
+        [run.info.experiment_id], f"attributes.status = '{status}' and tags.`seedlm.stage` = 'register'",
+        max_results=1000)}
+    aliased = set((_registered_aliases(client, name) or {}).values())  # (search results carry no aliases)
     for mv in client.search_model_versions(f"name='{name}'"):
-        if (mv.tags or {}).get("mlflow_run_id") == run_id:
-            log.warning("register: deleting %s v%s, left by a killed attempt of run %s", name, mv.version, run_id)
+        owner = (mv.tags or {}).get("mlflow_run_id")
+        if owner == run.info.run_id or (owner in dead and str(mv.version) not in aliased):
+            log.warning("register: deleting %s v%s, left by a killed registration (run %s)", name, mv.version, owner)
             client.delete_model_version(name, mv.version)
 
 
@@ -329,7 +335,7 @@ def register(cfg: RegisterConfig, model_dir: Path, eval_metrics_path: Path, out_
         info = _log_model(cfg, folder, size_mb, base_tags)
         tags["datasets"] = ",".join(log_datasets(datasets, info.model_id))
         with registry_lock(mlflow.get_tracking_uri(), repo_root):  # read champion .. move aliases: one at a time
-            _drop_orphans(client, name, run_id)
+            _drop_orphans(client, name, run)
             before = _registered_aliases(client, name)
             champ = (before or {}).get("champion")
             champion, paired = champion_evidence(client, name, champ, evals)

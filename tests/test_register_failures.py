@@ -53,6 +53,15 @@ def test_failure_after_create_leaves_no_version(store, sft_dir, repo, tmp_path, 
     assert res["promoted"] and versions(name) == ["1", "4"]    # deleted numbers (2, 3) are not reused
 
 
+def die_after_the_version_is_created(monkeypatch) -> None:
+    """Stands in for SIGKILL right after the version was created: no rollback, no report."""
+    def killed(*a):
+        raise SystemExit(9)
+
+    monkeypatch.setattr(reg, "gate_markdown", killed)
+    monkeypatch.setattr(reg, "_rollback", lambda *a: None)  # a killed process rolls nothing back
+
+
 def test_rerun_in_a_killed_registrations_run_replaces_its_orphan(store, sft_dir, repo, tmp_path, monkeypatch):
     """SIGKILL leaves no chance to roll back: the version exists, the run stays RUNNING. The rerun resumes that
     run (register.resume_key) and deletes the orphan first: one registration, one version."""
@@ -60,11 +69,7 @@ def test_rerun_in_a_killed_registrations_run_replaces_its_orphan(store, sft_dir,
     cfg = RegisterConfig(model_name=name)
     do_register(cfg, sft_dir, write_eval(tmp_path / "e1.json", 0.3), tmp_path / "out", repo)  # v1, champion
     killed = mlflow.start_run(run_name="register")
-    def killed_here(*a):  # stands in for SIGKILL right after the version was created
-        raise SystemExit(9)
-
-    monkeypatch.setattr(reg, "gate_markdown", killed_here)
-    monkeypatch.setattr(reg, "_rollback", lambda *a: None)  # a killed process rolls nothing back
+    die_after_the_version_is_created(monkeypatch)
     with pytest.raises(SystemExit):
         reg.register(cfg, sft_dir, write_eval(tmp_path / "e2.json", 0.6), tmp_path / "out", repo_root=repo,
                      ctx=StageContext(run_id=killed.info.run_id, progress=False))
@@ -75,6 +80,34 @@ def test_rerun_in_a_killed_registrations_run_replaces_its_orphan(store, sft_dir,
     mlflow.end_run()
     assert versions(name) == ["1", "3"] and res["version"] == 3 and res["promoted"]
     assert aliases(name) == {"champion": "3", "challenger": "3"}
+
+
+def test_a_new_registration_removes_what_a_killed_one_left(store, sft_dir, repo, tmp_path, monkeypatch):
+    """A flow killed during register starts a new pipeline run, so the next registration is a new run: it
+    deletes the alias-less version of the register run that ended KILLED (as the runner marks a dead
+    process's run), and leaves versions of finished runs alone."""
+    name = "seedlm-orphan-flow"
+    cfg = RegisterConfig(model_name=name)
+    do_register(cfg, sft_dir, write_eval(tmp_path / "e1.json", 0.3), tmp_path / "out", repo)  # v1, champion
+    do_register(cfg, sft_dir, write_eval(tmp_path / "e2.json", 0.2), tmp_path / "out", repo)  # v2, rejected
+    killed = mlflow.start_run(run_name="register", tags={"seedlm.stage": "register"})
+    die_after_the_version_is_created(monkeypatch)
+    with pytest.raises(SystemExit):
+        reg.register(cfg, sft_dir, write_eval(tmp_path / "e3.json", 0.6), tmp_path / "out", repo_root=repo,
+                     ctx=StageContext(run_id=killed.info.run_id, progress=False))
+    monkeypatch.undo()
+    mlflow.end_run("KILLED")
+    assert versions(name) == ["1", "2", "3"]
+    with mlflow.start_run(run_name="register") as bystander:
+        pass
+    client = MlflowClient()
+    client.set_registered_model_alias(name, "champion", "3")  # killed after it became champion: kept
+    reg._drop_orphans(client, name, bystander)
+    assert versions(name) == ["1", "2", "3"]
+    client.set_registered_model_alias(name, "champion", "1")
+    res, _ = do_register(cfg, sft_dir, write_eval(tmp_path / "e4.json", 0.6), tmp_path / "out", repo)
+    assert versions(name) == ["1", "2", "4"] and res["version"] == 4  # v2 (a finished run's) stays
+    assert aliases(name) == {"champion": "4", "challenger": "4"}
 
 
 def test_failure_on_new_model_removes_registered_model(store, sft_dir, repo, tmp_path, monkeypatch):
