@@ -17,6 +17,18 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and stay fast when other processes share the 2 cores.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- fixtures of the split test files
 # Shared by several files, so built once per session; the builders are in _evaluate_fixtures / _register_fixtures.
 @pytest.fixture(scope="session")

@@ -4,73 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+from repos import BIN, TINY as E2E_TINY, commit, make_repo  # noqa: F401 (commit, make_repo: for the server tests)
 
-TINY = {  # the pattern of tests/test_pipeline_e2e.py: seconds per stage on 2 cores
-    "ingest.synthetic.entities": 10,
-    "ingest.synthetic.paraphrases": 3,
-    "preprocess.vocab_size": 320,
-    "model.n_layer": 2,
-    "model.n_embd": 64,
-    "model.n_head": 2,
-    "model.context_length": 64,
-    "pretrain.max_steps": 40,
-    "pretrain.warmup_steps": 4,
-    "pretrain.eval_every": 20,
-    "pretrain.checkpoint_every": 20,
-    "pretrain.batch_size": 8,
-    "sft.max_steps": 20,
-    "sft.warmup_steps": 2,
-    "sft.eval_every": 10,
-    "sft.checkpoint_every": 10,
-    "sft.batch_size": 8,
-    "evaluate.bootstrap": 50,
-    "evaluate.max_new_tokens": 12,
-    "evaluate.champion": False,
-    "register.gate.min": {"exact_match": 0.0},
-}
-
-
-def make_repo(dest: Path, overrides: dict) -> Path:
-    """A clone-like copy of the project (tracked sources only) with its own git history and DVC state."""
-    for item in ("components", "flows", "dvc.yaml", "params.yaml", "data/sources", ".dvc/config", ".dvc/.gitignore",
-                 ".dvcignore", ".gitignore"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (dest / item).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dest / item)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for key, value in overrides.items():
-        node = params
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    commit(dest, "init")
-    return dest
-
-
-def commit(repo: Path, message: str) -> None:
-    subprocess.run(GIT + ["add", "-A"], cwd=repo, check=True)
-    subprocess.run(GIT + ["commit", "-qm", message], cwd=repo, check=True)
+TINY = {**E2E_TINY, "evaluate.champion": False}  # test_pipeline_e2e.py's, without the champion's evaluation
 
 
 def free_port() -> int:

@@ -34,16 +34,8 @@ def make_tokenizer(vocab: int = 300, texts: list[str] = TEXT) -> PreTrainedToken
 
 
 TINY = dict(n_layer=2, n_embd=64, n_head=2, context_length=32)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and stay fast when other processes share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:

@@ -8,62 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = {
-    "ingest.synthetic.entities": 10,
-    "ingest.synthetic.paraphrases": 3,
-    "preprocess.vocab_size": 320,
-    "model.n_layer": 2,
-    "model.n_embd": 64,
-    "model.n_head": 2,
-    "model.context_length": 64,
-    "pretrain.max_steps": 40,
-    "pretrain.warmup_steps": 4,
-    "pretrain.eval_every": 20,
-    "pretrain.checkpoint_every": 20,
-    "pretrain.batch_size": 8,
-    "sft.max_steps": 20,
-    "sft.warmup_steps": 2,
-    "sft.eval_every": 10,
-    "sft.checkpoint_every": 10,
-    "sft.batch_size": 8,
-    "evaluate.bootstrap": 50,
-    "evaluate.max_new_tokens": 12,
-    "register.gate.min": {"exact_match": 0.0},
-}
-
-
-def make_repo(dest: Path, overrides: dict) -> Path:
-    """A fresh clone-like copy of the project: tracked sources only, its own git and DVC state."""
-    for item in ("components", "flows", "dvc.yaml", "params.yaml", "data/sources", ".dvc/config", ".dvc/.gitignore"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (dest / item).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dest / item)
-    shutil.copy(ROOT / ".gitignore", dest / ".gitignore")
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for key, value in overrides.items():
-        node = params
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-qm", "init"], cwd=dest, check=True)
-    return dest
+from repos import TINY, make_repo
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ from components.train import evaluate_loss, lr_factor, train
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ANIMALS = ["fox", "owl", "frog", "bear", "wolf", "hare", "crow", "deer"]
 PLACES = ["forest", "tower", "lake", "cave", "hill", "river", "field", "marsh"]
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]  # peft
 TINY = ModelConfig(arch="gpt2", n_layer=2, n_embd=64, n_head=2, context_length=32)
 QUIET = StageContext(progress=False)
 
@@ -73,15 +74,6 @@ def make_processed(root: Path, *, train_tokens: int | None = None) -> Path:
         "train_tokens": len(stream), "val_tokens": len(val), "sft_train": 12, "sft_val": 4, "sft_test": 4})
     return root
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and stay fast when other processes share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory) -> Path:

@@ -9,16 +9,13 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
+import repos
+from repos import BIN, ROOT, commit  # noqa: F401 (the suite uses them as h.<name>)
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 STAGES = ("ingest", "preprocess", "pretrain", "sft", "evaluate", "register")
 OUTPUTS = {"ingest": "data/raw", "preprocess": "data/processed", "pretrain": "models/pretrain", "sft": "models/sft",
            "evaluate": "reports/evaluate", "register": "reports/register"}
@@ -37,40 +34,9 @@ MICRO = {  # seconds per stage on 2 cores, most of it interpreter start-up
 }
 
 
-def set_params(repo: Path, overrides: dict[str, Any]) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in overrides.items():
-        node = params
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def make_repo(dest: Path, overrides: dict[str, Any] | None = None, git: bool = True) -> Path:
-    """A clone-like copy of the project (tracked sources only) with its own git history and DVC state."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for item in ("components", "flows", "dvc.yaml", "params.yaml", "data/sources", ".dvc/config", ".dvc/.gitignore",
-                 ".dvcignore", ".gitignore"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (dest / item).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dest / item)
-    set_params(dest, {**MICRO, **(overrides or {})})
-    if git:
-        subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-        subprocess.run(["git", "config", "user.email", "t@t"], cwd=dest, check=True)
-        subprocess.run(["git", "config", "user.name", "t"], cwd=dest, check=True)
-        commit(dest, "init")
-    return dest
-
-
-def commit(repo: Path, message: str) -> None:
-    subprocess.run(GIT + ["add", "-A"], cwd=repo, check=True)
-    subprocess.run(GIT + ["commit", "-qm", message], cwd=repo, check=True)
+    """repos.make_repo with the MICRO settings under `overrides`."""
+    return repos.make_repo(dest, {**MICRO, **(overrides or {})}, git=git)
 
 
 def env(repo: Path | None = None, **extra: str) -> dict[str, str]:
