@@ -34,17 +34,12 @@ from tests.test_train import TINY, make_processed
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = StageContext(progress=False)
 REL, ATOL = 1e-5, 1e-4
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 PT = dict(max_steps=40, warmup_steps=2, lr=3e-3, log_every=3, eval_every=20, checkpoint_every=4, precision="fp32")
 """Long enough that the launcher kills the workers (at step 9) well before they could finish."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers get max(1, threads // devices) = 1 each
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_thread")]  # conftest: the workers get max(1, threads // devices) = 1 each
 
 
 @pytest.fixture(scope="module")

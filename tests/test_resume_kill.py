@@ -33,15 +33,10 @@ from tests.test_train import RESUME_PT, TINY, Crash, _assert_same_weights, _pret
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = StageContext(progress=False)
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run with OMP_NUM_THREADS=1: same kernels, same bits
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_thread")]  # conftest: the subprocesses run with OMP_NUM_THREADS=1: same kernels, same bits
 
 
 @pytest.fixture(scope="module")
