@@ -200,3 +200,14 @@ def full_weights(model: torch.nn.Module, main: bool) -> dict[str, torch.Tensor] 
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     weights = get_model_state_dict(model, options=FULL)
     return weights if main else None
+
+
+def run_key(folder: Callable[[], Path]) -> str | None:
+    """`<stage>:<hash>` of a stage's checkpoint folder: names the MLflow run that a rerun after a crash continues
+    (components.runner.resumable_run). None while the stage's inputs are missing: the stage then fails with its
+    own message."""
+    try:
+        path = folder()
+    except (StageError, OSError, ValueError):
+        return None
+    return f"{path.parent.name}:{path.name}"

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from components import distributed as dd
+from components.checkpoint import run_key
 from components.common import StageContext, StageError, atomic_dir, read_meta, write_json, write_meta
 from components.config import ModelConfig, Params, PretrainConfig, config_hash
 from components.model import build_model, load_model, save_model
@@ -171,11 +172,8 @@ def _pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, ckpt_
 
 def resume_key(params: Params) -> str | None:
     """Names a run of this stage so that a rerun after a crash continues its MLflow run (see runner)."""
-    try:
-        p = params.paths
-        return f"pretrain:{checkpoint_dir(params.model, params.pretrain, Path(p.processed), Path(p.checkpoints), params.seed).name}"
-    except (StageError, OSError, ValueError):
-        return None
+    p = params.paths
+    return run_key(lambda: checkpoint_dir(params.model, params.pretrain, Path(p.processed), Path(p.checkpoints), params.seed))
 
 
 def run(params: Params, ctx: StageContext) -> dict:

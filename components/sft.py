@@ -10,6 +10,7 @@ import torch
 from datasets import load_from_disk
 
 from components import distributed as dd
+from components.checkpoint import run_key
 from components.common import StageContext, StageError, atomic_dir, read_meta, sha256_file, write_json, write_meta
 from components.config import LoraConfig, Params, SftConfig, config_hash
 from components.model import load_model, max_positions, save_model
@@ -184,11 +185,8 @@ def _sft(cfg: SftConfig, data_dir: Path, base_dir: Path, ckpt_root: Path, seed: 
 
 def resume_key(params: Params) -> str | None:
     """Names a run of this stage so that a rerun after a crash continues its MLflow run (see runner)."""
-    try:
-        p = params.paths
-        return f"sft:{checkpoint_dir(params.sft, Path(p.processed), Path(p.pretrain), Path(p.checkpoints), params.seed).name}"
-    except (StageError, OSError, ValueError):
-        return None
+    p = params.paths
+    return run_key(lambda: checkpoint_dir(params.sft, Path(p.processed), Path(p.pretrain), Path(p.checkpoints), params.seed))
 
 
 def run(params: Params, ctx: StageContext) -> dict:
