@@ -219,12 +219,15 @@ class Tracking:
 
     def _reap(self, active: Any, stage: str | None) -> None:
         """Mark RUNNING runs of `stage` whose process on this host is gone as KILLED."""
+        if not stage:
+            return
         query = (f"attributes.status = 'RUNNING' and tags.`seedlm.stage` = '{stage}' and "
                  f"tags.`seedlm.host` = '{socket.gethostname()}'")
         try:
             client = self._mlflow.MlflowClient()
-            for r in call(client.search_runs, [active.info.experiment_id], query, max_results=200, what="search_runs",
-                          budget_s=min(self.budget_s, 30.0)) if stage else []:
+            runs = call(client.search_runs, [active.info.experiment_id], query, max_results=200, what="search_runs",
+                        budget_s=min(self.budget_s, 30.0))
+            for r in runs:
                 if r.info.run_id != active.info.run_id and gone(r.data.tags):
                     client.set_tag(r.info.run_id, "seedlm.reaped", f"process {r.data.tags.get('seedlm.pid')} is "
                                    f"gone (killed); marked KILLED by run {active.info.run_id}")
@@ -390,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"{f}: {replay(f)} item(s) sent")
         except Exception as e:  # noqa: BLE001 - report each file, keep going
-            failed, _ = failed + 1, print(f"{f}: not sent ({_short(e)}); try again later", file=sys.stderr)
+            failed += 1
+            print(f"{f}: not sent ({_short(e)}); try again later", file=sys.stderr)
     return 1 if failed else 0
 
 

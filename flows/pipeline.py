@@ -44,6 +44,11 @@ def _check_deployable(root: Path, remote: tuple[str, str] | None) -> None:
                           "(or a store every worker shares), e.g. http://127.0.0.1:5000")
 
 
+def _check_force(force: list[str] | None) -> None:
+    if unknown := set(force or ()) - set(STAGES):
+        raise ConfigError(f"force: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+
+
 def _stage(name: str, root: Path, ctx: dict[str, Any]) -> dict:
     """Bring one stage up to date (in-process or on its pool); return its record."""
     log = get_run_logger()
@@ -93,9 +98,7 @@ def pipeline(root: str = ".", force: list[str] | None = None, overrides: dict[st
         subprocess.run(["git", "checkout", "-q", "HEAD", "--", "params.yaml"], cwd=root_path, capture_output=True)
     apply_overrides(root_path, overrides)
     params = load_params(root_path / "params.yaml")  # validate once, fail before any work
-    unknown = set(force or ()) - set(STAGES)
-    if unknown:
-        raise ConfigError(f"force: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    _check_force(force)
     orch = params.orchestration
     mode = mode or orch.mode
     if mode not in ("local", "deployments"):
@@ -141,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.set)
         load_params(Path(args.root) / "params.yaml", overrides)  # a bad setting fails before Prefect starts
-        if unknown := set(args.force) - set(STAGES):
-            raise ConfigError(f"--force: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+        _check_force(args.force)
         results = pipeline(root=args.root, force=args.force, overrides=overrides or None, mode=args.mode)
     except (ConfigError, StageError, StageFailed) as e:
         print(f"seedlm: error: {e}", file=sys.stderr)
