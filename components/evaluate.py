@@ -3,7 +3,7 @@
 Models: pretrain-only, sft, the registry's current champion (`evaluate.champion`) and any in
 `evaluate.models`, all on the same held-out sets. For each: perplexity on `val.bin`, response
 perplexity on `sft_test` (loss on the labels only), batched greedy generation on the `sft_test`
-prompts and the local `evaluate` metrics of `components/metrics`. sft is compared with every other
+prompts and the local `evaluate` metrics of `components/evaluation/metrics`. sft is compared with every other
 model by a paired bootstrap (significant = the CI of the difference excludes 0). Writes a report
 with figures, every sample (also as an MLflow table), and the control-experiment table. Another
 model, outside the pipeline (into `--out`, not a DVC output):
@@ -23,14 +23,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from components.common import (StageContext, StageError, atomic_dir, read_json, sha256_dir, write_json,
-                               write_meta)
-from components.config import EvaluateConfig, Params
-from components.lineage import alias_version, is_uri, parse_model_args, resolve_model
-from components.metrics import control
-from components.metrics.report import COMPARED, SCORE_METRICS, samples_table, write_figures, write_report
-from components.metrics.control import ppl_score
-from components.metrics.scoring import bootstrap_ci, compare_models, task_metrics
+from components.core.config import EvaluateConfig, Params
+from components.core.context import StageContext, StageError
+from components.core.io import atomic_dir, read_json, sha256_dir, write_json, write_meta
+from components.evaluation import control
+from components.evaluation.control import ppl_score
+from components.evaluation.report import COMPARED, SCORE_METRICS, samples_table, write_figures, write_report
+from components.evaluation.scoring import bootstrap_ci, compare_models, task_metrics
+from components.registry.models import alias_version, is_uri, parse_model_args, resolve_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -393,7 +393,7 @@ def run(params: Params, ctx: StageContext) -> dict[str, Any]:
 
 if __name__ == "__main__":
     import components.evaluate as stage  # the module instance the runner imports (this one is __main__)
-    from components.runner import main
+    from components.core.runner import main
     models, out, sys.argv[1:] = parse_model_args(sys.argv[1:])  # --model [NAME=]REF ... --out DIR
     stage.EXTERNAL.update({"models": models, "out": out} if models else {})
     raise SystemExit(main("evaluate"))

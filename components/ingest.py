@@ -15,10 +15,13 @@ from typing import Any, BinaryIO, Iterator
 
 from tqdm import tqdm
 
-from components import synthetic
-from components.fetch import download, file_ext as _ext, hf_records
-from components.common import StageContext, StageError, atomic_dir, redact, sha256_file, write_json, write_meta
-from components.config import IngestConfig, Params, Source
+from components.core.config import IngestConfig, Params, Source
+from components.core.context import StageContext, StageError
+from components.core.io import atomic_dir, sha256_file, write_json, write_meta
+from components.core.redact import redact
+from components.data import synthetic
+from components.data.fetch import download, hf_records
+from components.data.fetch import file_ext as _ext
 
 log = logging.getLogger(__name__)
 EXTS = {"pretrain": (".txt", ".md", ".jsonl", ".csv", ".parquet"), "sft": (".jsonl", ".csv", ".parquet")}
@@ -364,6 +367,6 @@ def run(params: Params, ctx: StageContext) -> dict:
 
 
 if __name__ == "__main__":
-    from components.runner import main
+    from components.core.runner import main
 
     raise SystemExit(main("ingest"))

@@ -20,9 +20,10 @@ from typing import Any, Container, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from components import chat, dedup
-from components.common import StageContext, StageError, atomic_dir, read_meta, sha256_file, write_json, write_meta
-from components.config import Params, PreprocessConfig
+from components.core.config import Params, PreprocessConfig
+from components.core.context import StageContext, StageError
+from components.core.io import atomic_dir, read_meta, sha256_file, write_json, write_meta
+from components.data import chat, dedup
 
 BATCH_DOCS = 1000
 BATCH_CHARS = 1 << 21
@@ -388,6 +389,6 @@ def run(params: Params, ctx: StageContext) -> dict:
 
 
 if __name__ == "__main__":
-    from components.runner import main
+    from components.core.runner import main
 
     raise SystemExit(main("preprocess"))

@@ -13,12 +13,14 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from components import distributed as dd
-from components.checkpoint import run_key
-from components.common import StageContext, StageError, atomic_dir, read_meta, write_json, write_meta
-from components.config import ModelConfig, Params, PretrainConfig, config_hash
-from components.model import build_model, load_model, save_model
-from components.train import Batch, BatchSource, PeakMemory, step_generator, train
+from components.core.config import ModelConfig, Params, PretrainConfig
+from components.core.context import StageContext, StageError
+from components.core.io import atomic_dir, read_meta, write_json, write_meta
+from components.core.params import config_hash
+from components.training import distributed as dd
+from components.training.checkpoint import run_key
+from components.training.loop import Batch, BatchSource, PeakMemory, step_generator, train
+from components.training.model import build_model, load_model, save_model
 
 PLOT_COLUMNS = ("step", "train_loss", "val_loss", "lr")
 
@@ -105,7 +107,7 @@ def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, out_di
              plots_path: Path, ckpt_root: Path, *, seed: int, ctx: StageContext | None = None) -> dict:
     """Pretrain (or, with enabled: false, just initialize) the model; write an HF model folder.
 
-    With pretrain.devices > 1 this launches that many data-parallel processes (components.distributed);
+    With pretrain.devices > 1 this launches that many data-parallel processes (components.training.distributed);
     rank 0 writes everything."""
     ctx = ctx or StageContext()
     if cfg.enabled and cfg.devices > 1 and not dd.active():
@@ -184,5 +186,5 @@ def run(params: Params, ctx: StageContext) -> dict:
 
 
 if __name__ == "__main__":
-    from components.runner import main
+    from components.core.runner import main
     raise SystemExit(main("pretrain"))

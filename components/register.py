@@ -8,7 +8,7 @@ evaluate stage lies below 0) and larger than the allowed one. The gate report (J
 on the version (tag `gate.report`, description) and into the run. Lineage (git, DVC hashes of raw,
 processed data and tokenizer, base checkpoint, params, run ids) is stored as version tags and as
 MLflow dataset inputs. Reading the champion, creating the version and moving aliases happen under a
-file lock (components.lineage.registry_lock), so concurrent registrations get distinct versions
+file lock (components.registry.models.registry_lock), so concurrent registrations get distinct versions
 and a consistent champion. A failure after the version is created deletes it again and restores
 the aliases: no half-registered versions. A registration killed outright (SIGKILL) cannot clean up;
 the next registration deletes what it left (its rerun continues the same MLflow run, `resume_key`).
@@ -20,18 +20,31 @@ import json
 import logging
 import shutil
 import tempfile
-from importlib.metadata import PackageNotFoundError, version as pkg_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
 
-from components.common import (StageContext, StageError, atomic_dir, read_json, read_meta, redact,
-                               sha256_dir, sha256_file, write_json, write_meta)
-from components.config import GateConfig, Params, Paths, RegisterConfig, STAGES, config_hash, stage_config
-from components.lineage import (FLOW_RUN_TAG, dvc_hashes, flow_run_id, git_state, lock_md5, log_datasets,
-                                meta_hash, registry_lock, weights_sha256)
-from components.metrics.gate import evaluate_gate, gate_markdown  # noqa: F401 (the gate, re-exported)
+from components.core.config import GateConfig, Params, Paths, RegisterConfig, stage_config
+from components.core.context import StageContext, StageError
+from components.core.io import atomic_dir, read_json, read_meta, sha256_dir, sha256_file, write_json, write_meta
+from components.core.params import config_hash
+from components.core.redact import redact
+from components.core.stages import STAGES
+from components.evaluation.gate import evaluate_gate, gate_markdown  # noqa: F401 (the gate, re-exported)
+from components.registry.models import registry_lock
+from components.registry.provenance import (
+    FLOW_RUN_TAG,
+    dvc_hashes,
+    flow_run_id,
+    git_state,
+    lock_md5,
+    log_datasets,
+    meta_hash,
+    weights_sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +215,7 @@ def _log_model(cfg: RegisterConfig, folder: Path, size_mb: float, base_tags: dic
     if base_tags:
         model_config.update(base_path=base_tags["lora_base.path"], base_sha256=base_tags["lora_base.sha256"],
                             base_hint="restore it with `git checkout <git_commit> && dvc checkout` (see "
-                                      "`python -m components.lineage`)")
+                                      "`python -m components.registry.lineage`)")
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(SERVING_CODE),
         artifacts={"hf_adapter" if base_tags else "hf_model": str(folder)},
@@ -362,7 +375,7 @@ def _publish(cfg: RegisterConfig, client: Any, name: str, info: Any, tags: dict[
         md = gate_markdown(name, ver, gate, metrics)
         client.update_model_version(name, ver, description=(
             f"seedlm model from MLflow run {_run_link(run)}" + (f", parent run {parent}" if parent else "")
-            + f". Lineage: `python -m components.lineage models:/{name}/{ver}`.\n\n" + md))
+            + f". Lineage: `python -m components.registry.lineage models:/{name}/{ver}`.\n\n" + md))
         aliases = ["challenger", *(["champion"] if gate["passed"] else [])]
         result = {"model_name": name, "version": int(ver), "promoted": gate["passed"],
                   "gate_passed": gate["passed"], "decision": gate["decision"], "aliases": aliases,
@@ -408,5 +421,5 @@ def run(params: Params, ctx: StageContext) -> dict:
 
 
 if __name__ == "__main__":
-    from components.runner import main
+    from components.core.runner import main
     raise SystemExit(main("register"))

@@ -9,13 +9,15 @@ import numpy as np
 import torch
 from datasets import load_from_disk
 
-from components import distributed as dd
-from components.checkpoint import run_key
-from components.common import StageContext, StageError, atomic_dir, read_meta, sha256_file, write_json, write_meta
-from components.config import LoraConfig, Params, SftConfig, config_hash
-from components.model import load_model, max_positions, save_model
+from components.core.config import LoraConfig, Params, SftConfig
+from components.core.context import StageContext, StageError
+from components.core.io import atomic_dir, read_meta, sha256_file, write_json, write_meta
+from components.core.params import config_hash
 from components.pretrain import data_fingerprint, load_tokenizer, metrics_of, write_plot_csv
-from components.train import Batch, BatchSource, PeakMemory, step_generator, train
+from components.training import distributed as dd
+from components.training.checkpoint import run_key
+from components.training.loop import Batch, BatchSource, PeakMemory, step_generator, train
+from components.training.model import load_model, max_positions, save_model
 
 LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
                 "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -82,7 +84,8 @@ def fixed_batches(rows: list[Example], batch_size: int, n_batches: int, pad_id: 
 
 def add_lora(model, cfg: LoraConfig, seed: int):
     """Wrap `model` with seeded LoRA adapters (only they are trainable)."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
     kind = model.config.model_type
     targets = cfg.target_modules or LORA_TARGETS.get(kind)
     if not targets:
@@ -113,7 +116,7 @@ def sft(cfg: SftConfig, data_dir: Path, base_dir: Path, out_dir: Path, metrics_p
         ckpt_root: Path, *, seed: int, ctx: StageContext | None = None) -> dict:
     """Fine-tune the pretrain output on sft_train (validated on sft_val); write an HF model folder.
 
-    With sft.devices > 1 this launches that many data-parallel processes (components.distributed);
+    With sft.devices > 1 this launches that many data-parallel processes (components.training.distributed);
     rank 0 writes everything."""
     ctx = ctx or StageContext()
     if cfg.devices > 1 and not dd.active():
@@ -196,5 +199,5 @@ def run(params: Params, ctx: StageContext) -> dict:
 
 
 if __name__ == "__main__":
-    from components.runner import main
+    from components.core.runner import main
     raise SystemExit(main("sft"))

@@ -14,7 +14,8 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from components import register as reg  # noqa: E402
-from components.common import StageContext, write_json, write_meta  # noqa: E402
+from components.core.context import StageContext  # noqa: E402
+from components.core.io import write_json, write_meta  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
-
-from repos import BIN, TINY as E2E_TINY, commit, make_repo  # noqa: F401 (commit, make_repo: for the server tests)
+from repos import BIN, commit, make_repo  # noqa: F401 (commit, make_repo: for the server tests)
+from repos import TINY as E2E_TINY
 
 TINY = {**E2E_TINY, "evaluate.champion": False}  # test_pipeline_e2e.py's, without the champion's evaluation
 

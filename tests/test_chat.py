@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components import chat
+from components.data import chat
 from components.preprocess import clean_text, train_tokenizer
 
 CORPUS = [

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from components import distributed as dd
-from components.common import StageContext, StageError, read_json
-from components.config import LoraConfig, PretrainConfig, SftConfig
+from components.core.config import LoraConfig, PretrainConfig, SftConfig
+from components.core.context import StageContext, StageError
+from components.core.io import read_json
 from components.pretrain import pretrain
 from components.sft import sft
+from components.training import distributed as dd
 from tests.test_train import TINY, make_processed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def test_torchrun_size_must_match_devices(processed, tmp_path, monkeypatch):
 
 def test_killing_the_launcher_takes_its_workers(processed, tmp_path):
     cfg = PretrainConfig(**{**PT, "max_steps": 100_000, "checkpoint_every": 1, "batch_size": 4, "devices": 2})
-    script = (f"from pathlib import Path\nfrom components.config import PretrainConfig\n"
+    script = (f"from pathlib import Path\nfrom components.core.config import PretrainConfig\n"
               f"from components.pretrain import pretrain\nfrom tests.test_train import TINY\n"
               f"if __name__ == '__main__':\n"
               f"    o = Path({str(tmp_path)!r})\n"

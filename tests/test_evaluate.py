@@ -10,12 +10,16 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from components.common import StageError, read_json  # noqa: E402
 from _evaluate_fixtures import NAMES, cfg, make_model, make_tokenizer, run_eval  # noqa: E402
+
+from components.core.context import StageError  # noqa: E402
+from components.core.io import read_json  # noqa: E402
+
 
 # ---------------------------------------------------------------- generation
 def test_generation_stops_at_end_and_batching_is_exact(tiny):
     import torch
+
     from components.evaluate import generate, load_model, stop_ids
     model, tok = load_model("sft", tiny["models"]["sft"], tiny["processed"], torch.device("cpu"))
     prompts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p, _, _ in tiny["items"]]
@@ -128,6 +132,7 @@ def test_empty_sft_test_is_a_note_not_a_crash(tiny, tmp_path):
     import shutil
 
     import datasets
+
     from components.evaluate import evaluate_models
     data = tmp_path / "processed"
     shutil.copytree(tiny["processed"], data)
@@ -144,8 +149,8 @@ def test_empty_sft_test_is_a_note_not_a_crash(tiny, tmp_path):
 
 
 def test_run_adapter_uses_params_paths(tiny, tmp_path, monkeypatch):
-    from components.common import StageContext
-    from components.config import Params, Paths
+    from components.core.config import Params, Paths
+    from components.core.context import StageContext
     from components.evaluate import run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/none.db")  # no store: no champion
     root = tiny["root"]

@@ -1,4 +1,4 @@
-"""evaluate's local metric modules (components/metrics): the metrics, bootstrap CIs, paired significance."""
+"""evaluate's local metric modules (components/evaluation/metrics): the metrics, bootstrap CIs, paired significance."""
 from __future__ import annotations
 
 import socket
@@ -6,10 +6,11 @@ import socket
 import numpy as np
 import pytest
 
+
 # ---------------------------------------------------------------- metric modules
 @pytest.fixture(scope="module")
 def metrics():
-    from components.metrics import load_metric, local_metrics
+    from components.evaluation.metrics import load_metric, local_metrics
     return {name: load_metric(name, keep_in_memory=True) for name in local_metrics()}
 
 
@@ -65,7 +66,8 @@ def test_accuracy_labels(metrics):
 def test_load_metric_stays_offline(monkeypatch):
     import evaluate
     import evaluate.loading
-    from components.metrics import load_metric
+
+    from components.evaluation.metrics import load_metric
 
     def no_network(*a, **k):
         raise AssertionError("network or hub access attempted")
@@ -80,7 +82,7 @@ def test_load_metric_stays_offline(monkeypatch):
 
 # ---------------------------------------------------------------- bootstrap
 def test_bootstrap_ci(metrics):
-    from components.metrics.scoring import bootstrap_ci
+    from components.evaluation.scoring import bootstrap_ci
     em = metrics["exact_match"]
     rng = np.random.default_rng(0)
     small = np.array([[float(v), 1.0] for v in rng.random(40) < 0.4])
@@ -97,7 +99,8 @@ def test_bootstrap_ci(metrics):
 
 def test_task_metrics_fast_and_consistent(metrics):
     import time
-    from components.metrics.scoring import task_metrics
+
+    from components.evaluation.scoring import task_metrics
     rng = np.random.default_rng(1)
     words = "alpha beta gamma delta eps zeta eta theta iota kappa".split()
     refs = [" ".join(rng.choice(words, 6)) for _ in range(200)]
@@ -117,7 +120,7 @@ def test_task_metrics_fast_and_consistent(metrics):
 
 # ---------------------------------------------------------------- significance
 def test_paired_bootstrap_sees_what_separate_intervals_miss(metrics):
-    from components.metrics.scoring import bootstrap_ci, paired_bootstrap
+    from components.evaluation.scoring import bootstrap_ci, paired_bootstrap
     score = metrics["exact_match"].score_from_stats
     rng = np.random.default_rng(5)
     base = (rng.random(120) < 0.5).astype(float)

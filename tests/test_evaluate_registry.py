@@ -10,9 +10,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from components.common import read_json  # noqa: E402
 from _evaluate_fixtures import cfg, make_model  # noqa: E402
 from conftest import current_store  # noqa: E402
+
+from components.core.io import read_json  # noqa: E402
+
 
 # ---------------------------------------------------------------- the registry: champion, URIs, the gate
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def store(tmp_path_factory):
 
 
 def stage_params(tiny, root: Path, sft: Path, name: str):
-    from components.config import GateConfig, Params, Paths, RegisterConfig
+    from components.core.config import GateConfig, Params, Paths, RegisterConfig
     t = tiny["root"]
     paths = Paths(processed=str(tiny["processed"]), pretrain=str(t / "pretrain"), sft=str(sft),
                   evaluate=str(root / "reports" / "evaluate"), register=str(root / "reports" / "register"),
@@ -42,8 +44,8 @@ def registered(tiny, store, tmp_path_factory):
     """The fitted model evaluated and registered through the runner: v1, champion."""
     import shutil
 
-    from components.common import write_meta
-    from components.runner import run_stage
+    from components.core.io import write_meta
+    from components.core.runner import run_stage
     root = tmp_path_factory.mktemp("pipeline")
     good = root / "good"
     shutil.copytree(tiny["models"]["sft"], good)
@@ -62,8 +64,8 @@ def test_worse_model_never_becomes_champion(tiny, registered, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
-    from components.common import write_meta
-    from components.runner import run_stage
+    from components.core.io import write_meta
+    from components.core.runner import run_stage
     root, name, first = registered["root"], registered["name"], registered["first"]
     bad = root / "bad"
     make_model(bad, tiny["tok"], tiny["items"], steps=1, seed=2)
@@ -87,7 +89,7 @@ def test_worse_model_never_becomes_champion(tiny, registered, monkeypatch):
     assert rule["drop"] == pytest.approx(first["sft"]["exact_match"] - second["sft"]["exact_match"])
     assert rule["drop_ci"][0] > 0 and "Decision: rejected" in mv.description
     # run without DVC (no dvc.lock): the processed data is identified by its metadata hash, also as a dataset input
-    from components.lineage import meta_hash
+    from components.registry.provenance import meta_hash
     assert mv.tags["data.processed.meta_hash"] == meta_hash(tiny["processed"]) and "data.processed.md5" not in mv.tags
     digests = {d.dataset.name: d.dataset.digest for d in client.get_run(mv.run_id).inputs.dataset_inputs}
     assert digests == {"seedlm-processed": meta_hash(tiny["processed"]),

@@ -18,9 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components import synthetic
-from components.common import StageContext, StageError, read_json
-from components.config import IngestConfig, Params, SyntheticConfig
+from components.core.config import IngestConfig, Params, SyntheticConfig
+from components.core.context import StageContext, StageError
+from components.core.io import read_json
+from components.data import synthetic
 from components.ingest import ingest, run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -13,12 +13,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mlflow  # noqa: E402
-
-from components import lineage  # noqa: E402
-from components import register as reg  # noqa: E402
-from components.common import StageContext, StageError  # noqa: E402
-from components.config import parse_params  # noqa: E402
 from _register_fixtures import LOCK, build_sft_folder, git, write_eval  # noqa: E402
+
+from components import register as reg  # noqa: E402
+from components.core.config import parse_params  # noqa: E402
+from components.core.context import StageContext, StageError  # noqa: E402
+from components.registry import lineage, models
 
 NAME = "seedlm-lineage"
 
@@ -124,12 +124,12 @@ def test_dirty_tree_and_missing_pieces(history, tmp_path):
     assert any("register/params.yaml" in s and "params.yaml" in s for s in steps)
     assert any("LoRA adapter" in s and "ffffffff" in s for s in steps)
     with pytest.raises(StageError, match="no version of 'nope' has alias 'champion'"):
-        lineage.parse_model_uri("models:/nope@champion")
-    assert lineage.ref_name("models:/seedlm/3", set()) == ("seedlm-v3", "models:/seedlm/3")
-    assert lineage.ref_name("models:/seedlm@champion", {"seedlm-champion"}) == ("seedlm-champion_",
+        models.parse_model_uri("models:/nope@champion")
+    assert models.ref_name("models:/seedlm/3", set()) == ("seedlm-v3", "models:/seedlm/3")
+    assert models.ref_name("models:/seedlm@champion", {"seedlm-champion"}) == ("seedlm-champion_",
                                                                                "models:/seedlm@champion")
-    assert lineage.ref_name("mine=/a/b", set()) == ("mine", "/a/b")
-    assert lineage.ref_name("/a/b/", set()) == ("b", "/a/b/")
+    assert models.ref_name("mine=/a/b", set()) == ("mine", "/a/b")
+    assert models.ref_name("/a/b/", set()) == ("b", "/a/b/")
     empty = tmp_path / "no.db"
-    assert lineage.alias_version("x", uri=f"sqlite:///{empty}") is None and not empty.exists()
+    assert models.alias_version("x", uri=f"sqlite:///{empty}") is None and not empty.exists()
     shutil.rmtree(tmp_path, ignore_errors=True)

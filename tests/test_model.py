@@ -1,4 +1,4 @@
-"""components.model: building, loading (safetensors only), saving, device/precision choice."""
+"""components.training.model: building, loading (safetensors only), saving, device/precision choice."""
 from __future__ import annotations
 
 import os
@@ -12,10 +12,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-from components.common import StageError
-from components.config import ModelConfig
-from components.model import (build_model, cpu_has_fast_bf16, device_and_precision, llama_intermediate, load_model,
-                              save_model)
+from components.core.config import ModelConfig
+from components.core.context import StageError
+from components.training.model import (
+    build_model,
+    cpu_has_fast_bf16,
+    device_and_precision,
+    llama_intermediate,
+    load_model,
+    save_model,
+)
 
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TEXT = ["the red fox lives in the north forest.", "the blue owl sleeps in the old tower.",
@@ -145,7 +151,7 @@ def test_cpu_bf16_detection_matches_cpuinfo():
 def test_training_attention_picks_eager_for_cpu_bf16_and_restores(tok):
     from peft import LoraConfig, get_peft_model
 
-    from components.model import training_attention
+    from components.training.model import training_attention
     cpu = torch.device("cpu")
     m = build_model(ModelConfig(**TINY), tok, seed=0)
     assert training_attention(m, cpu, None) is None and m.config._attn_implementation == "sdpa"

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from components.common import StageError
-from components.config import ConfigError, parse_params
-from flows import dvcstage
 from servers import BIN, base_env, commit
+
+from components.core.config import parse_params
+from components.core.context import StageError
+from components.core.params import ConfigError
+from flows import dvcstage
 
 GEN = """import json, os, pathlib, yaml
 n = yaml.safe_load(open("params.yaml"))["n"]
@@ -134,7 +135,7 @@ def test_side_effect_stages_stay_out_of_the_run_cache(world):
 def test_a_retry_finds_the_unfinished_run_it_continues(tmp_path):
     import mlflow
 
-    from components.runner import RESUME_TAG, resumable_run
+    from components.core.runner import RESUME_TAG, resumable_run
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_experiment("seedlm")

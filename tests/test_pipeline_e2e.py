@@ -11,7 +11,6 @@ import os
 
 import pytest
 import yaml
-
 from repos import TINY, make_repo
 
 

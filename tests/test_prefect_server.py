@@ -32,11 +32,10 @@ import psutil
 import pytest
 import requests
 import yaml
+from servers import BIN, TINY, commit, make_repo, prefect, start_mlflow, start_prefect, start_worker, wait_http
 
-from servers import (BIN, TINY, commit, make_repo, prefect, start_mlflow, start_prefect, start_worker,
-                     wait_http)
+from components.core.stages import STAGES
 
-STAGES = ["ingest", "preprocess", "pretrain", "sft", "evaluate", "register"]
 FAST = {**TINY, "evaluate.max_examples": 8, "evaluate.ppl_batches": 2, "evaluate.num_samples": 2,
         "evaluate.bootstrap": 20, "orchestration.poll_s": 1.0, "orchestration.retry_delay_s": 1}
 LONGER_SFT = {"sft.max_steps": 60, "sft.checkpoint_every": 10, "sft.eval_every": 30}

@@ -15,10 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components import chat, dedup
 from components import preprocess as pp
-from components.common import StageContext, StageError, read_json, write_json, write_meta
-from components.config import PreprocessConfig
+from components.core.config import PreprocessConfig
+from components.core.context import StageContext, StageError
+from components.core.io import read_json, write_json, write_meta
+from components.data import chat, dedup
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud lamp "
          "bread piano green north quiet seven market winter garden copper").split()

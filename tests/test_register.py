@@ -18,14 +18,24 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
+from _register_fixtures import (  # noqa: E402
+    PROCESSED,
+    PROMPTS,
+    RAW,
+    aliases,
+    build_sft_folder,
+    do_register,
+    git,
+    versions,
+    write_eval,
+)
 from mlflow import MlflowClient  # noqa: E402
 
-from components import lineage  # noqa: E402
 from components import register as reg  # noqa: E402
-from components.common import StageContext, StageError, read_json, sha256_dir, write_meta  # noqa: E402
-from components.config import GateConfig, RegisterConfig, parse_params  # noqa: E402
-from _register_fixtures import (PROCESSED, PROMPTS, RAW, aliases, build_sft_folder, do_register, git,  # noqa: E402
-                                versions, write_eval)
+from components.core.config import GateConfig, RegisterConfig, parse_params  # noqa: E402
+from components.core.context import StageContext, StageError  # noqa: E402
+from components.core.io import read_json, sha256_dir, write_meta  # noqa: E402
+from components.registry import models, provenance
 
 
 # ---------------------------------------------------------------- registry
@@ -42,7 +52,7 @@ def test_first_registration_is_champion_and_serves(store, sft_dir, repo, monkeyp
     with mlflow.start_run(run_name="pipeline") as parent:
         with mlflow.start_run(run_name="register", nested=True) as run:
             res = reg.run(params, StageContext(run_id=run.info.run_id, parent_run_id=parent.info.run_id,
-                                               progress=False, extra={lineage.FLOW_RUN_TAG: "flow-123"}))
+                                               progress=False, extra={provenance.FLOW_RUN_TAG: "flow-123"}))
     assert res["version"] == 1 and res["promoted"] and res["gate_passed"] and res["model_format"] == "merged"
     assert res["model_uri"] == f"models:/{name}/1"
     client = MlflowClient()
@@ -63,11 +73,11 @@ def test_first_registration_is_champion_and_serves(store, sft_dir, repo, monkeyp
     assert json.loads(t["metric.exact_match_ci"]) == pytest.approx([0.3, 0.5])
     assert t["metric.pretrain.val_ppl"] == "12.5" and t["eval.n_examples"] == "100"
     assert t["mlflow_run_id"] == run.info.run_id and t["parent_run_id"] == parent.info.run_id
-    assert t[lineage.FLOW_RUN_TAG] == "flow-123"  # the flow's id (ctx.extra) wins over the environment
+    assert t[provenance.FLOW_RUN_TAG] == "flow-123"  # the flow's id (ctx.extra) wins over the environment
     assert t["sft_method"] == "full" and t["pretrain_enabled"] == "true" and t["model_format"] == "merged"
     assert float(t["model_size_mb"]) > 0
     assert run.info.run_id in mv.description and mv.run_id == run.info.run_id
-    assert "# Gate report" in mv.description and "components.lineage models:/seedlm-first/1" in mv.description
+    assert "# Gate report" in mv.description and "components.registry.lineage models:/seedlm-first/1" in mv.description
 
     # the data as MLflow dataset inputs of the run, digests = the DVC hashes
     inputs = {d.dataset.name: d for d in client.get_run(run.info.run_id).inputs.dataset_inputs}
@@ -257,7 +267,7 @@ def test_lora_adapter_only_merges_on_load(store, repo, tmp_path):
     assert adapter["model_format"] == "adapter" and adapter["model_size_mb"] < merged["model_size_mb"]
     t = MlflowClient().get_model_version(name, "2").tags
     assert t["model_format"] == "adapter" and t["sft_method"] == "lora" and t["pretrain_enabled"] == "true"
-    assert t["lora_base.sha256"] == lineage.weights_sha256(base) and t["lora_base.path"] == str(base.resolve())
+    assert t["lora_base.sha256"] == provenance.weights_sha256(base) and t["lora_base.path"] == str(base.resolve())
     shipped = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2", dst_path=str(tmp_path / "dl")))
     files = {p.name for p in shipped.rglob("*") if p.is_file()}
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
@@ -271,8 +281,8 @@ def test_lora_adapter_only_merges_on_load(store, repo, tmp_path):
     got = mlflow.pyfunc.load_model(f"models:/{name}/2").predict(prompts, params={"max_new_tokens": 6})
     assert got == want
     # evaluate resolves the adapter URI to a merged HF folder too
-    folder = lineage.resolve_model(f"models:/{name}/2", tmp_path / "resolved")
-    assert lineage.weights_sha256(folder) != lineage.weights_sha256(base) and (folder / "tokenizer.json").is_file()
+    folder = models.resolve_model(f"models:/{name}/2", tmp_path / "resolved")
+    assert provenance.weights_sha256(folder) != provenance.weights_sha256(base) and (folder / "tokenizer.json").is_file()
 
     # the base changed since registration: refused, with the way back
     with open(base / "model.safetensors", "r+b") as f:

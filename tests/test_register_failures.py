@@ -11,12 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
+from _register_fixtures import aliases, do_register, versions, write_eval  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from components import register as reg  # noqa: E402
-from components.common import StageContext, StageError, read_json, write_meta  # noqa: E402
-from components.config import GateConfig, RegisterConfig  # noqa: E402
-from _register_fixtures import aliases, do_register, versions, write_eval  # noqa: E402
+from components.core.config import GateConfig, RegisterConfig  # noqa: E402
+from components.core.context import StageContext, StageError  # noqa: E402
+from components.core.io import read_json, write_meta  # noqa: E402
 
 
 # ---------------------------------------------------------------- failures: rollback, a killed run, bad inputs

@@ -9,10 +9,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from components import lineage  # noqa: E402
-from components import register as reg  # noqa: E402
-from components.config import GateConfig  # noqa: E402
 from _register_fixtures import PROCESSED, RAW, git  # noqa: E402
+
+from components import register as reg  # noqa: E402
+from components.core.config import GateConfig  # noqa: E402
+from components.registry import provenance
 
 
 # ---------------------------------------------------------------- the gate, pure
@@ -54,34 +55,34 @@ def test_gate_rules():
 
 
 def test_provenance_helpers(repo, tmp_path_factory, monkeypatch):
-    tags = lineage.dvc_hashes(repo)
+    tags = provenance.dvc_hashes(repo)
     assert tags == {"dvc.sft.components/sft.py": "0123abcd", "dvc.sft.models/sft": "feedbeef.dir",
                     "dvc.ingest.data/raw": RAW + ".dir", "dvc.preprocess.data/raw": RAW + ".dir",
                     "dvc.preprocess.data/processed": PROCESSED + ".dir"}
-    assert lineage.lock_md5(repo, "data/processed") == PROCESSED + ".dir"
-    assert lineage.lock_md5(repo, "./data/raw/") == RAW + ".dir" and lineage.lock_md5(repo, "data/x") is None
-    state = lineage.git_state(repo)
+    assert provenance.lock_md5(repo, "data/processed") == PROCESSED + ".dir"
+    assert provenance.lock_md5(repo, "./data/raw/") == RAW + ".dir" and provenance.lock_md5(repo, "data/x") is None
+    state = provenance.git_state(repo)
     assert state == {"git_commit": git(repo, "rev-parse", "HEAD"), "git_dirty": "false"}
     (repo / "new.txt").write_text("x")
-    assert lineage.git_state(repo)["git_dirty"] == "true"
+    assert provenance.git_state(repo)["git_dirty"] == "true"
     plain = tmp_path_factory.mktemp("nogit")
-    assert lineage.git_state(plain) == {"git_commit": "unknown", "git_dirty": "unknown"}
-    assert lineage.dvc_hashes(plain) == {}
+    assert provenance.git_state(plain) == {"git_commit": "unknown", "git_dirty": "unknown"}
+    assert provenance.dvc_hashes(plain) == {}
     monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
     monkeypatch.delenv("PREFECT__RUNTIME__FLOW_RUN__ID", raising=False)
-    assert lineage.flow_run_id({}) is None and lineage.flow_run_id({lineage.FLOW_RUN_TAG: ""}) is None
+    assert provenance.flow_run_id({}) is None and provenance.flow_run_id({provenance.FLOW_RUN_TAG: ""}) is None
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "env-id")
-    assert lineage.flow_run_id({lineage.FLOW_RUN_TAG: "ctx-id"}) == "ctx-id" and lineage.flow_run_id({}) == "env-id"
+    assert provenance.flow_run_id({provenance.FLOW_RUN_TAG: "ctx-id"}) == "ctx-id" and provenance.flow_run_id({}) == "env-id"
 
 
 def test_weights_hash_is_the_same_in_serving(sft_dir, tmp_path):
-    from components.serving import weights_sha256
-    assert lineage.weights_sha256(sft_dir) == weights_sha256(sft_dir)
+    from components.registry.pyfunc import weights_sha256
+    assert provenance.weights_sha256(sft_dir) == weights_sha256(sft_dir)
     copy = tmp_path / "copy"
     shutil.copytree(sft_dir, copy)
     (copy / "tokenizer.json").write_text("{}")  # not part of the weights hash
-    assert lineage.weights_sha256(copy) == lineage.weights_sha256(sft_dir)
+    assert provenance.weights_sha256(copy) == provenance.weights_sha256(sft_dir)
     with open(copy / "model.safetensors", "r+b") as f:
         f.seek(-1, 2)
         f.write(b"\x01" if f.read(1) != b"\x01" else b"\x02")
-    assert lineage.weights_sha256(copy) != lineage.weights_sha256(sft_dir)
+    assert provenance.weights_sha256(copy) != provenance.weights_sha256(sft_dir)

@@ -21,14 +21,15 @@ import yaml
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerFast
 
-from components import checkpoint as ck
-from components.common import StageContext, StageError, read_json
-from components.config import TrainConfig, load_params
-from components.model import build_model
+from components.core.config import TrainConfig, load_params
+from components.core.context import StageContext, StageError
+from components.core.io import read_json
+from components.core.runner import parse_overrides
 from components.pretrain import pretrain, window_source
-from components.runner import parse_overrides
 from components.sft import sft
-from components.train import train
+from components.training import checkpoint as ck
+from components.training.loop import train
+from components.training.model import build_model
 from tests.test_train import RESUME_PT, TINY, Crash, _assert_same_weights, _pretrain, crash_at, make_processed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def _runs(repo: Path, key: str) -> list:
 
 def test_pretrain_and_sft_survive_sigkill(repo, tmp_path):
     """pretrain, sft full and sft LoRA (dropout on: the RNG states must be restored too), killed side by side."""
-    from components.runner import stage_resume_key
+    from components.core.runner import stage_resume_key
     models = repo / "models"  # models/pretrain holds the base the sft runs start from
     cases = {"pretrain": ("pretrain", [f"paths.pretrain={models / 'pretrain-killed'}"]),
              "sft-full": ("sft", ["sft.method=full", f"paths.sft={models / 'sft-full'}"]),

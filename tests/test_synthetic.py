@@ -12,8 +12,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from components import synthetic as syn
-from components.config import SyntheticConfig
+from components.core.config import SyntheticConfig
+from components.data import synthetic as syn
 
 CFG = SyntheticConfig()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def test_same_seed_identical_other_seed_different():
 
 def test_deterministic_across_processes():
     """Same output whatever PYTHONHASHSEED (no set/dict-order or hash() dependence)."""
-    code = ("import hashlib, json; from components import synthetic as s; from components.config import "
+    code = ("import hashlib, json; from components.data import synthetic as s; from components.core.config import "
             "SyntheticConfig as C; print(hashlib.sha256(json.dumps([list(s.pretrain_documents(C(), 9)), "
             "list(s.instruction_rows(C(), 9))]).encode()).hexdigest())")
     here = [list(syn.pretrain_documents(CFG, 9)), _rows(seed=9)]

@@ -1,4 +1,4 @@
-"""components.train / pretrain / sft on a tiny processed folder built here (tokenizer, token files, SFT sets)."""
+"""components.training.loop / pretrain / sft on a tiny processed folder built here (tokenizer, token files, SFT sets)."""
 from __future__ import annotations
 
 import os
@@ -19,12 +19,13 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from components.common import StageContext, StageError, read_json, write_meta
-from components.config import LoraConfig, ModelConfig, PretrainConfig, SftConfig, TrainConfig
-from components.model import build_model
+from components.core.config import LoraConfig, ModelConfig, PretrainConfig, SftConfig, TrainConfig
+from components.core.context import StageContext, StageError
+from components.core.io import read_json, write_meta
 from components.pretrain import pretrain, window_source
 from components.sft import collate, load_examples, sft
-from components.train import evaluate_loss, lr_factor, train
+from components.training.loop import evaluate_loss, lr_factor, train
+from components.training.model import build_model
 
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ANIMALS = ["fox", "owl", "frog", "bear", "wolf", "hare", "crow", "deer"]
@@ -367,7 +368,7 @@ def test_llama_pretrain_then_lora_sft(tmp_path, processed):
 
 # ---------------------------------------------------------------- speed & memory plumbing (issue 3)
 def test_peak_memory_sees_a_transient_allocation():
-    from components.train import PeakMemory
+    from components.training.loop import PeakMemory
     with PeakMemory() as outer:
         base = outer.rss_mb
         with PeakMemory() as inner:

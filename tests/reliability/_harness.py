@@ -16,7 +16,6 @@ from typing import Any, Iterator
 import repos
 from repos import BIN, ROOT, commit  # noqa: F401 (the suite uses them as h.<name>)
 
-STAGES = ("ingest", "preprocess", "pretrain", "sft", "evaluate", "register")
 OUTPUTS = {"ingest": "data/raw", "preprocess": "data/processed", "pretrain": "models/pretrain", "sft": "models/sft",
            "evaluate": "reports/evaluate", "register": "reports/register"}
 
@@ -81,8 +80,8 @@ def in_repo(repo: Path, tracking: Path | None = None) -> Iterator[None]:
 
 
 def cli(capsys: Any, repo: Path, stage: str, *args: str, tracking: Path | None = None) -> tuple[int, str]:
-    """`components.runner.main(stage)` in this process (same code path as the CLI): (exit code, stderr)."""
-    from components.runner import main
+    """`components.core.runner.main(stage)` in this process (same code path as the CLI): (exit code, stderr)."""
+    from components.core.runner import main
 
     capsys.readouterr()
     with in_repo(repo, tracking):

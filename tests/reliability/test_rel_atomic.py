@@ -7,15 +7,15 @@ import ast
 import errno
 import json
 import os
-import shutil
 import signal
 from pathlib import Path
 
+import _harness as h
 import pytest
 
-import _harness as h
-from components import common
-from components.common import StageError, atomic_dir, write_json
+from components.core import io
+from components.core.context import StageError
+from components.core.io import atomic_dir, write_json
 
 FILES = ("a.txt", "nested/b.txt", "nested/deeper/c.bin", "seedlm.json")
 
@@ -46,7 +46,7 @@ def _killed_at(out: Path, version: int, at: int, exchange: bool) -> bool:
         try:
             count = [0]
             if not exchange:
-                common._exchange = lambda a, b: False
+                io._exchange = lambda a, b: False
 
             def hook(name):
                 real = getattr(os, name)
@@ -77,7 +77,7 @@ def test_kill_at_every_write(tmp_path, exchange):
         after = _state(out)  # old or new, complete, never a mix
         if after is None and not exchange:  # killed between the two renames: the previous one is set aside
             assert list(tmp_path.glob(".out.old-*")), (at, "output gone and no .old- copy")
-            common._sweep(out)  # what the next writer does first: the previous output is back
+            io._sweep(out)  # what the next writer does first: the previous output is back
             after = _state(out)
         assert after in (before, before + 1), (at, before, after)
         metrics = json.loads((tmp_path / "metrics.json").read_text())  # parses: never half-written
@@ -98,15 +98,15 @@ def test_a_kill_between_the_two_renames_gets_the_previous_output_back(tmp_path):
     out = tmp_path / "out"
     _write(out, 1)
     stale_pid = 2**22 - 3  # no such process
-    os.replace(out, tmp_path / f".out.old-{stale_pid}-{common._HOST}-0000abcd")
-    (tmp_path / f".out.tmp-{stale_pid}-{common._HOST}-1111abcd").mkdir()
-    common._sweep(out)
+    os.replace(out, tmp_path / f".out.old-{stale_pid}-{io._HOST}-0000abcd")
+    (tmp_path / f".out.tmp-{stale_pid}-{io._HOST}-1111abcd").mkdir()
+    io._sweep(out)
     assert _state(out) == 1 and h.leftovers(tmp_path) == []
 
 
 def test_a_live_writers_temp_folder_is_left_alone(tmp_path):
     out = tmp_path / "out"
-    live = tmp_path / f".out.tmp-{os.getppid()}-{common._HOST}-2222abcd"
+    live = tmp_path / f".out.tmp-{os.getppid()}-{io._HOST}-2222abcd"
     live.mkdir()
     _write(out, 1)
     assert live.is_dir()
@@ -135,7 +135,7 @@ def test_disk_full(repo, capsys, tmp_path, monkeypatch):
         else:  # no mount possible here (not root): the disk fills up while the output is written
             def full(root: Path) -> None:
                 raise OSError(errno.ENOSPC, "No space left on device", str(root / "pretrain/shard-00000.jsonl"))
-            monkeypatch.setattr(common, "_fsync_tree", full)
+            monkeypatch.setattr(io, "_fsync_tree", full)
         rc, err = _ingest(capsys, repo, disk, "-S", "ingest.synthetic.entities=200", "-S",
                           "ingest.synthetic.paraphrases=4")
         monkeypatch.undo()
@@ -236,8 +236,9 @@ def _safe_lines(tree: ast.AST) -> set[int]:
     return safe
 
 
-MINE = ("common.py", "config.py", "ingest.py", "fetch.py", "preprocess.py", "chat.py", "synthetic.py", "retry.py")
-WORK_FILES = {("retry.py", "open")}
+MINE = ("core/io.py", "core/config.py", "ingest.py", "data/fetch.py", "preprocess.py", "data/chat.py", "data/synthetic.py",
+        "tracking/client.py", "tracking/retries.py", "tracking/backlog.py")
+WORK_FILES = {("client.py", "open")}
 """Writes that are not outputs: retry appends to its backlog (each line fsynced; the replay skips a torn last line)."""
 
 
@@ -276,7 +277,7 @@ def test_the_audit_tells_safe_writes_from_unsafe_ones():
     flagged = [line for line, _ in _writes(tree) if line not in safe]
     assert flagged == [3], flagged
     others = sorted(str(p.relative_to(h.ROOT)) for pattern in ("components/**/*.py", "flows/*.py")
-                    for p in h.ROOT.glob(pattern) if p.name not in MINE)
+                    for p in h.ROOT.glob(pattern) if str(p.relative_to(h.ROOT / 'components')) not in MINE)
     found = [u for n in others for u in _unsafe(n)]
     print("\nwrites outside atomic_dir / temp+fsync+rename (helpers called from another module's atomic_dir "
           "show up too):\n  " + "\n  ".join(found or ["none"]))

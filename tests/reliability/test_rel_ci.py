@@ -7,9 +7,8 @@ import importlib.util
 import json
 import sys
 
-import pytest
-
 import _harness as h
+import pytest
 
 spec = importlib.util.spec_from_file_location("ci_audit", h.ROOT / ".ci" / "audit.py")
 audit = importlib.util.module_from_spec(spec)

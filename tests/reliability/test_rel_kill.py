@@ -23,9 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import _harness as h
+import pytest
 
 TOKEN = "tok-" + hashlib.sha256(b"seedlm-reliability").hexdigest()[:20]
 CORPUS = b"The ferry crosses the lake twice a day.\n\nLanterns are lit along the bridge at dusk.\n"

@@ -9,9 +9,8 @@ import pickle
 import shutil
 from pathlib import Path
 
-import pytest
-
 import _harness as h
+import pytest
 
 MARKER = Path("/tmp") / f"seedlm-pickle-ran-{os.getpid()}"
 
@@ -159,7 +158,7 @@ def test_evaluate_refuses_missing_registry_versions_and_pickle_models(trained, c
 
 
 def test_lineage_of_a_version_that_does_not_exist(trained, capsys):
-    from components.lineage import main
+    from components.registry.lineage import main
 
     repo, db = trained
     with h.in_repo(repo, db):

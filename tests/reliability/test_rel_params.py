@@ -7,14 +7,14 @@ import difflib
 import math
 from pathlib import Path
 
+import _harness as h
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import _harness as h
-from components.config import ConfigError, Params, parse_params
-from components.params import model_at
+from components.core.config import Params, parse_params
+from components.core.params import ConfigError, model_at
 
 # name: (-S overrides, expected substrings of the one error line)
 BAD = {
@@ -246,7 +246,7 @@ def test_valid_training_settings_are_accepted(max_steps, warm, lr, heads, per_he
 
 def test_yaml_round_trip_of_params_yaml(tmp_path):
     """params.yaml dumped by yaml and read back through the strict loader is the same settings."""
-    from components.config import load_params
+    from components.core.config import load_params
 
     text = (h.ROOT / "params.yaml").read_text()
     a = load_params(h.ROOT / "params.yaml")

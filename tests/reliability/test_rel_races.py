@@ -14,10 +14,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import _harness as h
 import pytest
 import yaml
-
-import _harness as h
 
 RUNS = {  # name: overrides; gate min 2.0 cannot be met: those must never become champion
     "exp-a": {"sft.lr": 0.001},
@@ -135,7 +134,7 @@ def test_no_run_overwrote_another_runs_model(concurrent):
     registered (model_sha256), and the training settings inside it are that run's."""
     import mlflow
 
-    from components.common import sha256_dir
+    from components.core.io import sha256_dir
 
     repo = concurrent["repo"]
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")

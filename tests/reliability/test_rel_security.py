@@ -10,10 +10,10 @@ import os
 import threading
 from pathlib import Path
 
+import _harness as h
 import pytest
 
-import _harness as h
-from components.common import REDACTED, redact
+from components.core.redact import REDACTED, redact
 
 SOURCES = sorted([*h.ROOT.glob("components/**/*.py"), *h.ROOT.glob("flows/*.py"), *h.ROOT.glob("bench/**/*.py")])
 
@@ -60,8 +60,9 @@ def test_no_unsafe_deserialization_or_remote_code():
                     ("SafeLoader", "CSafeLoader", "_StrictLoader")):
                 bad.append(where(node))
     assert bad == [], bad
-    from components.params import _StrictLoader
     import yaml
+
+    from components.core.params import _StrictLoader
     assert issubclass(_StrictLoader, yaml.SafeLoader)
 
 
@@ -127,8 +128,8 @@ def test_ingestion_writes_only_into_its_folders(tmp_path, server, monkeypatch):
     import tarfile
     import zipfile
 
-    from components.common import StageError
-    from components.config import IngestConfig
+    from components.core.config import IngestConfig
+    from components.core.context import StageError
     from components.ingest import ingest
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
@@ -208,7 +209,7 @@ def test_no_credentials_reach_mlflow_outputs_or_logs(tmp_path, server, capsys, m
 
 
 def _params_with(url: str):
-    from components.config import parse_params
+    from components.core.config import parse_params
 
     return parse_params({"ingest": {"pretrain_sources": [{"url": url, "sha256": "0" * 64}]}})
 

@@ -5,7 +5,6 @@ ingest with arbitrary bytes (hypothesis): it either succeeds or raises StageErro
 from __future__ import annotations
 
 import base64
-import functools
 import gzip
 import http.server
 import io
@@ -17,15 +16,15 @@ import tempfile
 import threading
 from pathlib import Path
 
+import _harness as h
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import _harness as h
-from components.common import StageError
-from components.config import IngestConfig
+from components.core.config import IngestConfig
+from components.core.context import StageError
 from components.ingest import ingest
 
 SECRET = "s3cretpw-R3L"

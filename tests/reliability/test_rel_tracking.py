@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import subprocess
 import time
 from pathlib import Path
 
+import _harness as h
 import pytest
 import requests
 
-import _harness as h
-from components import retry
-from components.common import StageError
+from components.core.context import StageError
+from components.tracking import reaper, retries
+from components.tracking.client import Tracking
 
 
 # ---------------------------------------------------------------- the retry loop
@@ -37,7 +37,7 @@ def _mlflow_error(msg: str, code: str = "INTERNAL_ERROR"):
 
 @pytest.fixture
 def fast(monkeypatch):
-    monkeypatch.setattr(retry, "delay", lambda attempt: 0.01)
+    monkeypatch.setattr(retries, "delay", lambda attempt: 0.01)
 
 
 def test_transient_errors_are_retried_and_reported(fast, caplog):
@@ -51,7 +51,7 @@ def test_transient_errors_are_retried_and_reported(fast, caplog):
     fn = _Flaky(errors)
     counted = []
     with caplog.at_level(logging.WARNING, logger="seedlm.tracking"):
-        assert retry.call(fn, 21, what="log_params", budget_s=30, on_retry=lambda: counted.append(1)) == 42
+        assert retries.call(fn, 21, what="log_params", budget_s=30, on_retry=lambda: counted.append(1)) == 42
     assert fn.calls == 6 and len(counted) == 5
     msgs = [r.getMessage() for r in caplog.records]
     assert sum("log_params failed" in m for m in msgs) == 5 and "went through after 5 retries" in msgs[-1]
@@ -61,41 +61,42 @@ def test_transient_errors_are_retried_and_reported(fast, caplog):
 def test_errors_that_are_not_transient_are_not_retried(fast, error):
     fn = _Flaky([error])
     with pytest.raises(type(error)):
-        retry.call(fn, 1, what="x", budget_s=30)
+        retries.call(fn, 1, what="x", budget_s=30)
     assert fn.calls == 1
 
 
 def test_request_errors_of_mlflow_are_not_retried(fast):
     fn = _Flaky([_mlflow_error("Run 'abc' not found", "RESOURCE_DOES_NOT_EXIST")])
     with pytest.raises(Exception, match="not found"):
-        retry.call(fn, 1, what="get_run", budget_s=30)
+        retries.call(fn, 1, what="get_run", budget_s=30)
     assert fn.calls == 1
 
 
 def test_budget_exhausted_is_a_clear_stage_error(monkeypatch):
-    monkeypatch.setattr(retry, "delay", lambda attempt: 0.2)
+    monkeypatch.setattr(retries, "delay", lambda attempt: 0.2)
     fn = _Flaky([requests.ConnectionError("refused")] * 100)
     t = time.monotonic()
     with pytest.raises(StageError) as e:
-        retry.call(fn, 1, what="start_run", budget_s=1.0)
+        retries.call(fn, 1, what="start_run", budget_s=1.0)
     assert time.monotonic() - t < 3 and 3 <= fn.calls <= 7
-    assert "start_run failed" in str(e.value) and retry.BUDGET_ENV in str(e.value)
+    assert "start_run failed" in str(e.value) and retries.BUDGET_ENV in str(e.value)
 
 
 def test_delay_backs_off_exponentially_with_jitter():
-    ds = [retry.delay(a) for a in range(1, 9)]
+    ds = [retries.delay(a) for a in range(1, 9)]
     assert 0.75 <= ds[0] <= 1.25 and 1.5 <= ds[1] <= 2.5 and 3 <= ds[2] <= 5
-    assert all(d <= retry.MAX_DELAY_S * 1.25 for d in ds) and ds[-1] >= retry.MAX_DELAY_S * 0.75
+    assert all(d <= retries.MAX_DELAY_S * 1.25 for d in ds) and ds[-1] >= retries.MAX_DELAY_S * 0.75
 
 
 # ---------------------------------------------------------------- a new store opened by many at once
 OPEN = """
 import os, sys, time
-from components import retry
-from components.runner import setup_tracking
+from components.core.runner import setup_tracking
+from components.tracking import retries
+from components.tracking.client import Tracking
 while time.time() < float(sys.argv[1]):
     time.sleep(0.001)
-mlflow = retry.Tracking(retry.call(setup_tracking, what="connect", also=("RESOURCE_ALREADY_EXISTS",)), budget_s=60)
+mlflow = Tracking(retries.call(setup_tracking, what="connect", also=("RESOURCE_ALREADY_EXISTS",)), budget_s=60)
 with mlflow.start_run(run_name="x", tags={"seedlm.stage": "x"}):
     mlflow.log_params({"pid": os.getpid()})
 print("ok")
@@ -117,7 +118,7 @@ def test_four_first_runs_create_one_sqlite_store_together(tmp_path):
 def test_a_first_run_in_a_dvc_exp_workspace_keeps_artifacts_beside_the_store(tmp_path, monkeypatch):
     """`dvc exp run` runs stages in a temp workspace that DVC deletes afterwards; the store is the repo's
     (DVC_ROOT), and so must be the experiment's artifact folder, or registered models vanish with the workspace."""
-    from components.runner import EXPERIMENT, setup_tracking
+    from components.core.runner import EXPERIMENT, setup_tracking
 
     workspace = tmp_path / ".dvc/tmp/exps/tmp1234"
     workspace.mkdir(parents=True)
@@ -141,10 +142,10 @@ def test_runs_of_killed_processes_are_marked_killed(tmp_path, monkeypatch):
     dead.wait()
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name("seedlm").experiment_id
-    orphan = client.create_run(exp, tags={"seedlm.stage": "ingest", **retry.identity(), "seedlm.pid": str(dead.pid)})
-    alive = client.create_run(exp, tags={"seedlm.stage": "ingest", **retry.identity()})  # this process: alive
-    other = client.create_run(exp, tags={"seedlm.stage": "preprocess", **retry.identity(), "seedlm.pid": str(dead.pid)})
-    with retry.Tracking(mlflow, budget_s=5).start_run(run_name="ingest", tags={"seedlm.stage": "ingest"}) as run:
+    orphan = client.create_run(exp, tags={"seedlm.stage": "ingest", **reaper.identity(), "seedlm.pid": str(dead.pid)})
+    alive = client.create_run(exp, tags={"seedlm.stage": "ingest", **reaper.identity()})  # this process: alive
+    other = client.create_run(exp, tags={"seedlm.stage": "preprocess", **reaper.identity(), "seedlm.pid": str(dead.pid)})
+    with Tracking(mlflow, budget_s=5).start_run(run_name="ingest", tags={"seedlm.stage": "ingest"}) as run:
         pass
     status = {r: client.get_run(r.info.run_id).info.status for r in (orphan, alive, other)}
     assert status == {orphan: "KILLED", alive: "RUNNING", other: "RUNNING"}
@@ -158,7 +159,7 @@ def test_runs_of_killed_processes_are_marked_killed(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def data_repo(tmp_path_factory):
     """A micro repo with ingest and preprocess done (directly, no tracking)."""
-    from components.config import load_params
+    from components.core.config import load_params
     from components.ingest import ingest
     from components.preprocess import preprocess
 
@@ -253,10 +254,10 @@ def test_server_gone_for_good_saves_a_backlog_that_replays(data_repo, server, tm
     assert proc.returncode == 0, err[-4000:]  # the training is not lost: outputs complete, DVC may record it
     assert (data_repo / "models/pretrain/model.safetensors").is_file()
     backlog = data_repo / ".seedlm/tracking-backlog" / f"{run_id}.jsonl"
-    assert backlog.is_file() and f"python -m components.retry replay {backlog}" in err, err[-3000:]
+    assert backlog.is_file() and f"python -m components.tracking.backlog replay {backlog}" in err, err[-3000:]
     assert "could not be delivered" in err and "the stage's outputs are complete" in err
     server.start()
-    res = subprocess.run([str(h.BIN / "python"), "-m", "components.retry", "replay"], cwd=data_repo,
+    res = subprocess.run([str(h.BIN / "python"), "-m", "components.tracking.backlog", "replay"], cwd=data_repo,
                          env=h.env(None, MLFLOW_TRACKING_URI=server.url, NO_PROXY="127.0.0.1"),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "item(s) sent" in res.stdout, res.stderr[-3000:]

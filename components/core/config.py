@@ -1,0 +1,404 @@
+"""params.yaml, parsed once and validated: the single source of every setting.
+
+Every section is a pydantic model that forbids unknown keys. `load_params` collects every
+problem in the file and raises one `ConfigError` that names each key (with a "did you mean"
+for misspellings) and says what to change. The mechanics of reading the file, and each stage's
+view of the settings (`stage_config`, `config_hash`, ...), live in components/core/params.py.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from components.core.params import read_yaml, validate
+from components.core.stages import BY_NAME, STAGES, TABLE
+
+# A field named "register" shadows BaseModel.register (an ABC helper we never use).
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# ---------------------------------------------------------------- ingest
+class Source(Section):
+    """One input source. Set exactly one of `synthetic`, `path`, `url`, `hf`."""
+
+    synthetic: bool = False
+    """The embedded, seeded synthetic world (see components/data/synthetic.py)."""
+    path: str | None = None
+    """A local file or folder (recursive): .txt .md .jsonl .csv .parquet, optionally .gz."""
+    url: str | None = None
+    """An http(s) URL of one such file; downloaded once and checked against `sha256`."""
+    hf: str | None = None
+    """A Hugging Face dataset name (needs the network; offline it fails with a clear error)."""
+    hf_config: str | None = None
+    """The dataset's configuration (subset) name, for `hf` sources."""
+    split: str = "train"
+    """The dataset split, for `hf` sources."""
+    text_field: str = "text"
+    """Column (csv/parquet/hf) or key (jsonl) holding the text of pretraining sources."""
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """Expected sha256 of a `url` download (hex). Required for urls, so a download is reproducible."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Source":
+        given = [k for k in ("synthetic", "path", "url", "hf") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of synthetic/path/url/hf (got {given or 'none'})")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must be http(s): {self.url!r}")
+        if self.url and not self.sha256:
+            raise ValueError("a url source needs `sha256:` (run `sha256sum` on the file once)")
+        return self
+
+
+class SyntheticConfig(Section):
+    """The embedded default: an invented world of entities and their attributes."""
+
+    entities: int = Field(default=60, ge=4, le=100_000)
+    """How many invented entities the world holds."""
+    paraphrases: int = Field(default=6, ge=1, le=100)
+    """How many differently worded sentences state each fact in the pretraining corpus."""
+    heldout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """Fraction of facts whose questions are kept out of SFT and asked only in evaluation."""
+
+
+class IngestConfig(Section):
+    pretrain_sources: list[Source] = Field(default_factory=lambda: [Source(synthetic=True)], min_length=1)
+    """Raw text for causal-LM pretraining."""
+    sft_sources: list[Source] = Field(default_factory=lambda: [Source(synthetic=True)], min_length=1)
+    """Instruction data: JSONL in Alpaca form {instruction, input?, output} or chat form {messages}."""
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    skip_malformed: bool = False
+    """Skip (and count) malformed rows instead of failing on the first one."""
+    shard_rows: int = Field(default=100_000, ge=1)
+    """Rows per output shard."""
+    max_download_mb: int = Field(default=2048, ge=1)
+    """Refuse url downloads larger than this."""
+    max_line_mb: float = Field(default=16, gt=0, le=1024)
+    """Refuse (or skip, with skip_malformed) a single line/row larger than this."""
+
+
+# ---------------------------------------------------------------- preprocess
+class PreprocessConfig(Section):
+    normalization: Literal["NFC", "NFKC", "none"] = "NFKC"
+    """Unicode normalization form applied to every text."""
+    min_chars: int = Field(default=8, ge=0)
+    """Drop documents shorter than this after cleaning."""
+    max_chars: int = Field(default=200_000, ge=1)
+    """Drop documents longer than this after cleaning."""
+    dedup: Literal["exact", "near", "none"] = "exact"
+    """Exact: drop repeated documents by hash. near: also MinHash near-duplicates."""
+    near_threshold: float = Field(default=0.85, gt=0, le=1)
+    """Jaccard similarity over word 5-grams above which two documents are near-duplicates."""
+    val_fraction: float = Field(default=0.05, gt=0, lt=0.5)
+    """Fraction of pretraining documents (by content hash) kept for validation."""
+    sft_test_fraction: float = Field(default=0.1, gt=0, lt=0.9)
+    """Fraction of instruction rows held out for evaluation (rows that carry `split` keep it)."""
+    vocab_size: int = Field(default=1024, ge=64, le=1_000_000)
+    """BPE vocabulary size when training a tokenizer (ignored when model.init_from is set)."""
+    min_frequency: int = Field(default=2, ge=1)
+    """BPE merges need at least this many occurrences."""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "PreprocessConfig":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars}): every document "
+                             "would be dropped; lower min_chars or raise max_chars")
+        return self
+
+
+# ---------------------------------------------------------------- model
+class ModelConfig(Section):
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    """Architecture built from config when pretraining from scratch."""
+    n_layer: int = Field(default=4, ge=1, le=256)
+    n_embd: int = Field(default=256, ge=8)
+    n_head: int = Field(default=4, ge=1)
+    n_kv_head: int | None = Field(default=None, ge=1)
+    """llama only: key/value heads (grouped-query attention); default = n_head."""
+    context_length: int = Field(default=128, ge=8, le=131_072)
+    """Tokens per training sequence (and the model's position limit when built from scratch)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    init_from: str | None = None
+    """A local checkpoint folder (HF format, safetensors) to continue from instead of from scratch."""
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
+        if self.n_kv_head is not None:
+            if self.arch != "llama":
+                raise ValueError("n_kv_head is only used by arch: llama")
+            if self.n_head % self.n_kv_head:
+                raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        return self
+
+
+# ---------------------------------------------------------------- training
+class TrainConfig(Section):
+    """Settings shared by pretrain and sft."""
+
+    max_steps: int = Field(default=600, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(default=16, ge=1)
+    """Sequences per micro-batch (per device)."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step."""
+    lr: float = Field(default=1e-3, gt=0, le=1)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Cosine schedule floor, as a fraction of lr."""
+    warmup_steps: int = Field(default=30, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, gt=0, lt=1)
+    beta2: float = Field(default=0.95, gt=0, lt=1)
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Max global grad norm (0 disables clipping)."""
+    eval_every: int = Field(default=100, ge=1)
+    """Steps between validation-loss evaluations."""
+    eval_batches: int = Field(default=8, ge=1)
+    checkpoint_every: int = Field(default=200, ge=1)
+    """Steps between resumable checkpoints."""
+    log_every: int = Field(default=10, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast where the hardware supports it, else fp32."""
+    compile: bool = False
+    """torch.compile the model (first step slower, then faster)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory on long contexts."""
+    devices: int = Field(default=1, ge=1)
+    """Data-parallel processes (torch.distributed: gloo on CPU, NCCL on CUDA)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How to spread training over `devices`."""
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "TrainConfig":
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+
+class PretrainConfig(TrainConfig):
+    enabled: bool = True
+    """false: skip pretraining; sft then starts from a freshly initialized model (the ULMFiT control)."""
+
+
+class LoraConfig(Section):
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    """Module names to adapt; default per architecture (gpt2: c_attn, c_proj, c_fc; llama: q/k/v/o and MLP)."""
+
+
+class SftConfig(TrainConfig):
+    method: Literal["full", "lora"] = "full"
+    """full fine-tuning, or LoRA adapters through peft."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    max_steps: int = Field(default=300, ge=1)
+    lr: float = Field(default=5e-4, gt=0, le=1)
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    eval_every: int = Field(default=50, ge=1)
+    checkpoint_every: int = Field(default=100, ge=1)
+
+
+# ---------------------------------------------------------------- evaluate / register
+class EvaluateConfig(Section):
+    max_new_tokens: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    max_examples: int | None = Field(default=None, ge=1)
+    """Cap on held-out instruction examples (None: all)."""
+    num_samples: int = Field(default=20, ge=0)
+    """Rows in the sample-generations table."""
+    ppl_batches: int = Field(default=20, ge=1)
+    """Validation batches for held-out perplexity."""
+    bootstrap: int = Field(default=1000, ge=0)
+    """Bootstrap resamples for confidence intervals (0 disables)."""
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    champion: bool = True
+    """Also evaluate the registry's current champion (`models:/<register.model_name>@champion`), if any."""
+    models: dict[str, str] = Field(default_factory=dict)
+    """Other models for the same table: name -> local HF folder or MLflow URI (`models:/seedlm/3`)."""
+
+    @model_validator(mode="after")
+    def _model_names(self) -> "EvaluateConfig":
+        for name in self.models:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in RESERVED_EVAL_NAMES:
+                raise ValueError(f"evaluate.models: bad name {name!r}: use letters, digits, _ . - and none of "
+                                 f"{sorted(RESERVED_EVAL_NAMES)}")
+        return self
+
+
+RESERVED_EVAL_NAMES = {"pretrain", "sft", "champion", "n_examples", "val_tokens", "compare", "sources", "control"}
+"""Keys of metrics/evaluate.json that evaluate.models names may not take."""
+
+
+class GateConfig(Section):
+    metric: str = "exact_match"
+    """The metric that decides champion vs challenger (higher is better); always checked for regression."""
+    min: dict[str, float] = Field(default_factory=lambda: {"exact_match": 0.05})
+    """Per-metric minimums the challenger must reach."""
+    max_regression: dict[str, float] = Field(default_factory=lambda: {"exact_match": 0.0})
+    """Per-metric largest allowed drop against the current champion. A drop counts only when it is
+    significant: the bootstrap CI of (challenger - champion) lies below 0."""
+
+
+class RegisterConfig(Section):
+    model_name: str = Field(default="seedlm", pattern=r"^[A-Za-z0-9_.-]+$")
+    """Registered model name in the MLflow registry."""
+    gate: GateConfig = Field(default_factory=GateConfig)
+    lora_format: Literal["merged", "adapter"] = "merged"
+    """For LoRA runs: register the merged model or the adapter only (base referenced by hash)."""
+    max_new_tokens: int = Field(default=32, ge=1)
+    """Default generation length of the registered pyfunc model."""
+
+
+class _OtherPaths(Section):
+    """Where each stage writes, relative to the repo root (dvc.yaml reads these too). The stages' own output
+    folders (raw, processed, pretrain, ...) come from the stage table, components/core/stages.py."""
+
+    sources: str = "data/sources"
+    """Put your own corpus and instruction files here: the ingest stage depends on this folder."""
+    metrics: str = "metrics"
+    """DVC metrics: <metrics>/<stage>.json."""
+    plots: str = "plots"
+    """DVC plots data: <plots>/<stage>_*.csv / .json."""
+    checkpoints: str = ".seedlm/checkpoints"
+    """Resumable training state (not a DVC output: it must survive a stage rerun)."""
+
+
+Paths = create_model(
+    "Paths",
+    __base__=_OtherPaths,
+    __doc__=_OtherPaths.__doc__,
+    **{s.out: (str, Field(default=s.default_path, description=f"Output folder of the {s.name} stage.")) for s in TABLE},
+)
+
+
+# ---------------------------------------------------------------- orchestration (not a stage dependency)
+
+
+class ScheduleConfig(Section):
+    """One scheduled deployment of the pipeline (`python -m flows.deploy` creates `seedlm/<name>`)."""
+
+    cron: str = Field(default="0 3 * * *", pattern=r"^\S+( \S+){4}$")
+    """Cron expression (5 fields) for this deployment's runs."""
+    timezone: str = "UTC"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """params.yaml settings to change for this deployment's runs, dotted keys like `dvc exp run -S`
+    (e.g. {"pretrain.max_steps": 2000}); applied to params.yaml in the run's workspace."""
+
+
+class OrchestrationConfig(Section):
+    """How scheduled runs are spread over Prefect work pools (see README, "Operating it")."""
+
+    mode: Literal["local", "deployments"] = "local"
+    """local: every stage runs inside the pipeline's flow run. deployments: each stage runs as a flow run of
+    its own deployment (`seedlm-stage/<stage>`) on the pool in `pools`, sharing data through the DVC remote."""
+    pools: dict[str, str] = Field(default_factory=lambda: {s.name: s.pool for s in TABLE})
+    """Work pool of each stage's deployment."""
+    pipeline_pool: str = "cpu"
+    """Work pool of the pipeline deployments (they only orchestrate: a CPU worker is enough)."""
+    schedules: dict[str, ScheduleConfig] = Field(default_factory=lambda: {"nightly": ScheduleConfig()})
+    """Pipeline deployments by name, each with its cron schedule and parameter overrides."""
+    dvc_remote: str = ""
+    """DVC remote that carries stage data between workers ('' = the repo's default remote, if any)."""
+    pull_outputs: bool = True
+    """deployments mode: check every stage's outputs out into the pipeline's workspace too (false: only dvc.lock)."""
+    timeouts: dict[str, int] = Field(default_factory=lambda: {s.name: s.timeout_s for s in TABLE})
+    """Seconds a stage's flow run may take before it is cancelled and the pipeline fails."""
+    retries: int = Field(default=2, ge=0, le=20)
+    """Resubmissions of a stage whose flow run crashed (worker or machine lost); training resumes from
+    its last checkpoint and continues the same MLflow run."""
+    retry_delay_s: int = Field(default=30, ge=0)
+    heartbeat_s: int = Field(default=60, ge=30)
+    """Flow-run heartbeat interval on workers (PREFECT_FLOWS_HEARTBEAT_FREQUENCY) for zombie detection."""
+    poll_s: float = Field(default=5.0, gt=0)
+    """How often the pipeline polls a stage's flow run."""
+
+    @model_validator(mode="after")
+    def _stages(self) -> "OrchestrationConfig":
+        for name, table in (("pools", self.pools), ("timeouts", self.timeouts)):
+            if set(table) != set(STAGES):
+                raise ValueError(f"{name} must name every stage exactly once: missing "
+                                 f"{sorted(set(STAGES) - set(table))}, unknown {sorted(set(table) - set(STAGES))}")
+        if any(v < 1 for v in self.timeouts.values()):
+            raise ValueError("timeouts must be positive seconds")
+        for name in self.schedules:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"schedules: bad deployment name {name!r}: use letters, digits, _ . -")
+        return self
+
+
+class Params(Section):
+    seed: int = Field(default=1337, ge=0)
+    paths: Paths = Field(default_factory=Paths)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    register: RegisterConfig = Field(default_factory=RegisterConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        if self.register.gate.metric not in GATE_METRICS:
+            raise ValueError(f"register.gate.metric must be one of {sorted(GATE_METRICS)}")
+        for key in (*self.register.gate.min, *self.register.gate.max_regression):
+            if key not in GATE_METRICS:
+                raise ValueError(f"register.gate: unknown metric {key!r}; use one of {sorted(GATE_METRICS)}")
+        if self.model.init_from is None and self.preprocess.vocab_size < BPE_MIN_VOCAB:
+            raise ValueError(f"preprocess.vocab_size ({self.preprocess.vocab_size}) is below {BPE_MIN_VOCAB}: a "
+                             f"byte-level BPE needs 256 byte tokens + 6 special tokens; raise it")
+        if self.sft.method == "lora" and not self.pretrain.enabled and self.model.init_from is None:
+            raise ValueError("sft.method: lora on a freshly initialized model trains adapters on noise; "
+                             "enable pretrain, set model.init_from, or use sft.method: full")
+        return self
+
+
+GATE_METRICS = {"exact_match", "rougeL", "bleu", "chrf", "accuracy"}
+BPE_MIN_VOCAB = 262
+"""256 byte tokens + the 6 chat special tokens (components/data/chat.py)."""
+
+
+# ---------------------------------------------------------------- loading (mechanics: components/core/params.py)
+def parse_params(data: Any, source: str = "params.yaml") -> Params:
+    return validate(Params, data, source)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; `overrides` maps dotted keys to values (like `dvc exp run -S`)."""
+    path = Path(path)
+    return parse_params(read_yaml(path, overrides), str(path))
+
+
+# ---------------------------------------------------------------- each stage's view of the settings
+def stage_output(params: Params, stage: str) -> Path:
+    """The folder a stage writes (its DVC out)."""
+    return Path(getattr(params.paths, BY_NAME[stage].out))
+
+
+def section(params: Params, dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def stage_config(params: Params, stage: str) -> dict[str, Any]:
+    """The resolved settings a stage depends on, as plain data (saved beside its outputs)."""
+    out = {}
+    for key in BY_NAME[stage].params:
+        value = section(params, key)
+        out[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return out

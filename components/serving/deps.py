@@ -1,0 +1,11 @@
+"""The seedlm modules serving depends on, imported in one place (so a move of those modules is one edit here)."""
+
+from __future__ import annotations
+
+from components.core.context import StageError
+from components.data.chat import END_TOKEN, stop_ids
+from components.registry.models import alias_version, is_uri, parse_model_uri, resolve_model, tracking_uri
+from components.training.model import load_model
+
+__all__ = ["END_TOKEN", "StageError", "alias_version", "is_uri", "load_model", "parse_model_uri", "resolve_model",
+           "stop_ids", "tracking_uri"]
