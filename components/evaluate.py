@@ -12,61 +12,54 @@ model, outside the pipeline (into `--out`, not a DVC output):
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from components.core.config import EvaluateConfig, Params
 from components.core.context import StageContext, StageError
 from components.core.io import atomic_dir, read_json, sha256_dir, write_json, write_meta
+from components.data.chat import END_TOKEN, stop_ids
 from components.evaluation import control
 from components.evaluation.control import ppl_score
+from components.evaluation.perplexity import (
+    amp_dtype,
+    cpu_threads,
+    load_val_tokens,
+    response_perplexity,
+    val_perplexity,
+)
 from components.evaluation.report import COMPARED, SCORE_METRICS, samples_table, write_figures, write_report
 from components.evaluation.scoring import bootstrap_ci, compare_models, task_metrics
 from components.registry.models import alias_version, is_uri, parse_model_args, resolve_model
+from components.training.model import autocast, max_positions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-END = "<|end|>"
+
+
+def tokenizer_model(tok: Any) -> Any:
+    return json.loads(tok.backend_tokenizer.to_str())["model"] if hasattr(tok, "backend_tokenizer") else None
+
+
+def encode_items(tok: Any, prompts: list[list[dict]], references: list[str]) -> tuple[list, list]:
+    """(input_ids, labels) of prompt + reference + `<|end|>` with a model's own tokenizer (labels: the answer)."""
+    ids, labels = [], []
+    for prompt, ref in zip(prompts, references):
+        p = tok(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False),
+                add_special_tokens=False)["input_ids"]
+        a = tok(ref + END_TOKEN, add_special_tokens=False)["input_ids"]
+        ids.append(p + a)
+        labels.append([-100] * len(p) + a)
+    return ids, labels
 
 
 # ---------------------------------------------------------------- models
-def autocast(device: Any, enabled: bool = True) -> Any:
-    """bf16 autocast where the hardware runs it natively (CUDA with bf16, CPUs with AVX-512 bf16)."""
-    import torch
-    if not enabled:
-        return nullcontext()
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-@contextmanager
-def cpu_threads(device: Any, n: int | None = None) -> Iterator[None]:
-    """On CPU, run a block on `n` torch threads (default: the cores other processes leave idle, at least 1).
-
-    Two threads contending with a busy machine run small models several times slower than one.
-    """
-    import torch
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        idle = (os.cpu_count() or 1) - os.getloadavg()[0]
-        torch.set_num_threads(max(1, min(before, n or int(idle + 0.5))))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def check_model_dir(name: str, path: Path) -> str:
     """StageError naming `path` unless it looks like an HF model folder; returns the fix hint for errors."""
     hint = (f"run `dvc repro {name}` (or the pipeline) first" if name in ("pretrain", "sft")
@@ -80,104 +73,26 @@ def check_model_dir(name: str, path: Path) -> str:
 
 
 def load_model(name: str, path: Path, data_dir: Path, device: Any) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) from a local HF folder; StageError naming a bad folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model in eval mode, tokenizer) from a local HF folder (the tokenizer from preprocess when the folder
+    has none); StageError naming a bad folder."""
+    from transformers import AutoTokenizer
+
+    from components.training import model as models
+
     hint = check_model_dir(name, path)
     tok_dir = path if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) \
         else data_dir / "tokenizer"
+    model = models.load_model(path, what=f"model {name!r}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    except Exception as e:  # noqa: BLE001 - re-raised as a user-facing error naming the folder
-        raise StageError(f"{path}: cannot load model {name!r}: {type(e).__name__}: {e}; {hint}") from e
+    except (OSError, ValueError) as e:
+        raise StageError(f"{tok_dir}: cannot load the tokenizer of model {name!r}: {e}; {hint}") from None
     if not tokenizer.chat_template:
         raise StageError(f"{tok_dir}: the tokenizer has no chat_template; rerun `dvc repro preprocess` and {name}")
     return model.to(device).eval(), tokenizer
 
 
-def context_length(model: Any) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024)
-
-
-# ---------------------------------------------------------------- perplexity
-def _ce_sum(logits: Any, targets: Any) -> tuple[float, int]:
-    import torch
-    mask = targets != -100
-    loss = torch.nn.functional.cross_entropy(logits.float()[mask], targets[mask], reduction="sum")
-    return float(loss), int(mask.sum())
-
-
-def val_perplexity(model: Any, tokens: np.ndarray, *, windows: int, batch_size: int, seed: int,
-                   device: Any, amp: bool = True) -> dict[str, float]:
-    """Loss on up to `windows` seeded, non-overlapping windows of the model's context."""
-    import torch
-    t = min(context_length(model), len(tokens) - 1)
-    avail = (len(tokens) - 1) // t
-    starts = np.sort(np.random.default_rng(seed).choice(avail, size=min(windows, avail), replace=False)) * t
-    total, count = 0.0, 0
-    with cpu_threads(device), torch.no_grad(), autocast(device, amp):
-        for i in range(0, len(starts), batch_size):
-            rows = np.stack([tokens[s:s + t + 1].astype(np.int64) for s in starts[i:i + batch_size]])
-            x = torch.from_numpy(rows).to(device)
-            loss, n = _ce_sum(model(input_ids=x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
-            total, count = total + loss, count + n
-    return {"val_loss": total / count, "val_ppl": math.exp(total / count), "val_tokens": count}
-
-
-def response_perplexity(model: Any, input_ids: list[list[int]], labels: list[list[int]], *,
-                        batch_size: int, device: Any, amp: bool = True) -> tuple[dict[str, float], np.ndarray]:
-    """Loss on the label tokens only (assistant answers), sequences cut to the context from the left,
-    and per-item [loss sum, label tokens] rows (input order): additive, for bootstrap CIs."""
-    import torch
-    t = context_length(model)
-    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i][-t:]))
-    stats = np.zeros((len(input_ids), 2))
-    with cpu_threads(device), torch.no_grad(), autocast(device, amp):
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            width = max(len(input_ids[j][-t:]) for j in idx)
-            x = torch.zeros((len(idx), width), dtype=torch.long)
-            y = torch.full((len(idx), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, j in enumerate(idx):
-                ids, lab = input_ids[j][-t:], labels[j][-t:]
-                x[r, :len(ids)], y[r, :len(lab)], mask[r, :len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
-            logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-            target = y[:, 1:].to(device)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100,
-                                                     reduction="none").view_as(target)
-            stats[idx, 0] = loss.sum(1).double().cpu().numpy()
-            stats[idx, 1] = (target != -100).sum(1).cpu().numpy()
-    total, count = stats.sum(0)
-    return ({"response_loss": total / count, "response_ppl": math.exp(total / count)} if count else {}), stats
-
-
-def tokenizer_model(tok: Any) -> Any:
-    return json.loads(tok.backend_tokenizer.to_str())["model"] if hasattr(tok, "backend_tokenizer") else None
-
-
-def encode_items(tok: Any, prompts: list[list[dict]], references: list[str]) -> tuple[list, list]:
-    """(input_ids, labels) of prompt + reference + `<|end|>` with a model's own tokenizer (labels: the answer)."""
-    ids, labels = [], []
-    for prompt, ref in zip(prompts, references):
-        p = tok(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False),
-                add_special_tokens=False)["input_ids"]
-        a = tok(ref + END, add_special_tokens=False)["input_ids"]
-        ids.append(p + a)
-        labels.append([-100] * len(p) + a)
-    return ids, labels
-
-
 # ---------------------------------------------------------------- generation
-def stop_ids(tokenizer: Any) -> list[int]:
-    vocab = tokenizer.get_vocab()
-    ids = [vocab[END]] if END in vocab else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
-
-
 def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int,
              device: Any, amp: bool = True, progress: bool = False) -> tuple[list[str], dict[str, float]]:
     """Greedy, batched (left padding, KV cache) answers to rendered prompts, cut at `<|end|>`/eos."""
@@ -186,15 +101,15 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
     from transformers import GenerationConfig
     stops = stop_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
-    room = max(1, context_length(model) - max_new_tokens)
-    gen_cfg = GenerationConfig(max_new_tokens=min(max_new_tokens, context_length(model) - 1), do_sample=False,
+    room = max(1, max_positions(model) - max_new_tokens)
+    gen_cfg = GenerationConfig(max_new_tokens=min(max_new_tokens, max_positions(model) - 1), do_sample=False,
                                num_beams=1, use_cache=True, eos_token_id=stops, pad_token_id=pad)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"][-room:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     out: list[str] = [""] * len(prompts)
     n_new, start = 0, time.perf_counter()
     # decoding small models is per-step overhead: 1 CPU thread is as fast, and far faster on a busy machine
-    with cpu_threads(device, 1), torch.no_grad(), autocast(device, amp):
+    with cpu_threads(device, 1), torch.no_grad(), autocast(device, amp_dtype(device, amp)):
         for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
             idx = order[i:i + batch_size]
             width = max(len(encoded[j]) for j in idx)
@@ -233,21 +148,6 @@ def load_sft_test(data_dir: Path, max_examples: int | None, seed: int) -> dict[s
     cols["prompt"] = [json.loads(p) if isinstance(p, str) else p for p in cols["prompt"]]
     cols["row"] = rows
     return cols
-
-
-def load_val_tokens(data_dir: Path, vocab: int) -> np.ndarray:
-    """val.bin as a memmap (dtype from preprocess's seedlm.json), checked against the model's vocabulary."""
-    path, meta = data_dir / "val.bin", data_dir / "seedlm.json"
-    if not path.is_file():
-        raise StageError(f"{path}: missing; run `dvc repro preprocess` first")
-    dtype = read_json(meta).get("result", {}).get("dtype") if meta.is_file() else None
-    tokens = np.memmap(path, dtype=np.dtype(dtype or ("uint16" if vocab <= 65535 else "uint32")), mode="r")
-    if len(tokens) < 2:
-        raise StageError(f"{path}: fewer than 2 tokens; raise preprocess.val_fraction or add data")
-    if int(tokens.max()) >= vocab:
-        raise StageError(f"{path}: token id {int(tokens.max())} >= the model's vocab_size {vocab}: model and "
-                         "data were built with different tokenizers; rerun preprocess, pretrain and sft")
-    return tokens
 
 
 def evaluate_models(cfg: EvaluateConfig, data_dir: Path, models: dict[str, str | Path], out_dir: Path,

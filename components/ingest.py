@@ -20,12 +20,12 @@ from components.core.context import StageContext, StageError
 from components.core.io import atomic_dir, sha256_file, write_json, write_meta
 from components.core.redact import redact
 from components.data import synthetic
+from components.data.chat import ROLES
 from components.data.fetch import download, hf_records
 from components.data.fetch import file_ext as _ext
 
 log = logging.getLogger(__name__)
 EXTS = {"pretrain": (".txt", ".md", ".jsonl", ".csv", ".parquet"), "sft": (".jsonl", ".csv", ".parquet")}
-ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "val", "test", None)
 SKIP_HINT = "or set ingest.skip_malformed: true to skip such rows"
 _LINE_BREAKS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}  # escaped: str.splitlines() splits on them

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from components.core.config import ModelConfig, Params, PretrainConfig
 from components.core.context import StageContext, StageError
-from components.core.io import atomic_dir, read_meta, write_json, write_meta
+from components.core.io import atomic_dir, read_meta, write_json, write_meta, write_text
 from components.core.params import config_hash
 from components.training import distributed as dd
 from components.training.checkpoint import run_key
@@ -81,10 +79,7 @@ def write_plot_csv(path: Path, history: list[dict[str, Any]]) -> None:
     w.writerow(PLOT_COLUMNS)
     for h in history:
         w.writerow(["" if h.get(c) is None else h[c] for c in PLOT_COLUMNS])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, buf.getvalue())
 
 
 def metrics_of(result: dict[str, Any]) -> dict[str, Any]:

@@ -20,16 +20,12 @@ import json
 import logging
 import shutil
 import tempfile
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
-
 from components.core.config import GateConfig, Params, Paths, RegisterConfig, stage_config
 from components.core.context import StageContext, StageError
-from components.core.io import atomic_dir, read_json, read_meta, sha256_dir, sha256_file, write_json, write_meta
+from components.core.io import read_json, read_meta, sha256_dir, sha256_file
 from components.core.params import config_hash
 from components.core.redact import redact
 from components.core.stages import STAGES
@@ -45,14 +41,19 @@ from components.registry.provenance import (
     meta_hash,
     weights_sha256,
 )
+from components.registry.publish import (
+    MAX_TAG,
+    Registration,
+    champion_evidence,
+    drop_orphans,
+    log_model,
+    publish,
+    registered_aliases,
+    scalars,
+)
 
 log = logging.getLogger(__name__)
 
-SERVING_CODE = Path(__file__).with_name("serving.py")
-EXAMPLE_PROMPT = "What is the capital of France?"
-MAX_TAG = 5000
-"""Chars; JSON tags stay below the strictest MLflow backend limit for tag values."""
-SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
 
 
 # ---------------------------------------------------------------- inputs
@@ -66,19 +67,6 @@ def _read_inputs(model_dir: Path, eval_metrics_path: Path) -> tuple[dict, dict]:
     if not isinstance(evals, dict) or not isinstance(evals.get("sft"), dict):
         raise StageError(f"{eval_metrics_path}: no 'sft' section of metrics; re-run `dvc repro evaluate`")
     return meta, evals
-
-
-def _scalars(section: dict[str, Any]) -> dict[str, Any]:
-    """Numbers and [lo, hi] intervals of one metrics section (nested groups are left out)."""
-    out: dict[str, Any] = {}
-    for k, v in section.items():
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, (int, float)):
-            out[k] = float(v)
-        elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
-            out[k] = [float(x) for x in v]
-    return out
 
 
 def _check_gate_metrics(gate: GateConfig, metrics: dict[str, Any], path: Path) -> None:
@@ -159,16 +147,6 @@ def _active_run(ctx: StageContext) -> Iterator[Any]:
         yield run
 
 
-def _pip_requirements(adapter: bool) -> list[str]:
-    reqs = []
-    for name in (*SERVING_PACKAGES, *(("peft",) if adapter else ())):
-        try:
-            reqs.append(f"{name}=={pkg_version(name).split('+')[0]}")
-        except PackageNotFoundError:
-            reqs.append(name)
-    return reqs
-
-
 def _size_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 3)
 
@@ -203,108 +181,6 @@ def _lora_base(model_dir: Path, meta: dict[str, Any], root: Path, paths: Paths) 
     return base, tags
 
 
-def _log_model(cfg: RegisterConfig, folder: Path, size_mb: float, base_tags: dict[str, str] | None) -> Any:
-    import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    example = [EXAMPLE_PROMPT]
-    gen_params = {"max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "do_sample": False}
-    signature = infer_signature(example, ["an answer"], params=gen_params)
-    model_config: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens}
-    if base_tags:
-        model_config.update(base_path=base_tags["lora_base.path"], base_sha256=base_tags["lora_base.sha256"],
-                            base_hint="restore it with `git checkout <git_commit> && dvc checkout` (see "
-                                      "`python -m components.registry.lineage`)")
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=str(SERVING_CODE),
-        artifacts={"hf_adapter" if base_tags else "hf_model": str(folder)},
-        model_config=model_config, signature=signature, input_example=example,
-        pip_requirements=_pip_requirements(bool(base_tags)),
-        metadata={"model_size_mb": size_mb, "seedlm_stage": "register", "format": "adapter" if base_tags else "merged"})
-    # log_model only warns when the example fails; a model that cannot generate is not registered.
-    out = mlflow.pyfunc.load_model(info.model_uri).predict(
-        pd.DataFrame({"prompt": example}), params={"max_new_tokens": min(4, cfg.max_new_tokens)})
-    if not (isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)):
-        raise StageError(f"{folder}: the logged model returned {out!r} for one prompt; expected one "
-                         "string (check the tokenizer/chat template in the sft folder)")
-    return info
-
-
-def _registered_aliases(client: Any, name: str) -> dict[str, str] | None:
-    """Alias -> version of the registered model; None when the model does not exist yet."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-
-
-def _champion_metrics(client: Any, name: str, ver: str) -> dict[str, float]:
-    out = {}
-    for k, v in client.get_model_version(name, ver).tags.items():
-        if k.startswith("metric.") and k.count(".") == 1:
-            with contextlib.suppress(ValueError):
-                out[k.removeprefix("metric.")] = float(v)
-    return out
-
-
-def champion_evidence(client: Any, name: str, champ: str | None, evals: dict[str, Any]
-                      ) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
-    """(champion metrics, paired comparison): evaluate's, when it evaluated this very champion; else tags."""
-    if champ is None:
-        return None, None
-    pair = (evals.get("compare") or {}).get("sft_vs_champion")
-    if (evals.get("sources") or {}).get("champion") == f"models:/{name}/{champ}" and pair:
-        return _scalars(evals.get("champion") or {}), pair
-    return _champion_metrics(client, name, champ), None
-
-
-def _run_link(run: Any) -> str:
-    import mlflow
-
-    uri = redact(mlflow.get_tracking_uri())
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-    return f"runs:/{run.info.run_id} (experiment {run.info.experiment_id}, tracking {uri})"
-
-
-def _drop_orphans(client: Any, name: str, run: Any) -> None:
-    """Delete the versions that registrations killed before they finished left behind: those of this run (a
-    rerun after a kill resumes its run), and those without an alias whose run ended KILLED (the runner marks a
-    dead process's run so) or FAILED (a rollback that failed too). One registration, one version."""
-    dead = {r.info.run_id for status in ("KILLED", "FAILED") for r in client.search_runs(
-        [run.info.experiment_id], f"attributes.status = '{status}' and tags.`seedlm.stage` = 'register'",
-        max_results=1000)}
-    aliased = set((_registered_aliases(client, name) or {}).values())  # (search results carry no aliases)
-    for mv in client.search_model_versions(f"name='{name}'"):
-        owner = (mv.tags or {}).get("mlflow_run_id")
-        if owner == run.info.run_id or (owner in dead and str(mv.version) not in aliased):
-            log.warning("register: deleting %s v%s, left by a killed registration (run %s)", name, mv.version, owner)
-            client.delete_model_version(name, mv.version)
-
-
-def _rollback(client: Any, name: str, ver: str | None, model_id: str, before: dict[str, str] | None) -> None:
-    """Delete the half-registered version and restore the aliases as they were."""
-    try:
-        versions = [ver] if ver else [mv.version for mv in client.search_model_versions(f"name='{name}'")
-                                      if getattr(mv, "model_id", None) == model_id]
-        for v in versions:
-            client.delete_model_version(name, v)
-        if before is None:
-            if not client.search_model_versions(f"name='{name}'"):
-                client.delete_registered_model(name)
-            return
-        for alias, v in before.items():
-            if alias in ("champion", "challenger"):
-                client.set_registered_model_alias(name, alias, v)
-    except Exception:  # the original error is what matters; report this one and re-raise that
-        log.exception("rollback of %s v%s failed; check the registry by hand", name, ver)
-
-
 # ---------------------------------------------------------------- the stage
 def register(cfg: RegisterConfig, model_dir: Path, eval_metrics_path: Path, out_dir: Path, *,
              repo_root: Path, ctx: StageContext | None = None, params: Params | None = None) -> dict:
@@ -316,7 +192,7 @@ def register(cfg: RegisterConfig, model_dir: Path, eval_metrics_path: Path, out_
     model_dir, eval_metrics_path, out_dir = Path(model_dir), Path(eval_metrics_path), Path(out_dir)
     paths = params.paths if params is not None else Paths()
     meta, evals = _read_inputs(model_dir, eval_metrics_path)
-    metrics = _scalars(evals["sft"])
+    metrics = scalars(evals["sft"])
     _check_gate_metrics(cfg.gate, metrics, eval_metrics_path)
     lineage = _lineage(meta, params)
     adapter = cfg.lora_format == "adapter" and lineage["sft_method"] == "lora"
@@ -330,7 +206,7 @@ def register(cfg: RegisterConfig, model_dir: Path, eval_metrics_path: Path, out_
                             "params_hash": config_hash(pdata), "params": _params_tag(params, pdata),
                             "model_sha256": sha256_dir(model_dir), "model_format": "adapter" if adapter else "merged"}
     tags.update({f"metric.{k}": json.dumps(v) for k, v in metrics.items()})
-    tags.update({f"metric.pretrain.{k}": json.dumps(v) for k, v in _scalars(evals.get("pretrain") or {}).items()})
+    tags.update({f"metric.pretrain.{k}": json.dumps(v) for k, v in scalars(evals.get("pretrain") or {}).items()})
     if isinstance(evals.get("n_examples"), (int, float)):
         tags["eval.n_examples"] = str(evals["n_examples"])
     if flow_run := flow_run_id(ctx.extra):
@@ -345,63 +221,16 @@ def register(cfg: RegisterConfig, model_dir: Path, eval_metrics_path: Path, out_
             tags["parent_run_id"] = parent
         size_mb = _size_mb(folder)
         tags["model_size_mb"] = str(size_mb)
-        info = _log_model(cfg, folder, size_mb, base_tags)
+        info = log_model(cfg, folder, size_mb, base_tags)
         tags["datasets"] = ",".join(log_datasets(datasets, info.model_id))
         with registry_lock(mlflow.get_tracking_uri(), repo_root):  # read champion .. move aliases: one at a time
-            _drop_orphans(client, name, run)
-            before = _registered_aliases(client, name)
+            drop_orphans(client, name, run)
+            before = registered_aliases(client, name)
             champ = (before or {}).get("champion")
             champion, paired = champion_evidence(client, name, champ, evals)
             gate = evaluate_gate(cfg.gate, metrics, champion, champ, paired)
-            result = _publish(cfg, client, name, info, tags, gate, metrics, run, parent, before, champ, out_dir,
-                              model_dir, eval_metrics_path, pdata, repo_root, ctx)
-    return result
-
-
-def _publish(cfg: RegisterConfig, client: Any, name: str, info: Any, tags: dict[str, str], gate: dict[str, Any],
-             metrics: dict[str, Any], run: Any, parent: str | None, before: dict[str, str] | None,
-             champ: str | None, out_dir: Path, model_dir: Path, eval_metrics_path: Path, pdata: dict[str, Any],
-             repo_root: Path, ctx: StageContext) -> dict[str, Any]:
-    """Create the version with its gate report, write out_dir and the run artifacts, then move aliases."""
-    import mlflow
-
-    tags = {**tags, "gate.decision": gate["decision"], "gate.reasons": "; ".join(gate["reasons"])[:MAX_TAG]}
-    report = json.dumps(gate, sort_keys=True, default=str)
-    tags["gate.report"] = report if len(report) <= MAX_TAG else json.dumps(
-        {"decision": gate["decision"], "see": "run artifact register/gate.json"})
-    ver: str | None = None
-    try:
-        ver = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
-        md = gate_markdown(name, ver, gate, metrics)
-        client.update_model_version(name, ver, description=(
-            f"seedlm model from MLflow run {_run_link(run)}" + (f", parent run {parent}" if parent else "")
-            + f". Lineage: `python -m components.registry.lineage models:/{name}/{ver}`.\n\n" + md))
-        aliases = ["challenger", *(["champion"] if gate["passed"] else [])]
-        result = {"model_name": name, "version": int(ver), "promoted": gate["passed"],
-                  "gate_passed": gate["passed"], "decision": gate["decision"], "aliases": aliases,
-                  "model_uri": f"models:/{name}/{ver}", "champion_uri": f"models:/{name}@champion",
-                  "champion_version": int(ver) if gate["passed"] else (int(champ) if champ else None),
-                  "previous_champion": int(champ) if champ else None, "run_id": run.info.run_id,
-                  "logged_model_uri": info.model_uri, "model_size_mb": float(tags["model_size_mb"]),
-                  "model_format": tags["model_format"]}
-        with atomic_dir(out_dir) as tmp:
-            write_json(tmp / "registration.json", {**result, "gate": gate, "tags": tags})
-            write_json(tmp / "gate.json", gate)
-            (tmp / "gate.md").write_text(md, encoding="utf-8")
-            (tmp / "params.yaml").write_text(yaml.safe_dump(pdata, sort_keys=False), encoding="utf-8")
-            if (repo_root / "dvc.lock").is_file():
-                shutil.copy2(repo_root / "dvc.lock", tmp / "dvc.lock")
-            write_meta(tmp, "register", cfg.model_dump(mode="json"), result,
-                       {"model_dir": str(model_dir), "eval_metrics": str(eval_metrics_path),
-                        "model_sha256": tags["model_sha256"], "params_hash": tags["params_hash"]})
-            mlflow.log_artifacts(str(tmp), "register")
-            mlflow.log_dict(pdata, "register/params.json")
-            ctx.log({"gate_passed": float(gate["passed"])}, None)
-            for alias in aliases:
-                client.set_registered_model_alias(name, alias, ver)
-    except BaseException:
-        _rollback(client, name, ver, info.model_id, before)
-        raise
+            result = publish(Registration(cfg, client, info, tags, gate, metrics, run, parent, before, champ, out_dir,
+                                          model_dir, eval_metrics_path, pdata, repo_root, ctx))
     return result
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (quiet defaults)
-from components.config import STAGES, ConfigError, Params, load_params
+from components.core.config import Params, load_params
+from components.core.params import ConfigError
+from components.core.stages import STAGES
 
 PIPELINE_ENTRY = "flows/pipeline.py:pipeline"
 STAGE_ENTRY = "flows/stages.py:stage_flow"
@@ -64,7 +66,7 @@ def deploy_all(params: Params, source: str, per_pool: dict[str, str] | None = No
 
 def check_overrides(params: Params, overrides: dict[str, Any], name: str) -> None:
     """Fail at deploy time, not at 3 am, when a schedule's overrides are invalid."""
-    from components.config import parse_params
+    from components.core.config import parse_params
 
     data = params.model_dump(mode="json")
     for key, value in overrides.items():
@@ -86,10 +88,10 @@ def create_automations(heartbeat_s: int, notify_block: str | None = None) -> lis
     from datetime import timedelta
 
     from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState, SendNotification
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
-    from prefect.client.schemas.objects import StateType
 
     made = []
     _drop(ZOMBIE_AUTOMATION)

@@ -24,7 +24,8 @@ from typing import Any, Iterator
 import yaml
 from dvc.repo import Repo
 
-from components.common import StageError
+from components.core.context import StageError
+from components.core.io import write_text
 
 logging.getLogger("dvc").setLevel(logging.WARNING)
 LOCK = "dvc.lock"
@@ -94,9 +95,7 @@ def set_lock_entries(root: Path, entries: dict[str, dict]) -> None:
         order = [s.name for s in repo.index.stages if getattr(s, "name", None)]
     merged = {**data["stages"], **entries}
     data["stages"] = {k: merged[k] for k in sorted(merged, key=lambda k: order.index(k) if k in order else 99)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def producers(root: Path, stage: str) -> dict[str, str]:

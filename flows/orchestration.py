@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
-from components.common import StageError
-from components.config import OrchestrationConfig, load_params
-from flows.stages import stage_cache_key, read_record
+from components.core.config import OrchestrationConfig, load_params
+from components.core.params import set_dotted
+from flows.stages import read_record, stage_cache_key
 
 STAGE_FLOW = "seedlm-stage"
 """Flow name of the per-stage deployments: `seedlm-stage/<stage>`."""
@@ -30,11 +29,7 @@ def apply_overrides(root: Path, overrides: dict[str, Any] | None) -> None:
     load_params(root / "params.yaml", overrides)  # raises ConfigError naming the bad key
     with modify_yaml(root / "params.yaml") as data:
         for key, value in overrides.items():
-            node = data
-            *parents, last = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = value
+            set_dotted(data, key, value)
 
 
 def _wait(client: Any, run_id: Any, timeout_s: float, poll_s: float) -> Any:

@@ -16,14 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import flows  # noqa: F401  (quiet defaults for prefect/dvc/mlflow)
 from prefect import flow, get_run_logger
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 
-from components.common import StageError
-from components.config import STAGES, ConfigError, load_params
-from components.runner import parse_overrides, setup_tracking, tracking_uri
+import flows  # noqa: F401  (quiet defaults for prefect/dvc/mlflow)
+from components.core.config import load_params
+from components.core.context import StageError
+from components.core.params import ConfigError, parse_overrides
+from components.core.stages import STAGES
+from components.tracking.store import setup_tracking, tracking_uri
 from flows import dvcstage
 from flows.orchestration import StageFailed, annotate_version, apply_overrides, outcome, prefect_run_url, submit
 from flows.stages import execute, record_storage

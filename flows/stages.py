@@ -15,13 +15,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import flows  # noqa: F401  (quiet defaults for prefect/dvc/mlflow)
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from components.common import StageError, read_meta
-from components.config import load_params, stage_output
-from components.runner import run_stage
+import flows  # noqa: F401  (quiet defaults for prefect/dvc/mlflow)
+from components.core.config import load_params, stage_output
+from components.core.context import StageError
+from components.core.io import read_meta, write_text
+from components.core.runner import run_stage
 from flows import dvcstage
 
 RECORDS = "seedlm-records"
@@ -112,7 +113,7 @@ def sync_workspace(root: Path, rev: str | None, params_yaml: str | None, lock: d
                 raise StageError(f"{root}: cannot check out commit {rev} ({done.stderr.strip()}); push it to the "
                                  "git remote this worker's clone fetches from")
     if params_yaml is not None and (root / "params.yaml").read_text(encoding="utf-8") != params_yaml:
-        (root / "params.yaml").write_text(params_yaml, encoding="utf-8")
+        write_text(root / "params.yaml", params_yaml)
     dvcstage.set_lock_entries(root, lock or {})
 
 

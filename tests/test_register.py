@@ -188,20 +188,20 @@ def test_concurrent_registrations_get_distinct_versions_and_one_champion(store, 
     name = "seedlm-race"
     cfg = RegisterConfig(model_name=name, gate=GateConfig(min={}, max_regression={"exact_match": 0.0}))
     do_register(cfg, sft_dir, write_eval(tmp_path / "e0.json", 0.4, ci=0.01), tmp_path / "o0", repo)
-    real = reg._registered_aliases
+    real = reg.registered_aliases
 
     def slow(client, model):  # read the champion, then dawdle before deciding
         out = real(client, model)
         time.sleep(1.0)
         return out
-    monkeypatch.setattr(reg, "_registered_aliases", slow)
+    monkeypatch.setattr(reg, "registered_aliases", slow)
     one_load = threading.Lock()  # transformers' from_pretrained is not thread-safe (two pipelines = two processes)
-    log_model = reg._log_model
+    log_model = reg.log_model
 
     def serial_log_model(*a, **k):
         with one_load:
             return log_model(*a, **k)
-    monkeypatch.setattr(reg, "_log_model", serial_log_model)
+    monkeypatch.setattr(reg, "log_model", serial_log_model)
     results: dict[str, Any] = {}
 
     def one(tag: str, em: float) -> None:

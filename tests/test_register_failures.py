@@ -103,7 +103,7 @@ def test_a_new_registration_removes_what_a_killed_one_left(store, sft_dir, repo,
         pass
     client = MlflowClient()
     client.set_registered_model_alias(name, "champion", "3")  # killed after it became champion: kept
-    reg._drop_orphans(client, name, bystander)
+    reg.drop_orphans(client, name, bystander)
     assert versions(name) == ["1", "2", "3"]
     client.set_registered_model_alias(name, "champion", "1")
     res, _ = do_register(cfg, sft_dir, write_eval(tmp_path / "e4.json", 0.6), tmp_path / "out", repo)

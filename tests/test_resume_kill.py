@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 from components.core.config import TrainConfig, load_params
 from components.core.context import StageContext, StageError
 from components.core.io import read_json
-from components.core.runner import parse_overrides
+from components.core.params import parse_overrides
 from components.pretrain import pretrain, window_source
 from components.sft import sft
 from components.training import checkpoint as ck

@@ -41,16 +41,16 @@ def sha256_dir(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temp file, fsync, rename); a full or read-only disk is a clear StageError."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write a small file atomically (temp file, fsync, rename): readers see the old or the new content, never
+    a torn file; a full or read-only disk is a clear StageError. The one writer of single files."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{_HOST}-{uuid.uuid4().hex[:8]}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _sweep(path)
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,6 +61,11 @@ def write_json(path: str | Path, data: Any) -> None:
         if isinstance(e, OSError) and (msg := disk_error(e, path)):
             raise StageError(msg) from None
         raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """JSON (sorted keys, indented) written atomically by write_text."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

@@ -47,16 +47,7 @@ def read_yaml(path: Path, overrides: dict[str, Any] | None = None) -> Any:
     if data is None:
         data = {}
     for key, value in (overrides or {}).items():
-        node = data
-        *parents, last = key.split(".")
-        for i, part in enumerate(parents):
-            node = node.setdefault(part, {}) if isinstance(node, dict) else None
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is not a section (a mapping) in "
-                                  f"{path}; set a key of a section, e.g. -S pretrain.max_steps=50")
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {path} does not hold a mapping of sections")
-        node[last] = value
+        set_dotted(data, key, value, str(path))
     return data
 
 
@@ -123,3 +114,39 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _n
 
 def config_hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def set_dotted(data: Any, key: str, value: Any, where: str = "params.yaml") -> None:
+    """data["a"]["b"] = value for key "a.b" (as `dvc exp run -S a.b=value`), creating missing sections."""
+    node = data
+    *parents, last = key.split(".")
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is not a section (a mapping) in "
+                              f"{where}; set a key of a section, e.g. -S pretrain.max_steps=50")
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {key}: {where} does not hold a mapping of sections")
+    node[last] = value
+
+
+def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists (as JSON text) and empty mappings stay values."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(data) if isinstance(data, list) else data}
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"-S {item!r}: expected KEY=VALUE, e.g. -S pretrain.max_steps=50")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

@@ -18,44 +18,18 @@ from typing import Any
 
 from components.core.config import Params, load_params, stage_config
 from components.core.context import RUN_ID, StageContext, StageError
-from components.core.params import ConfigError
+from components.core.params import ConfigError, flat, parse_overrides
 from components.core.redact import redact
 from components.core.stages import STAGES
-from components.tracking import client, retries, store
+from components.tracking import client, retries
+from components.tracking.store import EXPERIMENT, setup_tracking
 
-EXPERIMENT = "seedlm"
 PARENT_ENV = "SEEDLM_PARENT_RUN_ID"
 """A pipeline run exports its parent run id here so stages run by `dvc repro` nest under it too."""
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
-def tracking_uri(root: Path | None = None) -> str:
-    """MLFLOW_TRACKING_URI, else a sqlite store at the repo root (DVC_ROOT: `dvc exp` temp workspaces share it)."""
-    root = root or Path(os.environ.get("DVC_ROOT") or Path.cwd())
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve()}/mlflow.db"
-
-
-def setup_tracking(root: Path | None = None):
-    import mlflow
-
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
-    store.open_store(mlflow, uri, EXPERIMENT)  # one creator at a time; artifacts beside a sqlite store, not in cwd
-    return mlflow
-
-
-def flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists become JSON strings."""
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: json.dumps(data) if isinstance(data, list) else data}
 
 
 def numeric(result: dict[str, Any]) -> dict[str, float]:
@@ -150,15 +124,3 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     summary = {k: v for k, v in result.items() if k not in ("history", "artifacts", "tables")}
     print(f"seedlm {stage}: done {json.dumps(summary, default=str)[:2000]}")
     return 0
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"-S {item!r}: expected KEY=VALUE, e.g. -S pretrain.max_steps=50")
-        out[key.strip()] = yaml.safe_load(value)
-    return out

@@ -17,17 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from components.core.context import StageError
+from components.core.params import flat
 from components.registry.models import alias_version, parse_model_uri, tracking_uri, version_record
 from components.registry.provenance import FLOW_RUN_TAG, LINEAGE_TAGS, _git
-
-
-def flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and data:
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: data}
 
 
 def compare(this: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:

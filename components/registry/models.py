@@ -21,7 +21,7 @@ URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 def tracking_uri() -> str:
     import mlflow
 
-    from components.core.runner import tracking_uri as default_uri
+    from components.tracking.store import tracking_uri as default_uri
 
     return os.environ.get("MLFLOW_TRACKING_URI") or (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set()
                                                       else default_uri())

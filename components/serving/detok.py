@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+
 @dataclass
 class TextStream:
     """The answer so far of one row. `push(token)` returns the text that is safe to send now."""

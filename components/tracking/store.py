@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from pathlib import Path
 from typing import Any, Iterator
+
+EXPERIMENT = "seedlm"
+"""The MLflow experiment every seedlm run goes to."""
 
 
 @contextlib.contextmanager
@@ -33,3 +38,18 @@ def open_store(mlflow: Any, uri: str, experiment: str) -> None:
             mlflow.create_experiment(experiment, artifact_location=root.as_uri())
         mlflow.set_experiment(experiment)
 
+
+def tracking_uri(root: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else a sqlite store at the repo root (DVC_ROOT: `dvc exp` temp workspaces share it)."""
+    root = root or Path(os.environ.get("DVC_ROOT") or Path.cwd())
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve()}/mlflow.db"
+
+
+def setup_tracking(root: Path | None = None):
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    open_store(mlflow, uri, EXPERIMENT)  # one creator at a time; artifacts beside a sqlite store, not in cwd
+    return mlflow

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from components.core.context import StageError
+from components.core.io import write_text
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -115,13 +116,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = ckpt_dir / f".latest-{uuid.uuid4().hex[:8]}"
-    with open(pointer, "w", encoding="utf-8") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer, ckpt_dir / "latest")
-    _fsync(ckpt_dir)
+    write_text(ckpt_dir / "latest", name + "\n")
     for old in step_dirs(ckpt_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

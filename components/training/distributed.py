@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     from components.core.config import load_params
-    from components.core.params import ConfigError
-    from components.core.runner import parse_overrides, run_stage, stage_resume_key
+    from components.core.params import ConfigError, parse_overrides
+    from components.core.runner import run_stage, stage_resume_key
     parser = argparse.ArgumentParser(prog="python -m components.training.distributed")
     parser.add_argument("stage", choices=["pretrain", "sft"])
     parser.add_argument("--params", default="params.yaml")

@@ -32,7 +32,7 @@ from components.core.context import StageContext, StageError
 from components.core.params import config_hash
 from components.training import checkpoint as ck
 from components.training import distributed as dd
-from components.training.model import device_and_precision, training_attention
+from components.training.model import autocast, device_and_precision, training_attention
 
 log = logging.getLogger("seedlm.train")
 # Batches are right-padded and attention is causal: no position attends to a pad after it, and pad targets
@@ -78,10 +78,6 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def _shard(x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> Batch:
     """This rank's rows of a global batch (an all-ignored stand-in row when there are too few rows)."""
     b = -(-x.shape[0] // world)
@@ -104,7 +100,7 @@ def evaluate_loss(model, batches: Iterable[Batch], device: torch.device, dtype: 
         for x, y in batches:
             x, y = _shard(x, y, rank, world)
             x, y = x.to(device), y.to(device)
-            with _autocast(device, dtype):
+            with autocast(device, dtype):
                 logits = model(input_ids=x, use_cache=False).logits
             total += token_loss(logits, y, "sum").double()
             count += (y != -100).sum()
@@ -313,7 +309,7 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
                 if fsdp:
                     wrapped.set_requires_gradient_sync(last)
                 with sync:
-                    with _autocast(device, amp_dtype):
+                    with autocast(device, amp_dtype):
                         logits = fwd(input_ids=x, use_cache=False).logits
                     share = token_loss(logits, y, "sum") / max(n_tok, 1)  # this rank's part of the global mean
                     loss = share * scale

@@ -1,6 +1,7 @@
 """Model construction, loading and saving (HF causal LMs, safetensors only), and device/precision choice."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -118,6 +119,11 @@ def device_and_precision(precision: str, *, key: str = "pretrain.precision") -> 
     if cuda:
         return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return device, torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device` (None: plain fp32, no autocast)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def cpu_has_fast_bf16() -> bool:

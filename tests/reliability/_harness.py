@@ -16,8 +16,9 @@ from typing import Any, Iterator
 import repos
 from repos import BIN, ROOT, commit  # noqa: F401 (the suite uses them as h.<name>)
 
-OUTPUTS = {"ingest": "data/raw", "preprocess": "data/processed", "pretrain": "models/pretrain", "sft": "models/sft",
-           "evaluate": "reports/evaluate", "register": "reports/register"}
+from components.core.stages import STAGES, TABLE  # noqa: E402,F401 (the suite uses STAGES as h.STAGES)
+
+OUTPUTS = {s.name: s.default_path for s in TABLE}
 
 MICRO = {  # seconds per stage on 2 cores, most of it interpreter start-up
     "ingest.synthetic.entities": 6, "ingest.synthetic.paraphrases": 2,

@@ -230,11 +230,11 @@ def test_register_run_link_carries_no_tracking_credentials(monkeypatch):
 
     import mlflow
 
-    from components import register
+    from components.registry import publish
 
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "https://bob:Tr4ck1ng-pw@mlflow.example.org")
     run = SimpleNamespace(info=SimpleNamespace(experiment_id="1", run_id="abc"))
-    link = register._run_link(run)
+    link = publish.run_link(run)
     assert "mlflow.example.org" in link and "abc" in link
     if "Tr4ck1ng-pw" in link:
         raise h.KnownBug(f"version description link holds the tracking password: {link}")

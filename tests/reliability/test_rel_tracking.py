@@ -91,7 +91,7 @@ def test_delay_backs_off_exponentially_with_jitter():
 # ---------------------------------------------------------------- a new store opened by many at once
 OPEN = """
 import os, sys, time
-from components.core.runner import setup_tracking
+from components.tracking.store import setup_tracking
 from components.tracking import retries
 from components.tracking.client import Tracking
 while time.time() < float(sys.argv[1]):
@@ -118,7 +118,7 @@ def test_four_first_runs_create_one_sqlite_store_together(tmp_path):
 def test_a_first_run_in_a_dvc_exp_workspace_keeps_artifacts_beside_the_store(tmp_path, monkeypatch):
     """`dvc exp run` runs stages in a temp workspace that DVC deletes afterwards; the store is the repo's
     (DVC_ROOT), and so must be the experiment's artifact folder, or registered models vanish with the workspace."""
-    from components.core.runner import EXPERIMENT, setup_tracking
+    from components.tracking.store import EXPERIMENT, setup_tracking
 
     workspace = tmp_path / ".dvc/tmp/exps/tmp1234"
     workspace.mkdir(parents=True)
