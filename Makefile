@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export DO_NOT_TRACK = true
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup run test bench ui clean prefect-server mlflow-server pools worker remote deploy trigger push
+.PHONY: setup browser run test bench bench-serve ui clean prefect-server mlflow-server pools worker remote deploy trigger push
 
 # torch first: `pip install torch==2.13.0` takes the local CPU build; installed later it would pull CUDA.
 $(STAMP): pyproject.toml constraints.txt
@@ -25,10 +25,17 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/python -m flows.pipeline
+	$(BIN)/seedlm run
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# Chromium for the browser test (tests/serving/test_web.py), from Debian's packages: Playwright cannot download
+# its own browsers here. Idempotent: apt-get runs only when /usr/bin/chromium is missing. Outside CI a failed
+# install is a warning (that test then skips, saying why); in CI (CI=true) it fails the build.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || .ci/install-browser
 
 # Training throughput: seedlm's pretrain vs a bare PyTorch loop vs the HF Trainer (README, "Speed").
 # Options through BENCH_ARGS, e.g. make bench BENCH_ARGS="--threads 1 --rounds 20".

@@ -291,9 +291,18 @@ def run(params: Params, ctx: StageContext) -> dict[str, Any]:
                            pretrain_enabled=control.pretrain_enabled(Path(p.pretrain), Path(p.sft)))
 
 
-if __name__ == "__main__":
-    import components.evaluate as stage  # the module instance the runner imports (this one is __main__)
-    from components.core.runner import main
-    models, out, sys.argv[1:] = parse_model_args(sys.argv[1:])  # --model [NAME=]REF ... --out DIR
+def main(argv: list[str] | None = None, *, prog: str = "python -m components.evaluate", example: str = "") -> int:
+    """The evaluate stage; with `--model [NAME=]REF ... [--out DIR]`, those models instead (outside DVC)."""
+    import components.evaluate as stage  # the module instance the runner imports (not __main__)
+    from components.core.runner import main as stage_main
+
+    models, out, rest = parse_model_args(sys.argv[1:] if argv is None else list(argv))
+    stage.EXTERNAL.clear()
     stage.EXTERNAL.update({"models": models, "out": out} if models else {})
-    raise SystemExit(main("evaluate"))
+    return stage_main("evaluate", rest, prog=prog, example=example)
+
+
+if __name__ == "__main__":
+    from components.evaluate import main
+
+    raise SystemExit(main())

@@ -140,8 +140,8 @@ def _drop(name: str) -> None:
             return
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, *, prog: str = "python -m flows.deploy", example: str = "") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=f"example: {example}" if example else None)
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
     parser.add_argument("--source", default=".", help="code for every pool: a folder on the workers' machines "
                         "(default: this checkout) or a git URL they clone for each run")

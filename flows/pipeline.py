@@ -135,8 +135,8 @@ def pipeline(root: str = ".", force: list[str] | None = None, overrides: dict[st
     return Completed(message=why, data={n: r["result"] for n, r in records.items()})
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, *, prog: str = "python -m flows.pipeline", example: str = "") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=f"example: {example}" if example else None)
     parser.add_argument("--root", default=".", help="repo root holding params.yaml and dvc.yaml")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun this stage")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",

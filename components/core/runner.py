@@ -107,8 +107,9 @@ def stage_resume_key(stage: str, params: Params) -> str | None:
     return fn(params) if fn else None
 
 
-def main(stage: str, argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m components.{stage}", description=f"Run the {stage} stage.")
+def main(stage: str, argv: list[str] | None = None, *, prog: str | None = None, example: str = "") -> int:
+    parser = argparse.ArgumentParser(prog=prog or f"python -m components.{stage}", description=f"Run the {stage} stage.",
+                                     epilog=f"example: {example}" if example else None)
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. -S pretrain.max_steps=50 (YAML value)")
@@ -124,3 +125,20 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     summary = {k: v for k, v in result.items() if k not in ("history", "artifacts", "tables")}
     print(f"seedlm {stage}: done {json.dumps(summary, default=str)[:2000]}")
     return 0
+
+
+def cli(argv: list[str], *, prog: str = "seedlm stage", example: str = "") -> int:
+    """`seedlm stage NAME [options]`: the stage's own command line (`python -m components.NAME`)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {prog} {{{','.join(STAGES)}}} [--params P] [-S KEY=VALUE ...] [--no-progress]\n\n"
+              f"Run one stage with tracking, as dvc.yaml does.\n\nexample: {example}")
+        return 0 if argv else 2
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"{prog}: error: unknown stage {stage!r}; stages are {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    if stage == "evaluate":
+        from components.evaluate import main as evaluate_main
+
+        return evaluate_main(rest, prog=f"{prog} evaluate")
+    return main(stage, rest, prog=f"{prog} {stage}")

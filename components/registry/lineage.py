@@ -82,8 +82,8 @@ def render(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.registry.lineage", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, *, prog: str = "python -m components.registry.lineage", example: str = "") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=f"example: {example}" if example else None)
     parser.add_argument("model", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     parser.add_argument("--against", default="champion", help="alias or version to diff against (default: champion)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -83,8 +83,9 @@ class Batcher:
         engine = self.engine
         while True:
             try:
-                drive(engine.model, self._take, max_batch=self.max_batch, pad_id=engine.pad_id,
-                      stop_ids=engine.stop_ids)
+                drive(
+                    engine.model, self._take, max_batch=self.max_batch, pad_id=engine.pad_id, stop_ids=engine.stop_ids
+                )
                 return  # closed and drained
             except Exception:  # a failed step must not strand the requests in it, nor stop the server
                 log.exception("decoding failed for %d rows of %s", len(self._active), engine.label)

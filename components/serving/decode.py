@@ -10,8 +10,9 @@ longest live row. One forward per step for the whole batch; `model.generate` can
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +60,9 @@ class Batch:
 
 
 def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache) -> Any:
-    return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                 logits_to_keep=1).logits[:, -1]
+    return model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+    ).logits[:, -1]
 
 
 def prefill(model: Any, rows: list[Row], pad_id: int, stop_ids: set[int]) -> Batch | None:
@@ -93,7 +95,7 @@ def merge(a: Batch | None, b: Batch | None) -> Batch | None:
         return a or b
     ta, tb = a.mask.shape[1], b.mask.shape[1]
     width = max(ta, tb)
-    for la, lb in zip(a.cache.layers, b.cache.layers):
+    for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
         la.keys = torch.cat([_pad_left(la.keys, 2, width - ta), _pad_left(lb.keys, 2, width - tb)])
         la.values = torch.cat([_pad_left(la.values, 2, width - ta), _pad_left(lb.values, 2, width - tb)])
     mask = torch.cat([_pad_left(a.mask, 1, width - ta), _pad_left(b.mask, 1, width - tb)])
@@ -140,7 +142,7 @@ def _accept(row: Row, token: int, stop_ids: set[int]) -> bool:
 def advance(batch: Batch, logits: torch.Tensor, stop_ids: set[int]) -> Batch | None:
     """Choose each row's next token from `logits`, send text, and drop the rows that ended."""
     tokens = choose(logits, batch.rows)
-    live = [i for i, (row, token) in enumerate(zip(batch.rows, tokens)) if _accept(row, token, stop_ids)]
+    live = [i for i, (row, token) in enumerate(zip(batch.rows, tokens, strict=True)) if _accept(row, token, stop_ids)]
     if not live:
         return None
     batch.pending = torch.tensor(tokens, dtype=torch.long, device=batch.mask.device)
@@ -162,8 +164,9 @@ def _trim(batch: Batch) -> None:
         batch.mask = batch.mask[:, start:]
 
 
-def drive(model: Any, take: Callable[[int, bool], list[Row]], *, max_batch: int, pad_id: int,
-          stop_ids: set[int]) -> None:
+def drive(
+    model: Any, take: Callable[[int, bool], list[Row]], *, max_batch: int, pad_id: int, stop_ids: set[int]
+) -> None:
     """Decode until `take` has no more rows: before each step, rows from `take(room, idle)` join the batch.
 
     `take(n, idle)` returns up to n new rows; `idle` is True when nothing is running (it may block

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from components.core.context import StageError
-from components.data.chat import END_TOKEN, prompt_text, stop_ids
+from components.data.chat import END_TOKEN, ROLES, prompt_text, stop_ids
 from components.registry.models import alias_version, is_uri, parse_model_uri, resolve_model, tracking_uri
 from components.training.model import load_model
 
-__all__ = ["END_TOKEN", "StageError", "alias_version", "is_uri", "load_model", "parse_model_uri", "prompt_text",
-           "resolve_model", "stop_ids", "tracking_uri"]
+__all__ = [
+    "ROLES",
+    "END_TOKEN",
+    "StageError",
+    "alias_version",
+    "is_uri",
+    "load_model",
+    "parse_model_uri",
+    "prompt_text",
+    "resolve_model",
+    "stop_ids",
+    "tracking_uri",
+]

@@ -19,16 +19,17 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from components.serving import deps
 from components.serving.decode import Emit, Row, drive
 from components.serving.detok import TextStream
 from components.serving.sampling import ParamError, SamplingParams
 
-ROLES = ("system", "user", "assistant")
+ROLES = deps.ROLES
 
 
 @dataclass
@@ -57,8 +58,9 @@ class Engine:
         return f"models:/{self.name}/{self.version}" if self.version else f"local:{self.name}"
 
 
-def from_model(model: Any, tokenizer: Any, *, name: str = "model", version: str | None = None,
-               source: str = "") -> Engine:
+def from_model(
+    model: Any, tokenizer: Any, *, name: str = "model", version: str | None = None, source: str = ""
+) -> Engine:
     """An Engine around an in-memory model and its tokenizer (put in eval mode)."""
     if not getattr(tokenizer, "chat_template", None):
         raise deps.StageError(f"{source or name}: the tokenizer has no chat_template; rerun preprocess and sft")
@@ -66,8 +68,7 @@ def from_model(model: Any, tokenizer: Any, *, name: str = "model", version: str 
     context = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024)
     stops = set(deps.stop_ids(tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
-    return Engine(model.eval(), tokenizer, name, version, source or name, context, stops, pad,
-                  copy.deepcopy(tokenizer))
+    return Engine(model.eval(), tokenizer, name, version, source or name, context, stops, pad, copy.deepcopy(tokenizer))
 
 
 def load_folder(folder: Path, *, name: str | None = None, version: str | None = None, source: str = "") -> Engine:
@@ -113,16 +114,21 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             role = m.get("role") if isinstance(m, dict) else None
-            raise ParamError(f"messages[{i}].role", f"messages[{i}]: role must be one of {', '.join(ROLES)}, "
-                                                    f"got {role!r}")
+            raise ParamError(
+                f"messages[{i}].role", f"messages[{i}]: role must be one of {', '.join(ROLES)}, got {role!r}"
+            )
         if not isinstance(m.get("content"), str):
             raise ParamError(f"messages[{i}].content", f"messages[{i}]: content must be a string")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _too_long(engine: Engine, n: int, what: str) -> ParamError:
-    return ParamError(what, f"the prompt is {n} tokens but this model's context is {engine.context} tokens "
-                            f"(prompt + answer must fit); shorten the {what}", code="context_length_exceeded")
+    return ParamError(
+        what,
+        f"the prompt is {n} tokens but this model's context is {engine.context} tokens "
+        f"(prompt + answer must fit); shorten the {what}",
+        code="context_length_exceeded",
+    )
 
 
 def _encode(engine: Engine, text: str) -> list[int]:
@@ -175,15 +181,22 @@ class Completion:
     trimmed: int = 0
 
 
-def make_row(engine: Engine, prompt: Prompt, params: SamplingParams, *, emit: Emit | None = None,
-             index: int = 0) -> Row:
+def make_row(
+    engine: Engine, prompt: Prompt, params: SamplingParams, *, emit: Emit | None = None, index: int = 0
+) -> Row:
     """A decode row for `prompt`; `emit(row, delta, finish)` receives its text as it is generated."""
     return Row(prompt.ids, params, prompt.max_new, TextStream(engine.detokenizer, params.stop), emit, index=index)
 
 
 def completion(row: Row, prompt: Prompt) -> Completion:
-    return Completion(row.stream.final, row.finish_reason or "cancelled", len(prompt.ids), len(row.tokens),
-                      list(row.tokens), prompt.trimmed)
+    return Completion(
+        row.stream.final,
+        row.finish_reason or "cancelled",
+        len(prompt.ids),
+        len(row.tokens),
+        list(row.tokens),
+        prompt.trimmed,
+    )
 
 
 def run_rows(engine: Engine, rows: Sequence[Row], *, max_batch: int = 16) -> None:
@@ -196,17 +209,19 @@ def run_rows(engine: Engine, rows: Sequence[Row], *, max_batch: int = 16) -> Non
     drive(engine.model, take, max_batch=max_batch, pad_id=engine.pad_id, stop_ids=engine.stop_ids)
 
 
-def generate(engine: Engine, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams], *,
-             max_batch: int = 16) -> list[Completion]:
+def generate(
+    engine: Engine, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams], *, max_batch: int = 16
+) -> list[Completion]:
     """Answers to `prompts` (one settings object for all, or one per prompt), decoded together."""
     per_row = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-    rows = [make_row(engine, p, s, index=i) for i, (p, s) in enumerate(zip(prompts, per_row))]
+    rows = [make_row(engine, p, s, index=i) for i, (p, s) in enumerate(zip(prompts, per_row, strict=True))]
     run_rows(engine, rows, max_batch=max_batch)
-    return [completion(r, p) for r, p in zip(rows, prompts)]
+    return [completion(r, p) for r, p in zip(rows, prompts, strict=True)]
 
 
-def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
-                   batch_size: int = 16) -> tuple[list[str], dict[str, float]]:
+def generate_texts(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16
+) -> tuple[list[str], dict[str, float]]:
     """evaluate's entry point: greedy answers to rendered prompts (kept to their tail when too long), cut at
     `<|end|>`/eos and stripped, with {"gen_tokens", "gen_tokens_per_s"}. Run it under the caller's
     thread count / no autocast (fp32 decoding is fastest for small models on CPU)."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from transformers import (
@@ -159,6 +160,6 @@ def choose(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
         else:
             probs = torch.softmax(scores, dim=-1).cpu()
             picked = [int(torch.multinomial(probs[j], 1, generator=r.generator)) for j, r in enumerate(members)]
-        for i, token in zip(idx, picked):
+        for i, token in zip(idx, picked, strict=True):
             out[i] = token
     return out

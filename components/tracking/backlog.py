@@ -44,10 +44,10 @@ def replay(path: Path) -> int:
     return len(entries)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.tracking.backlog", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, *, prog: str = "python -m components.tracking.backlog", example: str = "") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=f"example: {example}" if example else None)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    rp = sub.add_parser("replay", help="send saved tracking backlogs")
+    rp = sub.add_parser("replay", help="send saved tracking backlogs", epilog=f"example: {example}" if example else None)
     rp.add_argument("files", nargs="*", type=Path, help=f"backlog files (default: {BACKLOG_DIR}/*.jsonl)")
     args = parser.parse_args(argv)
     files = args.files or sorted(BACKLOG_DIR.glob("*.jsonl"))
@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             print(f"{f}: not sent ({_short(e)}); try again later", file=sys.stderr)
     return 1 if failed else 0
+
+
+
+def replay_main(argv: list[str], *, prog: str = "seedlm replay", example: str = "") -> int:
+    """`seedlm replay [FILES]`: the `replay` subcommand of main."""
+    return main(["replay", *argv], prog=prog.removesuffix(" replay"), example=example)
 
 
 if __name__ == "__main__":

@@ -33,19 +33,21 @@ async function errorText(resp) {
   return `Error ${resp.status}: ${detail}`;
 }
 
+// "seedlm/3"; the fingerprint only where it adds something (e.g. not "models:/seedlm/3" for "seedlm/3").
 function versionLabel(model, fingerprint) {
-  return fingerprint && !String(model).includes(fingerprint) ? `${model} (${fingerprint})` : String(model);
+  const m = String(model || ""), f = String(fingerprint || "");
+  return f && !f.includes(m) && !m.includes(f) ? `${m} (${f})` : m;
 }
 
 async function loadModels() {
   try {
     const resp = await fetch(`${API}/models`, { headers: headers() });
     if (!resp.ok) throw new Error(await errorText(resp));
-    const ids = ((await resp.json()).data || []).map((m) => m.id);
-    const select = $("model-select");
-    select.replaceChildren(...ids.map((id) => new Option(id, id)));
-    $("model-label").textContent = ids[0] || "none served";
-    if (!ids.length) showError("The server serves no model.");
+    const models = (await resp.json()).data || [];
+    showError("");
+    $("model-select").replaceChildren(...models.map((m) => new Option(m.label || m.id, m.id)));
+    $("model-label").textContent = models.length ? models[0].label || models[0].id : "none served";
+    if (!models.length) showError("The server serves no model.");
   } catch (e) {
     $("model-label").textContent = "unavailable";
     showError(e.message);
@@ -107,6 +109,7 @@ function showMeta(li, model, fingerprint, note) {
   }
   const label = versionLabel(model, fingerprint);
   meta.textContent = [label, note].filter(Boolean).join(" · ");
+  meta.title = fingerprint ? `system_fingerprint: ${fingerprint}` : "";
   $("model-label").textContent = label;
 }
 
@@ -123,6 +126,7 @@ function applyChunk(li, chunk, answer) {
   if (chunk.model) answer.model = chunk.model;
   if (chunk.system_fingerprint) answer.fingerprint = chunk.system_fingerprint;
   if (choice.finish_reason) answer.finish = choice.finish_reason;
+  if (chunk.trimmed_messages) answer.trimmed = chunk.trimmed_messages;
 }
 
 // Parse an SSE body: events end with a blank line; each `data:` line holds JSON or [DONE].
@@ -144,6 +148,13 @@ async function readStream(resp, onData) {
   }
 }
 
+function notes(answer) {
+  const out = [];
+  if (answer.finish === "length") out.push("cut at max tokens");
+  if (answer.trimmed) out.push(`${answer.trimmed} oldest messages left out to fit the context`);
+  return out.join(" · ");
+}
+
 function setBusy(busy) {
   state.busy = busy;
   $("send").disabled = busy;
@@ -158,7 +169,7 @@ async function ask(question) {
   addMessage("user", question);
   const li = addMessage("assistant", "");
   li.classList.add("streaming");
-  const answer = { text: "", model: $("model-select").value, fingerprint: "", finish: "" };
+  const answer = { text: "", model: $("model-select").value, fingerprint: "", finish: "", trimmed: 0 };
   state.controller = new AbortController();
   setBusy(true);
   try {
@@ -169,7 +180,7 @@ async function ask(question) {
     if (!resp.ok) throw new Error(await errorText(resp));
     await readStream(resp, (chunk) => applyChunk(li, chunk, answer));
     messages.push({ role: "assistant", content: answer.text });
-    showMeta(li, answer.model, answer.fingerprint, answer.finish === "length" ? "cut at max tokens" : "");
+    showMeta(li, answer.model, answer.fingerprint, notes(answer));
   } catch (e) {
     const stopped = e.name === "AbortError";
     if (stopped && answer.text) messages.push({ role: "assistant", content: answer.text });

@@ -1,0 +1,3 @@
+from seedlm.cli import main
+
+raise SystemExit(main())
