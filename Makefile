@@ -30,6 +30,11 @@ run: setup
 test: setup browser
 	$(BIN)/python -m pytest -q
 
+# ruff lint + format check (the same hooks as .pre-commit-config.yaml; CI runs it)
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 # Chromium for the browser test (tests/serving/test_web.py), from Debian's packages: Playwright cannot download
 # its own browsers here. Idempotent: apt-get runs only when /usr/bin/chromium is missing. Outside CI a failed
 # install is a warning (that test then skips, saying why); in CI (CI=true) it fails the build.

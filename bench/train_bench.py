@@ -10,6 +10,7 @@ same machine load, and ratios are medians of per-round ratios. MFU counts 6*N + 
 against this machine's measured fp32/bf16 matmul throughput (and, on CUDA, the device's peak bf16).
 Results go to bench/results/<time>.json; the last line printed is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,14 +35,24 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from components.common import StageContext  # noqa: E402
-from components.config import ModelConfig, Params, PretrainConfig  # noqa: E402
-from components.model import build_model, cpu_has_fast_bf16  # noqa: E402
+from components.core.config import ModelConfig, Params, PretrainConfig  # noqa: E402
+from components.core.context import StageContext  # noqa: E402
 from components.pretrain import load_tokenizer, pretrain, token_file, window_source  # noqa: E402
+from components.training.model import build_model, cpu_has_fast_bf16  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70,
-                    "A10": 125, "4090": 165, "3090": 71}
+PEAK_BF16_TFLOPS = {
+    "H200": 989,
+    "H100 PCIe": 756,
+    "H100": 989,
+    "A100": 312,
+    "L40S": 362,
+    "L4": 121,
+    "A10G": 70,
+    "A10": 125,
+    "4090": 165,
+    "3090": 71,
+}
 """Dense bf16 tensor-core peaks (vendor data sheets) by device-name fragment; first match wins."""
 MM_N = {False: 2048, True: 8192}
 MM_REPS = {False: {"matmul_fp32": 4, "matmul_bf16": 8}, True: {"matmul_fp32": 20, "matmul_bf16": 100}}
@@ -79,6 +91,7 @@ class Method:
                 self.gate.error = e
             finally:
                 self.gate.done.release()
+
         self.thread = threading.Thread(target=run, daemon=True, name=name)
 
     def window(self) -> None:
@@ -99,22 +112,58 @@ class Method:
 
 
 # ---------------------------------------------------------------- the contenders
-def seedlm_pretrain(model_cfg: ModelConfig, data: Path, batch: int, steps: int, total: int, precision: str,
-                    compile_: bool, out: Path, ckpt_every: int = 10) -> Callable[[Gate], Any]:
-    cfg = PretrainConfig(max_steps=total, batch_size=batch, warmup_steps=1, log_every=steps, eval_every=total,
-                         eval_batches=2, checkpoint_every=ckpt_every, precision=precision, compile=compile_)
+def seedlm_pretrain(
+    model_cfg: ModelConfig,
+    data: Path,
+    batch: int,
+    steps: int,
+    total: int,
+    precision: str,
+    compile_: bool,
+    out: Path,
+    ckpt_every: int = 10,
+) -> Callable[[Gate], Any]:
+    cfg = PretrainConfig(
+        max_steps=total,
+        batch_size=batch,
+        warmup_steps=1,
+        log_every=steps,
+        eval_every=total,
+        eval_batches=2,
+        checkpoint_every=ckpt_every,
+        precision=precision,
+        compile=compile_,
+    )
 
     def body(gate: Gate) -> dict:
         def log(metrics: dict, step: int | None = None) -> None:
             if "train_loss" in metrics:  # every `steps` steps (log_every)
                 gate.tick()
-        return pretrain(model_cfg, cfg, data, out / "model", out / "m.json", out / "p.csv", out / "ckpt", seed=0,
-                        ctx=StageContext(log=log, progress=False))
+
+        return pretrain(
+            model_cfg,
+            cfg,
+            data,
+            out / "model",
+            out / "m.json",
+            out / "p.csv",
+            out / "ckpt",
+            seed=0,
+            ctx=StageContext(log=log, progress=False),
+        )
+
     return body
 
 
-def bare_loop(model_cfg: ModelConfig, data: Path, batch: int, steps: int, total: int, dtype: torch.dtype | None,
-              attn: str = "sdpa") -> Callable[[Gate], Any]:
+def bare_loop(
+    model_cfg: ModelConfig,
+    data: Path,
+    batch: int,
+    steps: int,
+    total: int,
+    dtype: torch.dtype | None,
+    attn: str = "sdpa",
+) -> Callable[[Gate], Any]:
     def body(gate: Gate) -> None:
         tok = load_tokenizer(data)
         tokens = token_file(data, "train.bin", token_dtype(data))
@@ -138,12 +187,14 @@ def bare_loop(model_cfg: ModelConfig, data: Path, batch: int, steps: int, total:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 gate.tick()
+
     return body
 
 
 def hf_trainer(model_cfg: ModelConfig, data: Path, batch: int, steps: int, total: int, out: Path) -> Callable:
     def body(gate: Gate) -> None:
         from transformers import Trainer, TrainerCallback, TrainingArguments
+
         tok = load_tokenizer(data)
         tokens = token_file(data, "train.bin", token_dtype(data))
         T = model_cfg.context_length
@@ -154,7 +205,7 @@ def hf_trainer(model_cfg: ModelConfig, data: Path, batch: int, steps: int, total
                 return len(offsets)
 
             def __getitem__(self, i: int) -> dict:
-                ids = torch.from_numpy(tokens[offsets[i]:offsets[i] + T].astype(np.int64))
+                ids = torch.from_numpy(tokens[offsets[i] : offsets[i] + T].astype(np.int64))
                 return {"input_ids": ids, "labels": ids}
 
         class Tick(TrainerCallback):
@@ -163,17 +214,26 @@ def hf_trainer(model_cfg: ModelConfig, data: Path, batch: int, steps: int, total
                     if torch.cuda.is_available():
                         torch.cuda.synchronize()
                     gate.tick()
-        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=total,
-                                 disable_tqdm=True, use_cpu=not torch.cuda.is_available())
-        trainer = Trainer(model=build_model(model_cfg, tok, seed=0), args=args, train_dataset=Windows(),
-                          callbacks=[Tick()])
+
+        args = TrainingArguments(
+            output_dir=str(out),
+            per_device_train_batch_size=batch,
+            max_steps=total,
+            disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = Trainer(
+            model=build_model(model_cfg, tok, seed=0), args=args, train_dataset=Windows(), callbacks=[Tick()]
+        )
         trainer.train()
         return {"optim": str(args.optim), "bf16": args.bf16}
+
     return body
 
 
 def matmul_probe(dtype: torch.dtype, device: torch.device, n: int, reps: int) -> Callable[[Gate], Any]:
     """Square n x n matmuls: the machine's achievable GFLOP/s at this precision (windows of `reps`)."""
+
     def body(gate: Gate) -> None:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         while True:
@@ -182,6 +242,7 @@ def matmul_probe(dtype: torch.dtype, device: torch.device, n: int, reps: int) ->
             if device.type == "cuda":
                 torch.cuda.synchronize()
             gate.tick()
+
     return body
 
 
@@ -194,6 +255,7 @@ def make_data(cache: Path, vocab: int | None = None) -> Path:
         return random_data(cache / f"random-{vocab}", vocab)
     from components.ingest import ingest
     from components.preprocess import preprocess
+
     p = Params()
     processed = cache / "processed"
     if not (processed / "seedlm.json").is_file():
@@ -207,14 +269,18 @@ def random_data(folder: Path, vocab: int) -> Path:
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from components.common import write_meta
+    from components.core.io import write_meta
+
     if (folder / "seedlm.json").is_file():
         return folder
     special = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
     words = special + [f"w{i}" for i in range(vocab - len(special))]
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
-                                                                            unk_token="<|pad|>")),
-                                  bos_token=special[0], eos_token=special[0], pad_token=special[1])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|pad|>")),
+        bos_token=special[0],
+        eos_token=special[0],
+        pad_token=special[1],
+    )
     tok.save_pretrained(folder / "tokenizer")
     dtype = np.uint16 if vocab <= 65535 else np.uint32
     rng = np.random.default_rng(0)
@@ -257,8 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--vocab", type=int, default=None,
-                    help="random tokens over a vocabulary of this size (default: the embedded corpus, BPE 1024)")
+    ap.add_argument(
+        "--vocab",
+        type=int,
+        default=None,
+        help="random tokens over a vocabulary of this size (default: the embedded corpus, BPE 1024)",
+    )
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps per timing window")
     ap.add_argument("--rounds", type=int, default=10, help="measured windows per method")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (all methods)")
@@ -272,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     bf16 = not args.no_bf16 and (torch.cuda.is_bf16_supported() if cuda else cpu_has_fast_bf16())
-    model_cfg = ModelConfig(arch="gpt2", n_layer=args.layers, n_embd=args.width, n_head=args.heads,
-                            context_length=args.context)
+    model_cfg = ModelConfig(
+        arch="gpt2", n_layer=args.layers, n_embd=args.width, n_head=args.heads, context_length=args.context
+    )
     args.results.mkdir(parents=True, exist_ok=True)
     data = make_data(args.results / "data", args.vocab)
     vocab = len(load_tokenizer(data))
@@ -281,23 +352,31 @@ def main(argv: list[str] | None = None) -> int:
     total = args.steps * (args.rounds + 2)  # a start-up window and a warm-up window, then the measured ones
     tmp = Path(tempfile.mkdtemp(prefix="seedlm-bench-"))
     B, S, ck = args.batch, args.steps, args.checkpoint_every
-    methods = {"pretrain_fp32": seedlm_pretrain(model_cfg, data, B, S, total, "fp32", False, tmp / "p32", ck),
-               "bare_fp32": bare_loop(model_cfg, data, B, S, total, None),
-               "trainer_fp32": hf_trainer(model_cfg, data, B, S, total, tmp / "trainer"),
-               "matmul_fp32": matmul_probe(torch.float32, device, MM_N[cuda], MM_REPS[cuda]["matmul_fp32"])}
+    methods = {
+        "pretrain_fp32": seedlm_pretrain(model_cfg, data, B, S, total, "fp32", False, tmp / "p32", ck),
+        "bare_fp32": bare_loop(model_cfg, data, B, S, total, None),
+        "trainer_fp32": hf_trainer(model_cfg, data, B, S, total, tmp / "trainer"),
+        "matmul_fp32": matmul_probe(torch.float32, device, MM_N[cuda], MM_REPS[cuda]["matmul_fp32"]),
+    }
     if bf16:
-        methods |= {"pretrain_bf16": seedlm_pretrain(model_cfg, data, B, S, total, "bf16", False, tmp / "p16", ck),
-                    "bare_bf16": bare_loop(model_cfg, data, B, S, total, torch.bfloat16),
-                    "bare_bf16_eager": bare_loop(model_cfg, data, B, S, total, torch.bfloat16, "eager"),
-                    "matmul_bf16": matmul_probe(torch.bfloat16, device, MM_N[cuda], MM_REPS[cuda]["matmul_bf16"])}
+        methods |= {
+            "pretrain_bf16": seedlm_pretrain(model_cfg, data, B, S, total, "bf16", False, tmp / "p16", ck),
+            "bare_bf16": bare_loop(model_cfg, data, B, S, total, torch.bfloat16),
+            "bare_bf16_eager": bare_loop(model_cfg, data, B, S, total, torch.bfloat16, "eager"),
+            "matmul_bf16": matmul_probe(torch.bfloat16, device, MM_N[cuda], MM_REPS[cuda]["matmul_bf16"]),
+        }
     if args.compile:
-        methods["pretrain_compiled"] = seedlm_pretrain(model_cfg, data, B, S, total, "bf16" if bf16 else "fp32",
-                                                       True, tmp / "pc", ck)
+        methods["pretrain_compiled"] = seedlm_pretrain(
+            model_cfg, data, B, S, total, "bf16" if bf16 else "fp32", True, tmp / "pc", ck
+        )
     runners = {k: Method(k, v) for k, v in methods.items()}
     t_start = time.perf_counter()
-    print(f"seedlm bench: {args.layers} layers x {args.width}, {args.heads} heads, context {args.context}, "
-          f"batch {B}, vocab {vocab}, {torch.get_num_threads()} threads, {device}; {args.rounds} rounds of "
-          f"{S}-step windows", file=sys.stderr)
+    print(
+        f"seedlm bench: {args.layers} layers x {args.width}, {args.heads} heads, context {args.context}, "
+        f"batch {B}, vocab {vocab}, {torch.get_num_threads()} threads, {device}; {args.rounds} rounds of "
+        f"{S}-step windows",
+        file=sys.stderr,
+    )
     for _ in range(2):  # start-up, then warm-up (compilation, allocator, caches): not measured
         for r in runners.values():
             r.window()
@@ -306,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         r.gate.cpu.clear()
     order = list(runners.values())
     for i in range(args.rounds):
-        for r in order[i % len(order):] + order[:i % len(order)]:  # rotate: no method always follows another
+        for r in order[i % len(order) :] + order[: i % len(order)]:  # rotate: no method always follows another
             r.window()
         print(f"  round {i + 1}/{args.rounds} done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     results = {}
@@ -319,43 +398,68 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = B * args.context * S
     tok_s = {k: statistics.median(tokens / w for w in v) for k, v in secs.items() if not k.startswith("matmul")}
-    flops = {k: statistics.median(2 * MM_N[cuda] ** 3 * MM_REPS[cuda][k] / w for w in secs[k])
-             for k in ("matmul_fp32", "matmul_bf16") if k in secs}
+    flops = {
+        k: statistics.median(2 * MM_N[cuda] ** 3 * MM_REPS[cuda][k] / w for w in secs[k])
+        for k in ("matmul_fp32", "matmul_bf16")
+        if k in secs
+    }
 
     cpu = {k: r.gate.cpu for k, r in runners.items()}
 
-    def ratio(a: str, b: str, of: dict = secs) -> float | None:  # median of per-round ratios: load cancels within a round
+    def ratio(
+        a: str, b: str, of: dict = secs
+    ) -> float | None:  # median of per-round ratios: load cancels within a round
         if a not in of or b not in of:
             return None
         return statistics.median(y / x for x, y in zip(of[a], of[b]))
 
     out: dict[str, Any] = {
-        "config": {"layers": args.layers, "width": args.width, "heads": args.heads, "context": args.context,
-                   "batch": B, "vocab": vocab, "threads": torch.get_num_threads(), "device": device_peak()[0],
-                   "torch": torch.__version__},  # what "the same configuration" means for the comparison
+        "config": {
+            "layers": args.layers,
+            "width": args.width,
+            "heads": args.heads,
+            "context": args.context,
+            "batch": B,
+            "vocab": vocab,
+            "threads": torch.get_num_threads(),
+            "device": device_peak()[0],
+            "torch": torch.__version__,
+        },  # what "the same configuration" means for the comparison
         "measurement": {"steps_per_window": S, "rounds": args.rounds, "checkpoint_every": ck},
-        "pretrain_tok_s": tok_s["pretrain_fp32"], "bare_tok_s": tok_s["bare_fp32"], "trainer_tok_s": tok_s["trainer_fp32"],
-        "pretrain_vs_bare": ratio("pretrain_fp32", "bare_fp32"), "trainer_vs_bare": ratio("trainer_fp32", "bare_fp32"),
+        "pretrain_tok_s": tok_s["pretrain_fp32"],
+        "bare_tok_s": tok_s["bare_fp32"],
+        "trainer_tok_s": tok_s["trainer_fp32"],
+        "pretrain_vs_bare": ratio("pretrain_fp32", "bare_fp32"),
+        "trainer_vs_bare": ratio("trainer_fp32", "bare_fp32"),
         "pretrain_vs_bare_cpu": ratio("pretrain_fp32", "bare_fp32", cpu),
         "load_average": os.getloadavg()[0],
-        "tok_s": tok_s, "matmul_gflop_s": {k.split("_")[1]: v / 1e9 for k, v in flops.items()},
-        "flops_per_token": fpt, "trainer": results.get("trainer_fp32"),
-        "seconds": time.perf_counter() - t_start}
+        "tok_s": tok_s,
+        "matmul_gflop_s": {k.split("_")[1]: v / 1e9 for k, v in flops.items()},
+        "flops_per_token": fpt,
+        "trainer": results.get("trainer_fp32"),
+        "seconds": time.perf_counter() - t_start,
+    }
+
     def precision_of(k: str) -> str:
         return "bf16" if "bf16" in k or (k == "pretrain_compiled" and bf16) else "fp32"
 
     def mfu(k: str) -> float:  # per round, against the matmul probe of the same round; then the median
         probe = f"matmul_{precision_of(k)}"
-        return statistics.median((tokens * fpt / w) / (2 * MM_N[cuda] ** 3 * MM_REPS[cuda][probe] / m)
-                                 for w, m in zip(secs[k], secs[probe]))
+        return statistics.median(
+            (tokens * fpt / w) / (2 * MM_N[cuda] ** 3 * MM_REPS[cuda][probe] / m) for w, m in zip(secs[k], secs[probe])
+        )
+
     out["mfu"] = {k: mfu(k) for k in tok_s}
     if bf16:
-        out |= {"pretrain_bf16_tok_s": tok_s["pretrain_bf16"], "bf16_speedup": ratio("pretrain_bf16", "pretrain_fp32"),
-                "bf16_speedup_cpu": ratio("pretrain_bf16", "pretrain_fp32", cpu),
-                "pretrain_bf16_vs_bare_bf16_eager_cpu": ratio("pretrain_bf16", "bare_bf16_eager", cpu),
-                "bare_bf16_speedup": ratio("bare_bf16", "bare_fp32"),
-                "pretrain_bf16_vs_bare_bf16": ratio("pretrain_bf16", "bare_bf16"),
-                "pretrain_bf16_vs_bare_bf16_eager": ratio("pretrain_bf16", "bare_bf16_eager")}
+        out |= {
+            "pretrain_bf16_tok_s": tok_s["pretrain_bf16"],
+            "bf16_speedup": ratio("pretrain_bf16", "pretrain_fp32"),
+            "bf16_speedup_cpu": ratio("pretrain_bf16", "pretrain_fp32", cpu),
+            "pretrain_bf16_vs_bare_bf16_eager_cpu": ratio("pretrain_bf16", "bare_bf16_eager", cpu),
+            "bare_bf16_speedup": ratio("bare_bf16", "bare_fp32"),
+            "pretrain_bf16_vs_bare_bf16": ratio("pretrain_bf16", "bare_bf16"),
+            "pretrain_bf16_vs_bare_bf16_eager": ratio("pretrain_bf16", "bare_bf16_eager"),
+        }
     if args.compile:
         out["compiled_vs_uncompiled"] = ratio("pretrain_compiled", "pretrain_bf16" if bf16 else "pretrain_fp32")
     name, peak = device_peak()
@@ -378,23 +482,34 @@ def report(out: dict, prev: dict | None) -> None:
         print(f"{k:<20}{v:>10,.0f}{v / bare:>13.2f}x{mfu[k]:>23.1%}")
     mm = out["matmul_gflop_s"]
     print("matmul: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in mm.items()))
-    print(f"pretrain vs bare loop (fp32, median of per-round ratios): {out['pretrain_vs_bare']:.3f}x wall-clock, "
-          f"{out['pretrain_vs_bare_cpu']:.3f}x per CPU-second;  Trainer vs bare: {out['trainer_vs_bare']:.3f}x")
+    print(
+        f"pretrain vs bare loop (fp32, median of per-round ratios): {out['pretrain_vs_bare']:.3f}x wall-clock, "
+        f"{out['pretrain_vs_bare_cpu']:.3f}x per CPU-second;  Trainer vs bare: {out['trainer_vs_bare']:.3f}x"
+    )
     if "bf16_speedup" in out:
-        print(f"bf16 autocast over fp32: pretrain {out['bf16_speedup']:.2f}x ({out['bf16_speedup_cpu']:.2f}x per "
-              f"CPU-second), bare loop {out['bare_bf16_speedup']:.2f}x; pretrain bf16 vs bare bf16 "
-              f"{out['pretrain_bf16_vs_bare_bf16']:.2f}x (vs the bare loop with the same eager attention "
-              f"{out['pretrain_bf16_vs_bare_bf16_eager']:.2f}x, {out['pretrain_bf16_vs_bare_bf16_eager_cpu']:.2f}x per CPU-second)")
+        print(
+            f"bf16 autocast over fp32: pretrain {out['bf16_speedup']:.2f}x ({out['bf16_speedup_cpu']:.2f}x per "
+            f"CPU-second), bare loop {out['bare_bf16_speedup']:.2f}x; pretrain bf16 vs bare bf16 "
+            f"{out['pretrain_bf16_vs_bare_bf16']:.2f}x (vs the bare loop with the same eager attention "
+            f"{out['pretrain_bf16_vs_bare_bf16_eager']:.2f}x, "
+            f"{out['pretrain_bf16_vs_bare_bf16_eager_cpu']:.2f}x per CPU-second)"
+        )
     if out["config"]["device"] == "cpu" and out["load_average"] > out["config"]["threads"]:
-        print(f"note: load average {out['load_average']:.1f} on a machine shared with other work: wall-clock ratios "
-              "are noisy (the per-CPU-second ones less so); --threads 1 is steadier")
+        print(
+            f"note: load average {out['load_average']:.1f} on a machine shared with other work: wall-clock ratios "
+            "are noisy (the per-CPU-second ones less so); --threads 1 is steadier"
+        )
     if "mfu_vs_device_peak_bf16" in out:
-        print("MFU vs device peak bf16: " + ", ".join(f"{k} {v:.1%}" for k, v in out["mfu_vs_device_peak_bf16"].items()))
+        print(
+            "MFU vs device peak bf16: " + ", ".join(f"{k} {v:.1%}" for k, v in out["mfu_vs_device_peak_bf16"].items())
+        )
     if prev:
         same = prev.get("config") == out["config"]
         keys = [k for k in ("pretrain_tok_s", "bare_tok_s", "trainer_tok_s", "pretrain_bf16_tok_s") if prev.get(k)]
-        print(f"vs last saved run{'' if same else ' (different config or machine: compare with care)'}: " +
-              ", ".join(f"{k} {out[k] / prev[k]:.2f}x" for k in keys if out.get(k)))
+        print(
+            f"vs last saved run{'' if same else ' (different config or machine: compare with care)'}: "
+            + ", ".join(f"{k} {out[k] / prev[k]:.2f}x" for k in keys if out.get(k))
+        )
 
 
 if __name__ == "__main__":

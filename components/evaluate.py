@@ -9,6 +9,7 @@ with figures, every sample (also as an MLflow table), and the control-experiment
 model, outside the pipeline (into `--out`, not a DVC output):
     python -m components.evaluate --model models:/seedlm@champion --model mine=/path/to/hf_folder
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,6 @@ from components.training.model import autocast, max_positions
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-
 def tokenizer_model(tok: Any) -> Any:
     return json.loads(tok.backend_tokenizer.to_str())["model"] if hasattr(tok, "backend_tokenizer") else None
 
@@ -51,8 +51,9 @@ def encode_items(tok: Any, prompts: list[list[dict]], references: list[str]) -> 
     """(input_ids, labels) of prompt + reference + `<|end|>` with a model's own tokenizer (labels: the answer)."""
     ids, labels = [], []
     for prompt, ref in zip(prompts, references):
-        p = tok(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False),
-                add_special_tokens=False)["input_ids"]
+        p = tok(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
         a = tok(ref + END_TOKEN, add_special_tokens=False)["input_ids"]
         ids.append(p + a)
         labels.append([-100] * len(p) + a)
@@ -62,13 +63,17 @@ def encode_items(tok: Any, prompts: list[list[dict]], references: list[str]) -> 
 # ---------------------------------------------------------------- models
 def check_model_dir(name: str, path: Path) -> str:
     """StageError naming `path` unless it looks like an HF model folder; returns the fix hint for errors."""
-    hint = (f"run `dvc repro {name}` (or the pipeline) first" if name in ("pretrain", "sft")
-            else "point it to a model folder written by save_pretrained")
+    hint = (
+        f"run `dvc repro {name}` (or the pipeline) first"
+        if name in ("pretrain", "sft")
+        else "point it to a model folder written by save_pretrained"
+    )
     if not path.is_dir():
         raise StageError(f"{path}: model folder of {name!r} is missing; {hint}")
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors*")):
-        raise StageError(f"{path}: model folder of {name!r} is not a model (needs config.json and "
-                         f"*.safetensors); {hint}")
+        raise StageError(
+            f"{path}: model folder of {name!r} is not a model (needs config.json and *.safetensors); {hint}"
+        )
     return hint
 
 
@@ -80,8 +85,11 @@ def load_model(name: str, path: Path, data_dir: Path, device: Any) -> tuple[Any,
     from components.training import model as models
 
     hint = check_model_dir(name, path)
-    tok_dir = path if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) \
+    tok_dir = (
+        path
+        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         else data_dir / "tokenizer"
+    )
     model = models.load_model(path, what=f"model {name!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -93,17 +101,33 @@ def load_model(name: str, path: Path, data_dir: Path, device: Any) -> tuple[Any,
 
 
 # ---------------------------------------------------------------- generation
-def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int,
-             device: Any, amp: bool = True, progress: bool = False) -> tuple[list[str], dict[str, float]]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: Any,
+    amp: bool = True,
+    progress: bool = False,
+) -> tuple[list[str], dict[str, float]]:
     """Greedy, batched (left padding, KV cache) answers to rendered prompts, cut at `<|end|>`/eos."""
     import torch
     from tqdm import tqdm
     from transformers import GenerationConfig
+
     stops = stop_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
     room = max(1, max_positions(model) - max_new_tokens)
-    gen_cfg = GenerationConfig(max_new_tokens=min(max_new_tokens, max_positions(model) - 1), do_sample=False,
-                               num_beams=1, use_cache=True, eos_token_id=stops, pad_token_id=pad)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=min(max_new_tokens, max_positions(model) - 1),
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=stops,
+        pad_token_id=pad,
+    )
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"][-room:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     out: list[str] = [""] * len(prompts)
@@ -111,12 +135,12 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
     # decoding small models is per-step overhead: 1 CPU thread is as fast, and far faster on a busy machine
     with cpu_threads(device, 1), torch.no_grad(), autocast(device, amp_dtype(device, amp)):
         for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             width = max(len(encoded[j]) for j in idx)
             x = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for r, j in enumerate(idx):
-                x[r, width - len(encoded[j]):], mask[r, width - len(encoded[j]):] = torch.tensor(encoded[j]), 1
+                x[r, width - len(encoded[j]) :], mask[r, width - len(encoded[j]) :] = torch.tensor(encoded[j]), 1
             gen = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
             for r, j in enumerate(idx):
                 new = gen[r, width:].tolist()
@@ -129,6 +153,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
 # ---------------------------------------------------------------- the stage
 def load_sft_test(data_dir: Path, max_examples: int | None, seed: int) -> dict[str, list[Any]]:
     import datasets
+
     folder = data_dir / "sft_test"
     if not folder.is_dir():
         raise StageError(f"{folder}: missing; run `dvc repro preprocess` first")
@@ -150,10 +175,22 @@ def load_sft_test(data_dir: Path, max_examples: int | None, seed: int) -> dict[s
     return cols
 
 
-def evaluate_models(cfg: EvaluateConfig, data_dir: Path, models: dict[str, str | Path], out_dir: Path,
-                    metrics_path: Path, plots_path: Path, *, seed: int, ctx: StageContext | None = None,
-                    plots_dir: Path | None = None, amp: bool = True, notes: list[str] | None = None,
-                    control_dir: Path | None = None, pretrain_enabled: bool | None = None) -> dict[str, Any]:
+def evaluate_models(
+    cfg: EvaluateConfig,
+    data_dir: Path,
+    models: dict[str, str | Path],
+    out_dir: Path,
+    metrics_path: Path,
+    plots_path: Path,
+    *,
+    seed: int,
+    ctx: StageContext | None = None,
+    plots_dir: Path | None = None,
+    amp: bool = True,
+    notes: list[str] | None = None,
+    control_dir: Path | None = None,
+    pretrain_enabled: bool | None = None,
+) -> dict[str, Any]:
     """Evaluate every model in `models` (name -> HF folder or MLflow model URI) on `data_dir`.
     `plots_dir` holds pretrain_loss.csv / sft_loss.csv for loss.png (default: plots_path's folder).
     With `control_dir` and `pretrain_enabled`, sft's results join the control-experiment history."""
@@ -162,49 +199,104 @@ def evaluate_models(cfg: EvaluateConfig, data_dir: Path, models: dict[str, str |
             check_model_dir(name, Path(ref))
     with tempfile.TemporaryDirectory(prefix="seedlm-evaluate-") as tmp_models:
         folders = {name: resolve_model(ref, Path(tmp_models) / name) for name, ref in models.items()}
-        return _evaluate(cfg, Path(data_dir), folders, {k: str(v) for k, v in models.items()}, Path(out_dir),
-                         Path(metrics_path), Path(plots_path), seed=seed, ctx=ctx or StageContext(),
-                         plots_dir=Path(plots_dir) if plots_dir is not None else Path(plots_path).parent,
-                         amp=amp, notes=list(notes or []), control_dir=control_dir, pretrain_enabled=pretrain_enabled)
+        return _evaluate(
+            cfg,
+            Path(data_dir),
+            folders,
+            {k: str(v) for k, v in models.items()},
+            Path(out_dir),
+            Path(metrics_path),
+            Path(plots_path),
+            seed=seed,
+            ctx=ctx or StageContext(),
+            plots_dir=Path(plots_dir) if plots_dir is not None else Path(plots_path).parent,
+            amp=amp,
+            notes=list(notes or []),
+            control_dir=control_dir,
+            pretrain_enabled=pretrain_enabled,
+        )
 
 
-def score_model(cfg: EvaluateConfig, model: Any, tok: Any, test: dict[str, list], val: np.ndarray | None, *,
-                seed: int, device: Any, amp: bool, progress: bool) -> tuple[dict, list[str], list[bool], dict]:
+def score_model(
+    cfg: EvaluateConfig,
+    model: Any,
+    tok: Any,
+    test: dict[str, list],
+    val: np.ndarray | None,
+    *,
+    seed: int,
+    device: Any,
+    amp: bool,
+    progress: bool,
+) -> tuple[dict, list[str], list[bool], dict]:
     """Metrics, answers, exact-match flags, per-item stats (module -> (stats, score)) of one model.
     `val` None: the model has its own tokenizer (no val_ppl; items re-encoded; ppl not paired)."""
     m: dict[str, Any] = {}
     if val is not None:
-        m = val_perplexity(model, val, windows=cfg.ppl_batches * cfg.batch_size, batch_size=cfg.batch_size,
-                           seed=seed, device=device, amp=amp)
+        m = val_perplexity(
+            model,
+            val,
+            windows=cfg.ppl_batches * cfg.batch_size,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            device=device,
+            amp=amp,
+        )
     if not test["reference"]:
         return m, [], [], {}
-    ids, labels = (test["input_ids"], test["labels"]) if val is not None else \
-        encode_items(tok, test["prompt"], test["reference"])
+    ids, labels = (
+        (test["input_ids"], test["labels"]) if val is not None else encode_items(tok, test["prompt"], test["reference"])
+    )
     ppl, ppl_stats = response_perplexity(model, ids, labels, batch_size=cfg.batch_size, device=device, amp=amp)
     boot = {"resamples": cfg.bootstrap, "confidence": cfg.confidence, "seed": seed}
     m.update({**ppl, **{f"{k}_ci": v for k, v in bootstrap_ci(ppl_stats, ppl_score, **boot).items()}})
     prompts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in test["prompt"]]
-    answers, speed = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                              device=device, amp=amp, progress=progress)
+    answers, speed = generate(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        device=device,
+        amp=amp,
+        progress=progress,
+    )
     m["gen_tokens_per_s"] = speed["gen_tokens_per_s"]
     keep: dict[str, Any] = {"response_ppl": (ppl_stats, ppl_score)} if val is not None else {}
     scores, correct = task_metrics(answers, test["reference"], test["task"], keep_stats=keep, **boot)
     return {**m, **scores}, answers, correct, keep
 
 
-def _evaluate(cfg: EvaluateConfig, data_dir: Path, models: dict[str, Path], sources: dict[str, str],
-              out_dir: Path, metrics_path: Path, plots_path: Path, *, seed: int, ctx: StageContext,
-              plots_dir: Path, amp: bool, notes: list[str], control_dir: Path | None,
-              pretrain_enabled: bool | None) -> dict[str, Any]:
+def _evaluate(
+    cfg: EvaluateConfig,
+    data_dir: Path,
+    models: dict[str, Path],
+    sources: dict[str, str],
+    out_dir: Path,
+    metrics_path: Path,
+    plots_path: Path,
+    *,
+    seed: int,
+    ctx: StageContext,
+    plots_dir: Path,
+    amp: bool,
+    notes: list[str],
+    control_dir: Path | None,
+    pretrain_enabled: bool | None,
+) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
+
     for name, path in models.items():
         check_model_dir(name, Path(path))
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     test = load_sft_test(data_dir, cfg.max_examples, seed)
-    pipeline_tok = tokenizer_model(AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))) \
-        if (data_dir / "tokenizer").is_dir() else None
+    pipeline_tok = (
+        tokenizer_model(AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")))
+        if (data_dir / "tokenizer").is_dir()
+        else None
+    )
     n = len(test["reference"])
     if n == 0:
         notes.append("sft_test is empty: response perplexity, generations and task metrics are omitted.")
@@ -215,31 +307,53 @@ def _evaluate(cfg: EvaluateConfig, data_dir: Path, models: dict[str, Path], sour
         model, tok = load_model(name, Path(path), data_dir, device)
         own = pipeline_tok is not None and tokenizer_model(tok) != pipeline_tok
         if own:
-            notes.append(f"{name} has its own tokenizer: no val_ppl (val.bin holds the pipeline's tokens); its "
-                         "response_ppl counts its own tokens and is not compared.")
+            notes.append(
+                f"{name} has its own tokenizer: no val_ppl (val.bin holds the pipeline's tokens); its "
+                "response_ppl counts its own tokens and is not compared."
+            )
         val = None if own else load_val_tokens(data_dir, model.config.vocab_size)
-        m, answers, flags, item_stats[name] = score_model(cfg, model, tok, test, val, seed=seed, device=device,
-                                                          amp=amp, progress=ctx.progress)
+        m, answers, flags, item_stats[name] = score_model(
+            cfg, model, tok, test, val, seed=seed, device=device, amp=amp, progress=ctx.progress
+        )
         metrics["val_tokens"], metrics[name] = m.pop("val_tokens", metrics.get("val_tokens", 0)), m
         if n:
             predictions[name], correct[name] = answers, flags
         ctx.log({f"{name}.eval_seconds": time.perf_counter() - t0}, None)  # the runner logs the result itself
         del model
     names = list(models)
-    metrics["compare"] = compare_models(names, item_stats, keys=COMPARED, resamples=cfg.bootstrap,
-                                         confidence=cfg.confidence, seed=seed)
+    metrics["compare"] = compare_models(
+        names, item_stats, keys=COMPARED, resamples=cfg.bootstrap, confidence=cfg.confidence, seed=seed
+    )
     metrics["sources"] = sources
-    samples = [{"id": i, "row": test["row"][i], "prompt": test["prompt"][i], "reference": test["reference"][i],
-                "task": test["task"][i], "predictions": {k: predictions[k][i] for k in predictions},
-                "correct": {k: correct[k][i] for k in correct}} for i in range(n)]
-    plot_rows = [{"model": k, "metric": c, "value": metrics[k][c]} for k in names for c in SCORE_METRICS
-                 if c in metrics[k]]
+    samples = [
+        {
+            "id": i,
+            "row": test["row"][i],
+            "prompt": test["prompt"][i],
+            "reference": test["reference"][i],
+            "task": test["task"][i],
+            "predictions": {k: predictions[k][i] for k in predictions},
+            "correct": {k: correct[k][i] for k in correct},
+        }
+        for i in range(n)
+    ]
+    plot_rows = [
+        {"model": k, "metric": c, "value": metrics[k][c]} for k in names for c in SCORE_METRICS if c in metrics[k]
+    ]
     record, control_md = None, ""
     if control_dir is not None and pretrain_enabled is not None and "response_ppl" in metrics.get("sft", {}):
         record, control_md, summary = control.update(
-            Path(control_dir), pretrain_enabled, metrics["sft"], {k: v[0] for k, v in item_stats["sft"].items()},
-            test["row"], control.data_id(data_dir), ctx.run_id, resamples=cfg.bootstrap,
-            confidence=cfg.confidence, seed=seed)
+            Path(control_dir),
+            pretrain_enabled,
+            metrics["sft"],
+            {k: v[0] for k, v in item_stats["sft"].items()},
+            test["row"],
+            control.data_id(data_dir),
+            ctx.run_id,
+            resamples=cfg.bootstrap,
+            confidence=cfg.confidence,
+            seed=seed,
+        )
         metrics.update({"control": summary} if summary else {})
     with atomic_dir(out_dir) as tmp:
         figures = write_figures(tmp, metrics, names, plots_dir)
@@ -251,10 +365,15 @@ def _evaluate(cfg: EvaluateConfig, data_dir: Path, models: dict[str, Path], sour
         if record is not None:
             (tmp / "control.md").write_text(control_md, encoding="utf-8")
             names_out.append("control.md")
-        result = {**metrics, "artifacts": [str(out_dir / p) for p in names_out],
-                  "tables": [str(out_dir / "samples_table.json")]}
-        inputs = {"processed": str(data_dir),
-                  "models": {k: {"path": sources[k], "sha256": sha256_dir(p)} for k, p in models.items()}}
+        result = {
+            **metrics,
+            "artifacts": [str(out_dir / p) for p in names_out],
+            "tables": [str(out_dir / "samples_table.json")],
+        }
+        inputs = {
+            "processed": str(data_dir),
+            "models": {k: {"path": sources[k], "sha256": sha256_dir(p)} for k, p in models.items()},
+        }
         write_meta(tmp, "evaluate", {"seed": seed, "evaluate": cfg.model_dump(mode="json")}, result, inputs)
     write_json(metrics_path, metrics)
     write_json(plots_path, plot_rows)
@@ -273,8 +392,16 @@ def run(params: Params, ctx: StageContext) -> dict[str, Any]:
     p, cfg = params.paths, params.evaluate
     if EXTERNAL:  # `python -m components.evaluate --model REF`: not the pipeline's models, outside DVC outs
         out = Path(EXTERNAL["out"])
-        return evaluate_models(cfg, Path(p.processed), dict(EXTERNAL["models"]), out, out / "metrics.json",
-                               out / "plots.json", seed=params.seed, ctx=ctx)
+        return evaluate_models(
+            cfg,
+            Path(p.processed),
+            dict(EXTERNAL["models"]),
+            out,
+            out / "metrics.json",
+            out / "plots.json",
+            seed=params.seed,
+            ctx=ctx,
+        )
     models: dict[str, str | Path] = {"pretrain": Path(p.pretrain), "sft": Path(p.sft)}
     notes = []
     if cfg.champion:
@@ -285,10 +412,20 @@ def run(params: Params, ctx: StageContext) -> dict[str, Any]:
         else:
             notes.append(f"No champion of {name!r} in the registry yet: nothing to compare against.")
     models.update(cfg.models)
-    return evaluate_models(cfg, Path(p.processed), models, Path(p.evaluate), Path(p.metrics) / "evaluate.json",
-                           Path(p.plots) / "evaluate_metrics.json", seed=params.seed, ctx=ctx,
-                           plots_dir=Path(p.plots), notes=notes, control_dir=Path(p.checkpoints).parent / "control",
-                           pretrain_enabled=control.pretrain_enabled(Path(p.pretrain), Path(p.sft)))
+    return evaluate_models(
+        cfg,
+        Path(p.processed),
+        models,
+        Path(p.evaluate),
+        Path(p.metrics) / "evaluate.json",
+        Path(p.plots) / "evaluate_metrics.json",
+        seed=params.seed,
+        ctx=ctx,
+        plots_dir=Path(p.plots),
+        notes=notes,
+        control_dir=Path(p.checkpoints).parent / "control",
+        pretrain_enabled=control.pretrain_enabled(Path(p.pretrain), Path(p.sft)),
+    )
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m components.evaluate", example: str = "") -> int:

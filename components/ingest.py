@@ -1,4 +1,5 @@
 """Ingest: validate every source and stream it, one line/row at a time, into JSONL shards + a manifest."""
+
 from __future__ import annotations
 
 import csv
@@ -10,8 +11,9 @@ import logging
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -38,8 +40,10 @@ class _Malformed(Exception):
 
 # ---------------------------------------------------------------- files
 def _unreadable(path: Path, e: OSError) -> StageError:
-    return StageError(f"{path}: cannot read it ({e.strerror or type(e).__name__}); fix its permissions "
-                      "(e.g. `chmod a+r`) or remove it from the ingest sources")
+    return StageError(
+        f"{path}: cannot read it ({e.strerror or type(e).__name__}); fix its permissions "
+        "(e.g. `chmod a+r`) or remove it from the ingest sources"
+    )
 
 
 def _hash(path: Path) -> str:
@@ -83,14 +87,21 @@ def _lines(path: Path, fh: BinaryIO, max_bytes: int) -> Iterator[tuple[int, str 
                     raw = fh.readline(1 << 20)
                     size += len(raw)
                 offset += size
-                yield lineno, _Malformed(f"line of {size / 2**20:.2f} MiB is above max_line_mb "
-                                         f"({max_bytes / 2**20:g}); split it, raise ingest.max_line_mb, {SKIP_HINT}")
+                yield (
+                    lineno,
+                    _Malformed(
+                        f"line of {size / 2**20:.2f} MiB is above max_line_mb "
+                        f"({max_bytes / 2**20:g}); split it, raise ingest.max_line_mb, {SKIP_HINT}"
+                    ),
+                )
                 continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise StageError(f"{path}:{lineno}: not valid UTF-8 at byte offset {offset + e.start} "
-                                 f"({raw[e.start:e.start + 4]!r}); re-encode it as UTF-8 (`iconv -t utf-8`)") from None
+                raise StageError(
+                    f"{path}:{lineno}: not valid UTF-8 at byte offset {offset + e.start} "
+                    f"({raw[e.start : e.start + 4]!r}); re-encode it as UTF-8 (`iconv -t utf-8`)"
+                ) from None
             offset += len(raw)
             text = text.removeprefix("\ufeff") if lineno == 1 else text
             yield lineno, text.removesuffix("\n").removesuffix("\r")
@@ -117,8 +128,13 @@ def _jsonl_records(path: Path, fh: BinaryIO, max_bytes: int) -> Records:
         if isinstance(line, str) and line.strip():
             try:
                 obj = json.loads(line)
-                line = obj if isinstance(obj, dict) else _Malformed(
-                    f"expected a JSON object per line, got {type(obj).__name__}; fix the line, {SKIP_HINT}")
+                line = (
+                    obj
+                    if isinstance(obj, dict)
+                    else _Malformed(
+                        f"expected a JSON object per line, got {type(obj).__name__}; fix the line, {SKIP_HINT}"
+                    )
+                )
             except json.JSONDecodeError as e:
                 line = _Malformed(f"not valid JSON ({e.msg} at column {e.colno}); fix the line, {SKIP_HINT}")
             except RecursionError:
@@ -130,10 +146,14 @@ def _jsonl_records(path: Path, fh: BinaryIO, max_bytes: int) -> Records:
 def _require(path: Path, found: list[str], kind: str, text_field: str) -> None:
     need = [text_field] if kind == "pretrain" else [] if "messages" in found else ["instruction", "output"]
     if missing := [c for c in need if c not in found]:
-        fix = ("set text_field: to the column holding the text" if kind == "pretrain" else
-               "instruction data needs columns instruction, output (input optional) or messages")
-        raise StageError(f"{path}: no column {', '.join(map(repr, missing))} (columns found: "
-                         f"{', '.join(found) or 'none'}); {fix}")
+        fix = (
+            "set text_field: to the column holding the text"
+            if kind == "pretrain"
+            else "instruction data needs columns instruction, output (input optional) or messages"
+        )
+        raise StageError(
+            f"{path}: no column {', '.join(map(repr, missing))} (columns found: {', '.join(found) or 'none'}); {fix}"
+        )
 
 
 def _csv_records(path: Path, fh: BinaryIO, max_bytes: int, kind: str, text_field: str) -> Records:
@@ -174,7 +194,7 @@ def _parquet_records(path: Path, kind: str, text_field: str) -> Records:
             tmp.seek(0)
         try:
             pf = pq.ParquetFile(tmp if _ext(path)[1] else path)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a bad file
             raise StageError(f"{path}: not a readable parquet file ({e}); re-export it as parquet") from None
         names = pf.schema_arrow.names
         _require(path, names, kind, text_field)
@@ -191,8 +211,11 @@ def _file_records(path: Path, kind: str, max_bytes: int, text_field: str) -> Rec
         yield from _parquet_records(path, kind, text_field)
     else:
         with _open(path) as fh:
-            yield from (_csv_records(path, fh, max_bytes, kind, text_field) if ext == ".csv" else
-                        (_jsonl_records if ext == ".jsonl" else _text_docs)(path, fh, max_bytes))
+            yield from (
+                _csv_records(path, fh, max_bytes, kind, text_field)
+                if ext == ".csv"
+                else (_jsonl_records if ext == ".jsonl" else _text_docs)(path, fh, max_bytes)
+            )
 
 
 # ---------------------------------------------------------------- sources
@@ -200,31 +223,44 @@ def _local_files(path: Path, kind: str, shown: str) -> tuple[list[Path], dict[st
     """The files of a path source (sorted) and their manifest fields: sha256, bytes, files, skipped_files."""
     if path.is_file():
         if _ext(path)[0] not in EXTS[kind]:
-            raise StageError(f"{shown}: unsupported file type for {kind} sources; use one of "
-                             f"{', '.join(EXTS[kind])} (optionally .gz)")
+            raise StageError(
+                f"{shown}: unsupported file type for {kind} sources; use one of "
+                f"{', '.join(EXTS[kind])} (optionally .gz)"
+            )
         return [path], {"sha256": _hash(path), "bytes": path.stat().st_size, "files": 1, "skipped_files": 0}
-    found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(path).parts))
+    found = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     files = [p for p in found if _ext(p)[0] in EXTS[kind]]
     if not files:
         raise StageError(f"{shown}: folder holds no {kind} files ({', '.join(EXTS[kind])}, optionally .gz)")
     for f in files:  # a link out of the folder would pull unrelated files (keys, secrets) into the corpus
         if f.is_symlink() and not f.resolve().is_relative_to(path.resolve()):
-            raise StageError(f"{f}: a symlink to {f.resolve()}, outside the source folder {shown}; copy the file "
-                             "in, or list it as a `path:` source of its own")
+            raise StageError(
+                f"{f}: a symlink to {f.resolve()}, outside the source folder {shown}; copy the file "
+                "in, or list it as a `path:` source of its own"
+            )
     h = hashlib.sha256()  # sorted relative paths + file hashes
     for f in files:
         h.update(f"{f.relative_to(path).as_posix()}\0{_hash(f)}\n".encode())
-    return files, {"sha256": h.hexdigest(), "bytes": sum(f.stat().st_size for f in files), "files": len(files),
-                   "skipped_files": len(found) - len(files)}
+    return files, {
+        "sha256": h.hexdigest(),
+        "bytes": sum(f.stat().st_size for f in files),
+        "files": len(files),
+        "skipped_files": len(found) - len(files),
+    }
 
 
 # ---------------------------------------------------------------- normalization
 def _pretrain_row(rec: Any, text_field: str) -> dict[str, str]:
     text = rec if isinstance(rec, str) else rec.get(text_field)
     if not isinstance(text, str):
-        raise _Malformed(f"field {text_field!r} missing or not text (fields found: {', '.join(map(str, rec))}); "
-                         f"set text_field: to the key holding the text, {SKIP_HINT}")
+        raise _Malformed(
+            f"field {text_field!r} missing or not text (fields found: {', '.join(map(str, rec))}); "
+            f"set text_field: to the key holding the text, {SKIP_HINT}"
+        )
     return {"text": text}
 
 
@@ -235,16 +271,20 @@ def _sft_row(rec: Any) -> dict[str, Any]:
         raise _Malformed(f"split must be train/val/test/null, task a string (got {split!r}, {task!r}); {SKIP_HINT}")
     if msgs is None:
         if "instruction" not in rec and "output" not in rec:
-            raise _Malformed(f"neither 'messages' nor 'instruction'/'output' (fields found: "
-                             f"{', '.join(map(str, rec)) or 'none'}); use Alpaca or chat form, {SKIP_HINT}")
+            raise _Malformed(
+                f"neither 'messages' nor 'instruction'/'output' (fields found: "
+                f"{', '.join(map(str, rec)) or 'none'}); use Alpaca or chat form, {SKIP_HINT}"
+            )
         for key in ("instruction", "output"):
             if not isinstance(rec.get(key), str) or not rec[key].strip():
                 raise _Malformed(f"Alpaca row with missing or empty {key!r}; fill it in, {SKIP_HINT}")
         extra = rec.get("input") or ""
         if not isinstance(extra, str):
             raise _Malformed(f"'input' must be a string, got {type(extra).__name__}; {SKIP_HINT}")
-        msgs = [{"role": "user", "content": rec["instruction"] + ("\n\n" + extra if extra.strip() else "")},
-                {"role": "assistant", "content": rec["output"]}]
+        msgs = [
+            {"role": "user", "content": rec["instruction"] + ("\n\n" + extra if extra.strip() else "")},
+            {"role": "assistant", "content": rec["output"]},
+        ]
     if isinstance(msgs, str):  # a csv column holding JSON
         try:
             msgs = json.loads(msgs)
@@ -277,8 +317,16 @@ def _write_shards(folder: Path, lines: Iterator[bytes], shard_rows: int) -> int:
     return n
 
 
-def _source_lines(src: Source, kind: str, cfg: IngestConfig, seed: int, sources_root: Path, cache_dir: Path,
-                  manifest: list[dict[str, Any]], progress: bool) -> Iterator[bytes]:
+def _source_lines(
+    src: Source,
+    kind: str,
+    cfg: IngestConfig,
+    seed: int,
+    sources_root: Path,
+    cache_dir: Path,
+    manifest: list[dict[str, Any]],
+    progress: bool,
+) -> Iterator[bytes]:
     """Normalized JSONL lines of one source; appends its manifest entry when done."""
     max_bytes = max(1, int(cfg.max_line_mb * 2**20))
     known: dict[str, Any] | None = None  # manifest fields of file sources, known before reading
@@ -297,8 +345,10 @@ def _source_lines(src: Source, kind: str, cfg: IngestConfig, seed: int, sources_
             if not path.is_absolute() and not path.exists() and (sources_root / path).exists():
                 path = sources_root / path
             if not path.exists():
-                raise StageError(f"{src.path}: no such file or folder (in ingest.{kind}_sources); put your files "
-                                 f"under {sources_root}/ and fix `path:`")
+                raise StageError(
+                    f"{src.path}: no such file or folder (in ingest.{kind}_sources); put your files "
+                    f"under {sources_root}/ and fix `path:`"
+                )
             if not path.resolve().is_relative_to(sources_root.resolve()):
                 log.warning("%s is outside %s: DVC will not rerun ingest when it changes", src.path, sources_root)
             files, known = _local_files(path, kind, src.path)
@@ -314,13 +364,18 @@ def _source_lines(src: Source, kind: str, cfg: IngestConfig, seed: int, sources_
             try:
                 line = (json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n").encode("utf-8")
             except UnicodeEncodeError as e:  # a JSON "\ud800" escape: not a character
-                raise _Malformed(f"lone surrogate {e.object[e.start:e.end]!r} (a broken \\u escape) is not valid "
-                                 f"Unicode; fix the text, {SKIP_HINT}") from None
-            size = sum(len(m["content"].encode()) for m in row["messages"]) if kind == "sft" else len(
-                row["text"].encode())
+                raise _Malformed(
+                    f"lone surrogate {e.object[e.start : e.end]!r} (a broken \\u escape) is not valid "
+                    f"Unicode; fix the text, {SKIP_HINT}"
+                ) from None
+            size = (
+                sum(len(m["content"].encode()) for m in row["messages"]) if kind == "sft" else len(row["text"].encode())
+            )
             if size > max_bytes and skind != "synthetic":
-                raise _Malformed(f"row of {size / 2**20:.2f} MiB is above max_line_mb ({cfg.max_line_mb:g}); "
-                                 f"split it, raise ingest.max_line_mb, {SKIP_HINT}")
+                raise _Malformed(
+                    f"row of {size / 2**20:.2f} MiB is above max_line_mb ({cfg.max_line_mb:g}); "
+                    f"split it, raise ingest.max_line_mb, {SKIP_HINT}"
+                )
         except _Malformed as e:
             if not cfg.skip_malformed:
                 raise StageError(f"{loc}: {e}") from None
@@ -334,24 +389,48 @@ def _source_lines(src: Source, kind: str, cfg: IngestConfig, seed: int, sources_
         raise StageError(f"{origin}: yielded no {kind} rows ({skipped} malformed skipped); check the source")
     # generated rows (synthetic, hf): hash and size of the rows written
     known = known or {"sha256": row_hash.hexdigest(), "bytes": out_bytes}
-    manifest.append({"origin": origin, "kind": skind, "rows": rows, "skipped": skipped, **known,
-                     "text_bytes": text_bytes})
+    manifest.append(
+        {"origin": origin, "kind": skind, "rows": rows, "skipped": skipped, **known, "text_bytes": text_bytes}
+    )
 
 
-def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, sources_root: Path, cache_dir: Path,
-           ctx: StageContext | None = None) -> dict:
+def ingest(
+    cfg: IngestConfig, out_dir: Path, *, seed: int, sources_root: Path, cache_dir: Path, ctx: StageContext | None = None
+) -> dict:
     """Read all sources into `out_dir` (atomically): pretrain/ and sft/ shards, manifest.json, seedlm.json."""
     t0 = time.perf_counter()
     manifest: dict[str, list[dict[str, Any]]] = {"pretrain": [], "sft": []}
     with atomic_dir(out_dir) as tmp:
-        totals = {kind: _write_shards(tmp / kind, (line for src in sources for line in _source_lines(
-            src, kind, cfg, seed, Path(sources_root), Path(cache_dir), manifest[kind], bool(ctx and ctx.progress))),
-            cfg.shard_rows) for kind, sources in (("pretrain", cfg.pretrain_sources), ("sft", cfg.sft_sources))}
+        totals = {
+            kind: _write_shards(
+                tmp / kind,
+                (
+                    line
+                    for src in sources
+                    for line in _source_lines(
+                        src,
+                        kind,
+                        cfg,
+                        seed,
+                        Path(sources_root),
+                        Path(cache_dir),
+                        manifest[kind],
+                        bool(ctx and ctx.progress),
+                    )
+                ),
+                cfg.shard_rows,
+            )
+            for kind, sources in (("pretrain", cfg.pretrain_sources), ("sft", cfg.sft_sources))
+        }
         pretrain_bytes = sum(e.pop("text_bytes") for es in manifest.values() for e in es)
         write_json(tmp / "manifest.json", manifest)
-        result = {"pretrain_rows": totals["pretrain"], "sft_rows": totals["sft"],
-                  "skipped": sum(e["skipped"] for es in manifest.values() for e in es),
-                  "pretrain_bytes": pretrain_bytes, "sources": len(manifest["pretrain"]) + len(manifest["sft"])}
+        result = {
+            "pretrain_rows": totals["pretrain"],
+            "sft_rows": totals["sft"],
+            "skipped": sum(e["skipped"] for es in manifest.values() for e in es),
+            "pretrain_bytes": pretrain_bytes,
+            "sources": len(manifest["pretrain"]) + len(manifest["sft"]),
+        }
         inputs = {k: [{"origin": e["origin"], "sha256": e["sha256"]} for e in es] for k, es in manifest.items()}
         write_meta(tmp, "ingest", {"seed": seed, "ingest": cfg.model_dump(mode="json")}, result, inputs)
     if ctx:
@@ -362,8 +441,14 @@ def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, sources_root: Path, c
 
 def run(params: Params, ctx: StageContext) -> dict:
     p = params.paths
-    return ingest(params.ingest, Path(p.raw), seed=params.seed, sources_root=Path(p.sources),
-                  cache_dir=Path(p.checkpoints).parent / "downloads", ctx=ctx)
+    return ingest(
+        params.ingest,
+        Path(p.raw),
+        seed=params.seed,
+        sources_root=Path(p.sources),
+        cache_dir=Path(p.checkpoints).parent / "downloads",
+        ctx=ctx,
+    )
 
 
 if __name__ == "__main__":

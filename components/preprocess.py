@@ -4,6 +4,7 @@ Pretraining text streams shard by shard through temp files: memory holds one bat
 plus the de-dup sets (one 64-bit digest per kept document; `dedup: near` adds one per LSH band),
 never the corpus. Work files live in the output's temp folder and are deleted before it is swapped in.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,10 @@ import time
 import unicodedata
 from array import array
 from collections import Counter
+from collections.abc import Container, Iterable, Iterator
 from itertools import chain
 from pathlib import Path
-from typing import Any, Container, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -105,10 +107,17 @@ def _clean_pretrain(cfg: PreprocessConfig, shards: list[Path], work: Path, seed:
                     n_in += 1
                     bar.update()
                     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                        raise StageError(f"{shard}:{n}: expected {{\"text\": str}}; {_RERUN}")
+                        raise StageError(f'{shard}:{n}: expected {{"text": str}}; {_RERUN}')
                     text = clean_text(row["text"], cfg.normalization)
-                    reason = ("empty" if not text else "too_short" if len(text) < cfg.min_chars
-                              else "too_long" if len(text) > cfg.max_chars else None)
+                    reason = (
+                        "empty"
+                        if not text
+                        else "too_short"
+                        if len(text) < cfg.min_chars
+                        else "too_long"
+                        if len(text) > cfg.max_chars
+                        else None
+                    )
                     digest = dedup.digest(text) if reason is None else 0
                     if reason is None and cfg.dedup != "none":
                         reason = "duplicate" if digest in seen else None
@@ -133,18 +142,27 @@ def _clean_pretrain(cfg: PreprocessConfig, shards: list[Path], work: Path, seed:
             f.close()
     kept = count["train"] + count["val"]
     if kept < 2:
-        raise StageError(f"{shards[0].parent}: {kept} pretraining document(s) left after cleaning and de-dup "
-                         f"(of {n_in}; dropped {dict(dropped)}); need at least 2 for a train/val split: add text "
-                         "to ingest.pretrain_sources or relax preprocess.min_chars/max_chars/dedup")
+        raise StageError(
+            f"{shards[0].parent}: {kept} pretraining document(s) left after cleaning and de-dup "
+            f"(of {n_in}; dropped {dict(dropped)}); need at least 2 for a train/val split: add text "
+            "to ingest.pretrain_sources or relax preprocess.min_chars/max_chars/dedup"
+        )
     moves = {"train": ((), []), "val": ((), [])}  # split -> (lines to skip, docs to append)
     for src, dst in (("train", "val"), ("val", "train")):
         if count[dst] == 0:  # preprocess.val_fraction too small for this corpus: move the nearest doc
             _, idx, text = edge[src]
             moves[src], moves[dst] = ({idx}, []), ((), [text])
             count[src], count[dst] = count[src] - 1, 1
-    return {"docs_in": n_in, "kept": kept, "dropped": dict(dropped), "train_docs": count["train"],
-            "val_docs": count["val"], "chars_mean": chars / kept, "moves": moves,
-            "docs_per_s": n_in / max(time.perf_counter() - t0, 1e-9)}
+    return {
+        "docs_in": n_in,
+        "kept": kept,
+        "dropped": dict(dropped),
+        "train_docs": count["train"],
+        "val_docs": count["val"],
+        "chars_mean": chars / kept,
+        "moves": moves,
+        "docs_per_s": n_in / max(time.perf_counter() - t0, 1e-9),
+    }
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -168,7 +186,7 @@ def _write_bin(path: Path, docs: Iterable[str], tokenizer: Any, dtype: type, pro
             out = np.empty(sum(map(len, ids)) + len(ids), dtype)
             pos = 0
             for x in ids:
-                out[pos:pos + len(x)] = x
+                out[pos : pos + len(x)] = x
                 out[pos + len(x)] = eos
                 pos += len(x) + 1
             out.tofile(f)
@@ -210,11 +228,19 @@ def _clean_sft(cfg: PreprocessConfig, shards: list[Path], work: Path, progress: 
                 msgs = _check_sft_row(row, f"{shard}:{n}")
                 msgs = [{"role": m["role"], "content": clean_text(m["content"], cfg.normalization)} for m in msgs]
                 key = dedup.digest(json.dumps(msgs))
-                reason = ("empty" if any(not m["content"] for m in msgs)
-                          else "no_final_assistant" if msgs[-1]["role"] != "assistant"
-                          else "no_prompt" if len(msgs) < 2  # a reply to nothing: no prompt to evaluate it on
-                          else "special_token_text" if any(_SPECIAL.search(m["content"]) for m in msgs)
-                          else "duplicate" if key in seen else None)
+                reason = (
+                    "empty"
+                    if any(not m["content"] for m in msgs)
+                    else "no_final_assistant"
+                    if msgs[-1]["role"] != "assistant"
+                    else "no_prompt"
+                    if len(msgs) < 2  # a reply to nothing: no prompt to evaluate it on
+                    else "special_token_text"
+                    if any(_SPECIAL.search(m["content"]) for m in msgs)
+                    else "duplicate"
+                    if key in seen
+                    else None
+                )
                 if reason:
                     dropped[reason] += 1
                     continue
@@ -237,8 +263,10 @@ def _clean_sft(cfg: PreprocessConfig, shards: list[Path], work: Path, progress: 
         moves["train"], moves["val"] = ({i for _, i, _ in pick}, []), ((), [r for _, _, r in pick])
         count["train"], count["val"] = count["train"] - len(pick), len(pick)
     if count["train"] == 0:
-        raise StageError(f"{shards[0].parent}: no instruction rows left for training (of {n_in}; dropped "
-                         f"{dict(dropped)}); add rows to ingest.sft_sources")
+        raise StageError(
+            f"{shards[0].parent}: no instruction rows left for training (of {n_in}; dropped "
+            f"{dict(dropped)}); add rows to ingest.sft_sources"
+        )
     return {"rows_in": n_in, "kept": sum(count.values()), "dropped": dict(dropped), **count, "moves": moves}
 
 
@@ -246,8 +274,13 @@ def _sft_rows(path: str, skip: Container[int], extra: Iterable[dict], tokenizer:
     for rec in _lines(Path(path), skip, extra):
         msgs = rec["messages"]
         ids, labels = chat.encode_chat(tokenizer, msgs)
-        yield {"input_ids": ids, "labels": labels, "prompt": json.dumps(msgs[:-1], ensure_ascii=False),
-               "reference": msgs[-1]["content"], "task": rec["task"]}
+        yield {
+            "input_ids": ids,
+            "labels": labels,
+            "prompt": json.dumps(msgs[:-1], ensure_ascii=False),
+            "reference": msgs[-1]["content"],
+            "task": rec["task"],
+        }
 
 
 def _save_sft(work: Path, out: Path, sft: dict, tokenizer: Any, progress: bool) -> dict:
@@ -255,9 +288,15 @@ def _save_sft(work: Path, out: Path, sft: dict, tokenizer: Any, progress: bool) 
     import datasets
     import pyarrow.compute as pc
 
-    feats = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
-                               "labels": datasets.List(datasets.Value("int32")), "prompt": datasets.Value("string"),
-                               "reference": datasets.Value("string"), "task": datasets.Value("string")})
+    feats = datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "prompt": datasets.Value("string"),
+            "reference": datasets.Value("string"),
+            "task": datasets.Value("string"),
+        }
+    )
     was_off = datasets.utils.are_progress_bars_disabled()
     if not progress:
         datasets.disable_progress_bars()
@@ -269,9 +308,16 @@ def _save_sft(work: Path, out: Path, sft: dict, tokenizer: Any, progress: bool) 
             else:
                 skip, extra = sft["moves"][split]
                 ds = datasets.Dataset.from_generator(
-                    _sft_rows, features=feats, cache_dir=str(work / "hf_cache"),
-                    gen_kwargs={"path": str(work / f"sft_{split}.jsonl"), "skip": skip, "extra": tuple(extra),
-                                "tokenizer": tokenizer})
+                    _sft_rows,
+                    features=feats,
+                    cache_dir=str(work / "hf_cache"),
+                    gen_kwargs={
+                        "path": str(work / f"sft_{split}.jsonl"),
+                        "skip": skip,
+                        "extra": tuple(extra),
+                        "tokenizer": tokenizer,
+                    },
+                )
                 tokens += pc.sum(pc.list_value_length(ds.data.column("input_ids"))).as_py()
                 labels = pc.list_flatten(ds.data.column("labels"))
                 response += pc.sum(pc.not_equal(labels, chat.IGNORE_INDEX)).as_py()
@@ -291,17 +337,28 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
 
     floor = 256 + len(chat.SPECIAL_TOKENS)
     if vocab_size < floor:
-        raise StageError(f"params.yaml: preprocess.vocab_size is {vocab_size}; a byte-level BPE needs at least "
-                         f"{floor} (256 bytes + {len(chat.SPECIAL_TOKENS)} special tokens): raise it")
+        raise StageError(
+            f"params.yaml: preprocess.vocab_size is {vocab_size}; a byte-level BPE needs at least "
+            f"{floor} (256 bytes + {len(chat.SPECIAL_TOKENS)} special tokens): raise it"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  special_tokens=list(chat.SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=False,
+        special_tokens=list(chat.SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=chat.EOS_TOKEN, eos_token=chat.EOS_TOKEN,
-                                   pad_token=chat.PAD_TOKEN, additional_special_tokens=list(chat.SPECIAL_TOKENS[2:]))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=chat.EOS_TOKEN,
+        eos_token=chat.EOS_TOKEN,
+        pad_token=chat.PAD_TOKEN,
+        additional_special_tokens=list(chat.SPECIAL_TOKENS[2:]),
+    )
     fast.chat_template = chat.CHAT_TEMPLATE
     return fast
 
@@ -312,25 +369,41 @@ def load_base_tokenizer(init_from: Path) -> tuple[Any, int]:
 
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not init_from.is_dir() or not any((init_from / n).is_file() for n in names):
-        raise StageError(f"params.yaml: model.init_from: {init_from} is not a folder with a tokenizer "
-                         f"(one of {', '.join(names)}); point it at a local HF checkpoint folder or set it to null")
+        raise StageError(
+            f"params.yaml: model.init_from: {init_from} is not a folder with a tokenizer "
+            f"(one of {', '.join(names)}); point it at a local HF checkpoint folder or set it to null"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(str(init_from), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any load failure is the same user-fixable problem
-        raise StageError(f"params.yaml: model.init_from: cannot load the tokenizer in {init_from} ({e}); "
-                         "point it at a local HF checkpoint folder") from None
+        raise StageError(
+            f"params.yaml: model.init_from: cannot load the tokenizer in {init_from} ({e}); "
+            "point it at a local HF checkpoint folder"
+        ) from None
     return tok, chat.ensure_chat_tokens(tok)
 
 
 def _stats(lengths: array) -> dict:
     x = np.frombuffer(lengths, np.uint32) if len(lengths) else np.zeros(1, np.uint32)
-    return {"mean": float(x.mean()), "p50": float(np.percentile(x, 50)), "p95": float(np.percentile(x, 95)),
-            "max": int(x.max())}
+    return {
+        "mean": float(x.mean()),
+        "p50": float(np.percentile(x, 50)),
+        "p95": float(np.percentile(x, 95)),
+        "max": int(x.max()),
+    }
 
 
 # ---------------------------------------------------------------- the stage
-def preprocess(cfg: PreprocessConfig, raw_dir: Path, out_dir: Path, metrics_path: Path, *, seed: int,
-               init_from: Path | None = None, ctx: StageContext | None = None) -> dict:
+def preprocess(
+    cfg: PreprocessConfig,
+    raw_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    *,
+    seed: int,
+    init_from: Path | None = None,
+    ctx: StageContext | None = None,
+) -> dict:
     """Ingest output -> tokenizer, train/val token files and SFT datasets (the contract in BRIEF.md)."""
     ctx = ctx or StageContext()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -349,33 +422,55 @@ def preprocess(cfg: PreprocessConfig, raw_dir: Path, out_dir: Path, metrics_path
         sft = _clean_sft(cfg, sft_shards, work, ctx.progress)
         moves = pre.pop("moves")
         sft_train = _lines(work / "sft_train.jsonl", *sft["moves"]["train"])
-        texts = chain(_lines(work / "train.jsonl", *moves["train"]),  # BPE learns from the train splits only
-                      (m["content"] for r in sft_train for m in r["messages"]))
+        texts = chain(
+            _lines(work / "train.jsonl", *moves["train"]),  # BPE learns from the train splits only
+            (m["content"] for r in sft_train for m in r["messages"]),
+        )
         tokenizer = base if base is not None else train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
         t0 = time.perf_counter()
-        lens = {s: _write_bin(tmp / f"{s}.bin", _lines(work / f"{s}.jsonl", *moves[s]), tokenizer, dtype,
-                              ctx.progress) for s in ("train", "val")}
+        lens = {
+            s: _write_bin(tmp / f"{s}.bin", _lines(work / f"{s}.jsonl", *moves[s]), tokenizer, dtype, ctx.progress)
+            for s in ("train", "val")
+        }
         n_tokens = {s: sum(lens[s]) + len(lens[s]) for s in lens}  # + one eos per document
         ctx.log({"preprocess/tokens_per_s": sum(n_tokens.values()) / max(time.perf_counter() - t0, 1e-9)}, None)
         sft.update(_save_sft(work, tmp, sft, tokenizer, ctx.progress))
         sft.pop("moves")
         report = {
-            "pretrain": {**{k: v for k, v in pre.items() if k != "docs_per_s"},
-                         "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
-                         "tokens_per_doc": _stats(lens["train"] + lens["val"])},
+            "pretrain": {
+                **{k: v for k, v in pre.items() if k != "docs_per_s"},
+                "train_tokens": n_tokens["train"],
+                "val_tokens": n_tokens["val"],
+                "tokens_per_doc": _stats(lens["train"] + lens["val"]),
+            },
             "sft": sft,
             "tokenizer": {"vocab_size": len(tokenizer), "trained": base is None, "tokens_added": added},
         }
-        result = {"vocab_size": len(tokenizer), "dtype": np.dtype(dtype).name, "eos_id": tokenizer.eos_token_id,
-                  "pad_id": tokenizer.pad_token_id, "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
-                  "sft_train": sft["train"], "sft_val": sft["val"], "sft_test": sft["test"], "report": report}
+        result = {
+            "vocab_size": len(tokenizer),
+            "dtype": np.dtype(dtype).name,
+            "eos_id": tokenizer.eos_token_id,
+            "pad_id": tokenizer.pad_token_id,
+            "train_tokens": n_tokens["train"],
+            "val_tokens": n_tokens["val"],
+            "sft_train": sft["train"],
+            "sft_val": sft["val"],
+            "sft_test": sft["test"],
+            "report": report,
+        }
         shutil.rmtree(work)
-        config = {"seed": seed, "preprocess": cfg.model_dump(mode="json"),
-                  "model.init_from": str(init_from) if init_from is not None else None}
-        inputs = {"raw": str(raw_dir), "raw_manifest_sha256": sha256_file(raw_dir / "manifest.json"),
-                  **({"init_from": str(init_from)} if init_from is not None else {})}
+        config = {
+            "seed": seed,
+            "preprocess": cfg.model_dump(mode="json"),
+            "model.init_from": str(init_from) if init_from is not None else None,
+        }
+        inputs = {
+            "raw": str(raw_dir),
+            "raw_manifest_sha256": sha256_file(raw_dir / "manifest.json"),
+            **({"init_from": str(init_from)} if init_from is not None else {}),
+        }
         write_meta(tmp, "preprocess", config, result, inputs)
     write_json(metrics_path, report)
     return {**result, "artifacts": [str(metrics_path)]}
@@ -384,8 +479,15 @@ def preprocess(cfg: PreprocessConfig, raw_dir: Path, out_dir: Path, metrics_path
 def run(params: Params, ctx: StageContext) -> dict:
     p = params.paths
     init = Path(params.model.init_from) if params.model.init_from else None
-    return preprocess(params.preprocess, Path(p.raw), Path(p.processed), Path(p.metrics) / "preprocess.json",
-                      seed=params.seed, init_from=init, ctx=ctx)
+    return preprocess(
+        params.preprocess,
+        Path(p.raw),
+        Path(p.processed),
+        Path(p.metrics) / "preprocess.json",
+        seed=params.seed,
+        init_from=init,
+        ctx=ctx,
+    )
 
 
 if __name__ == "__main__":

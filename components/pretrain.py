@@ -1,4 +1,5 @@
 """Causal-LM pretraining on the packed token stream (train.bin / val.bin) written by preprocess."""
+
 from __future__ import annotations
 
 import csv
@@ -47,7 +48,7 @@ def token_file(data_dir: Path, name: str, dtype: str) -> np.ndarray:
 
 def window_batch(tokens: np.ndarray, offsets: np.ndarray, length: int) -> Batch:
     """Rows tokens[o : o+length+1] -> (inputs = w[:-1], targets = w[1:])."""
-    w = np.stack([tokens[o:o + length + 1] for o in offsets]).astype(np.int64)
+    w = np.stack([tokens[o : o + length + 1] for o in offsets]).astype(np.int64)
     t = torch.from_numpy(w)
     return t[:, :-1], t[:, 1:]
 
@@ -59,6 +60,7 @@ def window_source(tokens: np.ndarray, length: int, batch_size: int, seed: int) -
     def batches(step: int, micro: int) -> Batch:
         offsets = torch.randint(0, high, (batch_size,), generator=step_generator(seed, step, micro)).numpy()
         return window_batch(tokens, offsets, length)
+
     return batches
 
 
@@ -68,8 +70,10 @@ def val_batches(tokens: np.ndarray, length: int, batch_size: int, n_batches: int
     if length < 1:
         return []
     g = step_generator(seed, 0, 0, stream=1)
-    return [window_batch(tokens, torch.randint(0, len(tokens) - length, (batch_size,), generator=g).numpy(), length)
-            for _ in range(n_batches)]
+    return [
+        window_batch(tokens, torch.randint(0, len(tokens) - length, (batch_size,), generator=g).numpy(), length)
+        for _ in range(n_batches)
+    ]
 
 
 def write_plot_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -83,8 +87,22 @@ def write_plot_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def metrics_of(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("final_train_loss", "val_loss", "val_ppl", "tokens", "tokens_per_s", "steps", "n_params",
-            "peak_mem_mb", "peak_rss_mb", "peak_cuda_mb", "seconds", "trainable_params", "enabled", "devices")
+    keys = (
+        "final_train_loss",
+        "val_loss",
+        "val_ppl",
+        "tokens",
+        "tokens_per_s",
+        "steps",
+        "n_params",
+        "peak_mem_mb",
+        "peak_rss_mb",
+        "peak_cuda_mb",
+        "seconds",
+        "trainable_params",
+        "enabled",
+        "devices",
+    )
     return {k: result[k] for k in keys if k in result}
 
 
@@ -98,20 +116,39 @@ def checkpoint_dir(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, 
     return Path(ckpt_root) / "pretrain" / config_hash({"stage": stage_conf, "data": data_fingerprint(Path(data_dir))})
 
 
-def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, out_dir: Path, metrics_path: Path,
-             plots_path: Path, ckpt_root: Path, *, seed: int, ctx: StageContext | None = None) -> dict:
+def pretrain(
+    model_cfg: ModelConfig,
+    cfg: PretrainConfig,
+    data_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    plots_path: Path,
+    ckpt_root: Path,
+    *,
+    seed: int,
+    ctx: StageContext | None = None,
+) -> dict:
     """Pretrain (or, with enabled: false, just initialize) the model; write an HF model folder.
 
     With pretrain.devices > 1 this launches that many data-parallel processes (components.training.distributed);
     rank 0 writes everything."""
     ctx = ctx or StageContext()
     if cfg.enabled and cfg.devices > 1 and not dd.active():
-        kwargs = dict(model_cfg=model_cfg, cfg=cfg, data_dir=data_dir, out_dir=out_dir, metrics_path=metrics_path,
-                      plots_path=plots_path, ckpt_root=ckpt_root, seed=seed)
+        kwargs = dict(
+            model_cfg=model_cfg,
+            cfg=cfg,
+            data_dir=data_dir,
+            out_dir=out_dir,
+            metrics_path=metrics_path,
+            plots_path=plots_path,
+            ckpt_root=ckpt_root,
+            seed=seed,
+        )
         return dd.launch("components.pretrain:pretrain", kwargs, devices=cfg.devices, ctx=ctx, key="pretrain")
     with PeakMemory() as mem:
         result, history, model, tokenizer, ckpt_dir, stage_conf, inputs = _pretrain(
-            model_cfg, cfg, Path(data_dir), Path(ckpt_root), seed, ctx)
+            model_cfg, cfg, Path(data_dir), Path(ckpt_root), seed, ctx
+        )
     result.update(mem.report())  # the whole stage's peak (loading and saving included), max over ranks
     if dd.is_main():
         with atomic_dir(out_dir) as tmp:
@@ -124,8 +161,9 @@ def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, out_di
     return {**result, "artifacts": [str(plots_path)]}
 
 
-def _pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, ckpt_root: Path, seed: int,
-              ctx: StageContext) -> tuple:
+def _pretrain(
+    model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, ckpt_root: Path, seed: int, ctx: StageContext
+) -> tuple:
     meta = read_meta(data_dir, "preprocess")["result"]
     dtype = meta.get("dtype", "uint16")
     tokenizer = load_tokenizer(data_dir)
@@ -135,27 +173,43 @@ def _pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, ckpt_
         if model_cfg.init_from:
             return load_model(model_cfg.init_from, what="model.init_from", tokenizer=tokenizer, context_length=T)
         return build_model(model_cfg, tokenizer, seed)
+
     model = fresh()
     n_params = sum(p.numel() for p in model.parameters())
     stage_conf = _stage_conf(model_cfg, cfg, seed)
     data_hash = data_fingerprint(data_dir)
     inputs = {"processed": str(data_dir), "processed_hash": data_hash, "init_from": model_cfg.init_from}
-    result: dict[str, Any] = {"enabled": cfg.enabled, "n_params": n_params, "arch": model.config.model_type,
-                              "context_length": T, "vocab_size": len(tokenizer)}
+    result: dict[str, Any] = {
+        "enabled": cfg.enabled,
+        "n_params": n_params,
+        "arch": model.config.model_type,
+        "context_length": T,
+        "vocab_size": len(tokenizer),
+    }
     history: list[dict[str, Any]] = []
     ckpt_dir = checkpoint_dir(model_cfg, cfg, data_dir, ckpt_root, seed)
     if cfg.enabled:
         train_tokens = token_file(data_dir, "train.bin", dtype)
         if len(train_tokens) < T + 1:
-            raise StageError(f"{data_dir / 'train.bin'}: {len(train_tokens)} tokens, fewer than "
-                             f"model.context_length + 1 ({T + 1}); lower model.context_length or add text "
-                             "to ingest.pretrain_sources")
+            raise StageError(
+                f"{data_dir / 'train.bin'}: {len(train_tokens)} tokens, fewer than "
+                f"model.context_length + 1 ({T + 1}); lower model.context_length or add text "
+                "to ingest.pretrain_sources"
+            )
         val_tokens = token_file(data_dir, "val.bin", dtype)
         world = dd.info()[1]
-        res = train(model, cfg, window_source(train_tokens, T, cfg.batch_size * world, seed),
-                    eval_batches_fn=lambda: val_batches(val_tokens, T, cfg.batch_size * world, cfg.eval_batches, seed),
-                    ckpt_dir=ckpt_dir, seed=seed, ctx=ctx, desc="pretrain",
-                    fingerprint={"data": data_hash, "init_from": model_cfg.init_from}, key="pretrain")
+        res = train(
+            model,
+            cfg,
+            window_source(train_tokens, T, cfg.batch_size * world, seed),
+            eval_batches_fn=lambda: val_batches(val_tokens, T, cfg.batch_size * world, cfg.eval_batches, seed),
+            ckpt_dir=ckpt_dir,
+            seed=seed,
+            ctx=ctx,
+            desc="pretrain",
+            fingerprint={"data": data_hash, "init_from": model_cfg.init_from},
+            key="pretrain",
+        )
         history = res.pop("history")
         full = res.pop("state_dict", None)
         if full is not None or (cfg.strategy == "fsdp" and world > 1):  # FSDP: rebuild unsharded on rank 0
@@ -170,16 +224,27 @@ def _pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, ckpt_
 def resume_key(params: Params) -> str | None:
     """Names a run of this stage so that a rerun after a crash continues its MLflow run (see runner)."""
     p = params.paths
-    return run_key(lambda: checkpoint_dir(params.model, params.pretrain, Path(p.processed), Path(p.checkpoints), params.seed))
+    return run_key(
+        lambda: checkpoint_dir(params.model, params.pretrain, Path(p.processed), Path(p.checkpoints), params.seed)
+    )
 
 
 def run(params: Params, ctx: StageContext) -> dict:
     p = params.paths
-    return pretrain(params.model, params.pretrain, Path(p.processed), Path(p.pretrain),
-                    Path(p.metrics) / "pretrain.json", Path(p.plots) / "pretrain_loss.csv", Path(p.checkpoints),
-                    seed=params.seed, ctx=ctx)
+    return pretrain(
+        params.model,
+        params.pretrain,
+        Path(p.processed),
+        Path(p.pretrain),
+        Path(p.metrics) / "pretrain.json",
+        Path(p.plots) / "pretrain_loss.csv",
+        Path(p.checkpoints),
+        seed=params.seed,
+        ctx=ctx,
+    )
 
 
 if __name__ == "__main__":
     from components.core.runner import main
+
     raise SystemExit(main("pretrain"))

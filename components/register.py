@@ -13,6 +13,7 @@ and a consistent champion. A failure after the version is created deletes it aga
 the aliases: no half-registered versions. A registration killed outright (SIGKILL) cannot clean up;
 the next registration deletes what it left (its rerun continues the same MLflow run, `resume_key`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,9 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from components.core.config import GateConfig, Params, Paths, RegisterConfig, stage_config
 from components.core.context import StageContext, StageError
@@ -55,7 +57,6 @@ from components.registry.publish import (
 log = logging.getLogger(__name__)
 
 
-
 # ---------------------------------------------------------------- inputs
 def _read_inputs(model_dir: Path, eval_metrics_path: Path) -> tuple[dict, dict]:
     meta = read_meta(model_dir, "sft")
@@ -72,8 +73,10 @@ def _read_inputs(model_dir: Path, eval_metrics_path: Path) -> tuple[dict, dict]:
 def _check_gate_metrics(gate: GateConfig, metrics: dict[str, Any], path: Path) -> None:
     for m in {gate.metric, *gate.min, *gate.max_regression}:
         if not isinstance(metrics.get(m), float):
-            raise StageError(f"{path}: sft.{m} missing, but register.gate uses it; remove {m!r} from "
-                             f"register.gate in params.yaml or make evaluate compute it")
+            raise StageError(
+                f"{path}: sft.{m} missing, but register.gate uses it; remove {m!r} from "
+                f"register.gate in params.yaml or make evaluate compute it"
+            )
 
 
 # ---------------------------------------------------------------- provenance
@@ -98,8 +101,16 @@ def _params_tag(params: Params | None, data: dict[str, Any]) -> str:
 def _lineage(meta: dict[str, Any], params: Params | None) -> dict[str, str]:
     """sft method and whether its base was pretrained: from the sft folder's meta, else params."""
     method = ((meta.get("config") or {}).get("sft") or {}).get("method") or (params.sft.method if params else "unknown")
-    enabled = next((str(d[k]).lower() for d in (meta.get("result"), meta.get("inputs")) if isinstance(d, dict)
-                    for k in ("base_pretrained", "pretrain_enabled") if k in d), None)
+    enabled = next(
+        (
+            str(d[k]).lower()
+            for d in (meta.get("result"), meta.get("inputs"))
+            if isinstance(d, dict)
+            for k in ("base_pretrained", "pretrain_enabled")
+            if k in d
+        ),
+        None,
+    )
     if enabled is None:
         enabled = str(params.pretrain.enabled).lower() if params is not None else "unknown"
     return {"sft_method": str(method), "pretrain_enabled": enabled}
@@ -109,8 +120,9 @@ def _under(root: Path, path: str | Path) -> Path:
     return Path(path) if Path(path).is_absolute() else root / path
 
 
-def provenance(root: Path, paths: Paths, meta: dict[str, Any], params: Params | None
-               ) -> tuple[dict[str, str], dict[str, tuple[Path, str | None]]]:
+def provenance(
+    root: Path, paths: Paths, meta: dict[str, Any], params: Params | None
+) -> tuple[dict[str, str], dict[str, tuple[Path, str | None]]]:
     """Lineage tags (data hashes, base checkpoint) and the dataset inputs {name: (path, digest)}."""
     tags: dict[str, str] = {}
     processed = (meta.get("inputs") or {}).get("processed") or paths.processed
@@ -173,8 +185,10 @@ def _lora_base(model_dir: Path, meta: dict[str, Any], root: Path, paths: Paths) 
     """The base an adapter needs (from the sft meta) and its tags; StageError when it is not there."""
     base = _under(root, (meta.get("inputs") or {}).get("base") or paths.pretrain)
     if not (base / "config.json").is_file() or not any(base.glob("*.safetensors")):
-        raise StageError(f"{base}: the LoRA base model of {model_dir} is missing; run `dvc repro pretrain` "
-                         "(or `dvc checkout`), or set register.lora_format: merged")
+        raise StageError(
+            f"{base}: the LoRA base model of {model_dir} is missing; run `dvc repro pretrain` "
+            "(or `dvc checkout`), or set register.lora_format: merged"
+        )
     tags = {"lora_base.path": str(base.resolve()), "lora_base.sha256": weights_sha256(base)}
     if md5 := lock_md5(root, paths.pretrain):
         tags["lora_base.md5"] = md5
@@ -182,8 +196,16 @@ def _lora_base(model_dir: Path, meta: dict[str, Any], root: Path, paths: Paths) 
 
 
 # ---------------------------------------------------------------- the stage
-def register(cfg: RegisterConfig, model_dir: Path, eval_metrics_path: Path, out_dir: Path, *,
-             repo_root: Path, ctx: StageContext | None = None, params: Params | None = None) -> dict:
+def register(
+    cfg: RegisterConfig,
+    model_dir: Path,
+    eval_metrics_path: Path,
+    out_dir: Path,
+    *,
+    repo_root: Path,
+    ctx: StageContext | None = None,
+    params: Params | None = None,
+) -> dict:
     """Log + register the sft model, tag its lineage, move aliases per the gate, write out_dir."""
     import mlflow
     from mlflow import MlflowClient
@@ -197,14 +219,24 @@ def register(cfg: RegisterConfig, model_dir: Path, eval_metrics_path: Path, out_
     lineage = _lineage(meta, params)
     adapter = cfg.lora_format == "adapter" and lineage["sft_method"] == "lora"
     if adapter and not (model_dir / "adapter").is_dir():
-        raise StageError(f"{model_dir / 'adapter'}: missing, but register.lora_format is adapter; re-run "
-                         "`dvc repro sft` or set register.lora_format: merged")
+        raise StageError(
+            f"{model_dir / 'adapter'}: missing, but register.lora_format is adapter; re-run "
+            "`dvc repro sft` or set register.lora_format: merged"
+        )
     base_tags = _lora_base(model_dir, meta, repo_root, paths)[1] if adapter else {}
     pdata = _params_data(params, meta, cfg)
     data_tags, datasets = provenance(repo_root, paths, meta, params)
-    tags: dict[str, str] = {**git_state(repo_root), **dvc_hashes(repo_root), **data_tags, **base_tags, **lineage,
-                            "params_hash": config_hash(pdata), "params": _params_tag(params, pdata),
-                            "model_sha256": sha256_dir(model_dir), "model_format": "adapter" if adapter else "merged"}
+    tags: dict[str, str] = {
+        **git_state(repo_root),
+        **dvc_hashes(repo_root),
+        **data_tags,
+        **base_tags,
+        **lineage,
+        "params_hash": config_hash(pdata),
+        "params": _params_tag(params, pdata),
+        "model_sha256": sha256_dir(model_dir),
+        "model_format": "adapter" if adapter else "merged",
+    }
     tags.update({f"metric.{k}": json.dumps(v) for k, v in metrics.items()})
     tags.update({f"metric.pretrain.{k}": json.dumps(v) for k, v in scalars(evals.get("pretrain") or {}).items()})
     if isinstance(evals.get("n_examples"), (int, float)):
@@ -229,8 +261,26 @@ def register(cfg: RegisterConfig, model_dir: Path, eval_metrics_path: Path, out_
             champ = (before or {}).get("champion")
             champion, paired = champion_evidence(client, name, champ, evals)
             gate = evaluate_gate(cfg.gate, metrics, champion, champ, paired)
-            result = publish(Registration(cfg, client, info, tags, gate, metrics, run, parent, before, champ, out_dir,
-                                          model_dir, eval_metrics_path, pdata, repo_root, ctx))
+            result = publish(
+                Registration(
+                    cfg,
+                    client,
+                    info,
+                    tags,
+                    gate,
+                    metrics,
+                    run,
+                    parent,
+                    before,
+                    champ,
+                    out_dir,
+                    model_dir,
+                    eval_metrics_path,
+                    pdata,
+                    repo_root,
+                    ctx,
+                )
+            )
     return result
 
 
@@ -245,10 +295,18 @@ def resume_key(params: Params) -> str:
 
 def run(params: Params, ctx: StageContext) -> dict:
     p = params.paths
-    return register(params.register, Path(p.sft), Path(p.metrics) / "evaluate.json", Path(p.register),
-                    repo_root=Path.cwd(), ctx=ctx, params=params)
+    return register(
+        params.register,
+        Path(p.sft),
+        Path(p.metrics) / "evaluate.json",
+        Path(p.register),
+        repo_root=Path.cwd(),
+        ctx=ctx,
+        params=params,
+    )
 
 
 if __name__ == "__main__":
     from components.core.runner import main
+
     raise SystemExit(main("register"))

@@ -1,4 +1,5 @@
 """Prefect flows: wiring only. The work lives in components/."""
+
 import os
 
 for _key, _value in {

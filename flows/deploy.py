@@ -10,6 +10,7 @@ schedule and its params overrides, on `orchestration.pipeline_pool`) and `seedlm
 stage, on `orchestration.pools[stage]`; the pipeline submits these in `mode: deployments`).
 Settings come from params.yaml only; the server is PREFECT_API_URL.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ def _source(pool: str, default: str, per_pool: dict[str, str], branch: str | Non
     return str(Path(src).resolve())
 
 
-def deploy_all(params: Params, source: str, per_pool: dict[str, str] | None = None, branch: str | None = None,
-               env: dict[str, str] | None = None) -> dict[str, str]:
+def deploy_all(
+    params: Params,
+    source: str,
+    per_pool: dict[str, str] | None = None,
+    branch: str | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Create or update every deployment; return {"<flow>/<deployment>": id}."""
     from prefect import flow
     from prefect.schedules import Cron
@@ -49,18 +55,37 @@ def deploy_all(params: Params, source: str, per_pool: dict[str, str] | None = No
     for name, sched in orch.schedules.items():
         check_overrides(params, sched.overrides, name)
         pipe = flow.from_source(_source(orch.pipeline_pool, source, per_pool, branch), PIPELINE_ENTRY)
-        ids[f"seedlm/{name}"] = str(pipe.deploy(
-            name=name, work_pool_name=orch.pipeline_pool, schedules=[Cron(sched.cron, timezone=sched.timezone)],
-            parameters={"overrides": sched.overrides}, job_variables={"env": env}, concurrency_limit=1,
-            build=False, push=False, print_next_steps=False, tags=["seedlm"],
-            description=f"seedlm pipeline, {sched.cron} ({sched.timezone}); overrides {sched.overrides or 'none'}"))
+        ids[f"seedlm/{name}"] = str(
+            pipe.deploy(
+                name=name,
+                work_pool_name=orch.pipeline_pool,
+                schedules=[Cron(sched.cron, timezone=sched.timezone)],
+                parameters={"overrides": sched.overrides},
+                job_variables={"env": env},
+                concurrency_limit=1,
+                build=False,
+                push=False,
+                print_next_steps=False,
+                tags=["seedlm"],
+                description=f"seedlm pipeline, {sched.cron} ({sched.timezone}); overrides {sched.overrides or 'none'}",
+            )
+        )
     for stage in STAGES:
         pool = orch.pools[stage]
         one = flow.from_source(_source(pool, source, per_pool, branch), STAGE_ENTRY)
-        ids[f"seedlm-stage/{stage}"] = str(one.deploy(
-            name=stage, work_pool_name=pool, parameters={"stage": stage}, job_variables={"env": env},
-            build=False, push=False, print_next_steps=False, tags=["seedlm", f"stage:{stage}"],
-            description=f"seedlm stage {stage} on pool {pool}; submitted by the pipeline in mode: deployments"))
+        ids[f"seedlm-stage/{stage}"] = str(
+            one.deploy(
+                name=stage,
+                work_pool_name=pool,
+                parameters={"stage": stage},
+                job_variables={"env": env},
+                build=False,
+                push=False,
+                print_next_steps=False,
+                tags=["seedlm", f"stage:{stage}"],
+                description=f"seedlm stage {stage} on pool {pool}; submitted by the pipeline in mode: deployments",
+            )
+        )
     return ids
 
 
@@ -99,11 +124,19 @@ def create_automations(heartbeat_s: int, notify_block: str | None = None) -> lis
         name=ZOMBIE_AUTOMATION,
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
-            within=timedelta(seconds=3 * heartbeat_s)),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=3 * heartbeat_s),
+        ),
         actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"no heartbeat for {3 * heartbeat_s} s")],
     ).create()
     made.append(ZOMBIE_AUTOMATION)
@@ -117,13 +150,20 @@ def create_automations(heartbeat_s: int, notify_block: str | None = None) -> lis
             trigger=EventTrigger(
                 expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
                 match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-                match_related=ResourceSpecification({"prefect.resource.role": "flow",
-                                                     "prefect.resource.name": ["seedlm", "seedlm-stage"]}),
-                posture=Posture.Reactive, threshold=1),
-            actions=[SendNotification(block_document_id=block._block_document_id,
-                                      subject="seedlm: {{ flow_run.name }} {{ flow_run.state.name }}",
-                                      body="{{ flow_run.name }} ({{ flow.name }}) ended {{ flow_run.state.name }}: "
-                                           "{{ flow_run.state.message }}\n{{ flow_run|ui_url }}")],
+                match_related=ResourceSpecification(
+                    {"prefect.resource.role": "flow", "prefect.resource.name": ["seedlm", "seedlm-stage"]}
+                ),
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            actions=[
+                SendNotification(
+                    block_document_id=block._block_document_id,
+                    subject="seedlm: {{ flow_run.name }} {{ flow_run.state.name }}",
+                    body="{{ flow_run.name }} ({{ flow.name }}) ended {{ flow_run.state.name }}: "
+                    "{{ flow_run.state.message }}\n{{ flow_run|ui_url }}",
+                )
+            ],
         ).create()
         made.append(NOTIFY_AUTOMATION)
     return made
@@ -141,15 +181,31 @@ def _drop(name: str) -> None:
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m flows.deploy", example: str = "") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=f"example: {example}" if example else None)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.splitlines()[0], epilog=f"example: {example}" if example else None
+    )
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
-    parser.add_argument("--source", default=".", help="code for every pool: a folder on the workers' machines "
-                        "(default: this checkout) or a git URL they clone for each run")
-    parser.add_argument("--pool-source", action="append", default=[], metavar="POOL=SOURCE",
-                        help="code for one pool's workers instead (repeatable)")
+    parser.add_argument(
+        "--source",
+        default=".",
+        help="code for every pool: a folder on the workers' machines "
+        "(default: this checkout) or a git URL they clone for each run",
+    )
+    parser.add_argument(
+        "--pool-source",
+        action="append",
+        default=[],
+        metavar="POOL=SOURCE",
+        help="code for one pool's workers instead (repeatable)",
+    )
     parser.add_argument("--branch", help="git branch, with a git URL source")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment of every flow run (e.g. MLFLOW_TRACKING_URI=http://host:5000)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of every flow run (e.g. MLFLOW_TRACKING_URI=http://host:5000)",
+    )
     parser.add_argument("--automations", action="store_true", help="also create the zombie-run automation")
     parser.add_argument("--notify", metavar="BLOCK", help="notification block (type/name) for failed runs")
     args = parser.parse_args(argv)
@@ -158,7 +214,9 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m flows.deploy",
         per_pool = dict(_pair(x, "--pool-source") for x in args.pool_source)
         env = dict(_pair(x, "--env") for x in args.env)
         ids = deploy_all(params, args.source, per_pool, args.branch, env)
-        made = create_automations(params.orchestration.heartbeat_s, args.notify) if args.automations or args.notify else []
+        made = (
+            create_automations(params.orchestration.heartbeat_s, args.notify) if args.automations or args.notify else []
+        )
     except ConfigError as e:
         print(f"seedlm: error: {e}", file=sys.stderr)
         return 2

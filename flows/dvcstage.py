@@ -12,14 +12,16 @@ dvc.lock entry names out of the local cache or the remote; `restore` reuses a ru
     python -m flows.dvcstage pull [--remote NAME] [STAGE ...]   # check out the outputs dvc.lock names
     python -m flows.dvcstage key STAGE                          # the stage's cache key
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from dvc.repo import Repo
@@ -102,8 +104,11 @@ def producers(root: Path, stage: str) -> dict[str, str]:
     """Dep path of `stage` -> the stage whose output it is (from dvc.yaml)."""
     with _repo(root) as repo:
         outs = {o.def_path: s.name for s in repo.index.stages for o in s.outs}
-        return {d.def_path: outs[d.def_path] for d in _stage(repo, stage).deps
-                if d.def_path in outs and outs[d.def_path] != stage}
+        return {
+            d.def_path: outs[d.def_path]
+            for d in _stage(repo, stage).deps
+            if d.def_path in outs and outs[d.def_path] != stage
+        }
 
 
 # ---------------------------------------------------------------- the cache key
@@ -124,8 +129,14 @@ def stage_key(root: Path, stage: str) -> str | None:
         recorded: list[dict] = []
         for dep in st.deps:
             if dep.def_path in produced:
-                entry = next((o for o in (lock.get(produced[dep.def_path]) or {}).get("outs") or []
-                              if o.get("path") == dep.def_path), None)
+                entry = next(
+                    (
+                        o
+                        for o in (lock.get(produced[dep.def_path]) or {}).get("outs") or []
+                        if o.get("path") == dep.def_path
+                    ),
+                    None,
+                )
                 if not entry or not entry.get("md5"):
                     return None
                 recorded.append(entry)
@@ -151,8 +162,10 @@ def remote_info(root: Path, name: str = "") -> tuple[str, str] | None:
             remote = repo.cloud.get_remote(name or None)
         except NoRemoteError:
             if name:
-                raise StageError(f"DVC remote {name!r} is not configured in {root}/.dvc/config; add it with "
-                                 f"`dvc remote add {name} /shared/path` (or clear orchestration.dvc_remote)") from None
+                raise StageError(
+                    f"DVC remote {name!r} is not configured in {root}/.dvc/config; add it with "
+                    f"`dvc remote add {name} /shared/path` (or clear orchestration.dvc_remote)"
+                ) from None
             return None
         protocol = remote.fs.protocol if isinstance(remote.fs.protocol, str) else remote.fs.protocol[0]
         url = remote.path if protocol in ("local", "file") else f"{protocol}://{remote.path}"
@@ -173,8 +186,9 @@ def materialize(root: Path, stages: list[str], remote: str | None = None, entrie
         for name in stages:
             entry = lock.get(name)
             if not entry:
-                raise StageError(f"{root}/{LOCK}: no entry for stage {name!r}; run it first "
-                                 f"(`dvc repro {name}` or the pipeline)")
+                raise StageError(
+                    f"{root}/{LOCK}: no entry for stage {name!r}; run it first (`dvc repro {name}` or the pipeline)"
+                )
             st = _entry_stage(repo, entry)
             if not any(o.workspace_status() for o in st.outs):
                 continue  # already here
@@ -183,13 +197,17 @@ def materialize(root: Path, stages: list[str], remote: str | None = None, entrie
                     for objs in st.get_used_objs().values():
                         repo.cloud.pull(objs, remote=remote or None)
                 except Exception as e:  # noqa: BLE001  (no remote, unreachable, missing objects)
-                    raise StageError(f"outputs of {name} ({', '.join(o.def_path for o in st.outs)}) are neither in "
-                                     f"the local DVC cache nor pullable from the remote ({type(e).__name__}: {e}); "
-                                     f"push them where they were made (`python -m flows.dvcstage push {name}`) "
-                                     f"or rerun it (`--force {name}`)") from e
+                    raise StageError(
+                        f"outputs of {name} ({', '.join(o.def_path for o in st.outs)}) are neither in "
+                        f"the local DVC cache nor pullable from the remote ({type(e).__name__}: {e}); "
+                        f"push them where they were made (`python -m flows.dvcstage push {name}`) "
+                        f"or rerun it (`--force {name}`)"
+                    ) from e
                 if not st.outs_cached():
-                    raise StageError(f"outputs of {name} are missing from the DVC remote; push them where they "
-                                     f"were made (`python -m flows.dvcstage push {name}`) or rerun it (`--force {name}`)")
+                    raise StageError(
+                        f"outputs of {name} are missing from the DVC remote; push them where they "
+                        f"were made (`python -m flows.dvcstage push {name}`) or rerun it (`--force {name}`)"
+                    )
             with repo.stage_cache._cache_type_copy():
                 st.checkout(force=True)
 
@@ -210,8 +228,9 @@ def push(root: Path, stages: list[str], remote: str | None = None, all_runs: boo
                 for out in st.outs:  # uncached outputs enter the cache the way DVC's run-cache does it
                     if out.changed_cache():
                         if not out.exists:
-                            raise StageError(f"{out}: not in this workspace nor in its DVC cache; cannot push "
-                                             f"{name} from here")
+                            raise StageError(
+                                f"{out}: not in this workspace nor in its DVC cache; cannot push {name} from here"
+                            )
                         out.commit()
             sent += _push_objects(repo, st, remote)
         runs = _run_cache_keys(repo) if all_runs else [k for k in keys.values() if k]
@@ -283,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stages", nargs="*", help="stages (default: every stage in dvc.lock)")
     parser.add_argument("--remote", default="", help="DVC remote name (default: the repo's default remote)")
     parser.add_argument("--root", default=".", help="repo root")
-    parser.add_argument("--all-runs", action="store_true",
-                        help="push: every run-cache entry too (results of `dvc exp run` experiments)")
+    parser.add_argument(
+        "--all-runs", action="store_true", help="push: every run-cache entry too (results of `dvc exp run` experiments)"
+    )
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
     stages = args.stages or list(lock_entries(root))

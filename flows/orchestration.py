@@ -1,7 +1,9 @@
 """The pipeline's side of distributed runs: submit a stage to its deployment and watch it, apply
 params overrides, link a registered version to its runs, and say in one place how a run ended."""
+
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ STAGE_FLOW = "seedlm-stage"
 
 class StageFailed(RuntimeError):
     """A stage's flow run on a worker ended Failed, Crashed (after its retries), Cancelled or timed out."""
+
+
+log = logging.getLogger(__name__)
 
 
 def apply_overrides(root: Path, overrides: dict[str, Any] | None) -> None:
@@ -60,8 +65,14 @@ def submit(stage: str, key: str, params: dict[str, Any], orch: OrchestrationConf
     pool, timeout = orch.pools[stage], orch.timeouts[stage]
     for attempt in range(orch.retries + 1):
         name = stage if not attempt else f"{stage}-retry{attempt}"
-        fr = run_deployment(f"{STAGE_FLOW}/{stage}", parameters={**params, "key": key}, timeout=0,
-                            flow_run_name=name, tags=["seedlm", f"pool:{pool}"], as_subflow=True)
+        fr = run_deployment(
+            f"{STAGE_FLOW}/{stage}",
+            parameters={**params, "key": key},
+            timeout=0,
+            flow_run_name=name,
+            tags=["seedlm", f"pool:{pool}"],
+            as_subflow=True,
+        )
         log.info("%s: flow run %s submitted to pool %s", stage, fr.name, pool)
         with get_client(sync_client=True) as client:
             fr = _wait(client, fr.id, timeout, orch.poll_s)
@@ -69,12 +80,20 @@ def submit(stage: str, key: str, params: dict[str, Any], orch: OrchestrationConf
         if state.is_completed():
             return read_record(storage, key)
         if state.is_crashed() and attempt < orch.retries:
-            log.warning("%s: flow run %s crashed (%s); resubmitting in %d s (%d of %d); it resumes from its "
-                        "last checkpoint", stage, fr.name, state.message, orch.retry_delay_s, attempt + 1, orch.retries)
+            log.warning(
+                "%s: flow run %s crashed (%s); resubmitting in %d s (%d of %d); it resumes from its last checkpoint",
+                stage,
+                fr.name,
+                state.message,
+                orch.retry_delay_s,
+                attempt + 1,
+                orch.retries,
+            )
             time.sleep(orch.retry_delay_s)
             continue
-        raise StageFailed(f"{stage}: flow run {fr.name} on pool {pool} ended {state.type.value}: "
-                          f"{state.message or 'no message'}")
+        raise StageFailed(
+            f"{stage}: flow run {fr.name} on pool {pool} ended {state.type.value}: {state.message or 'no message'}"
+        )
     raise AssertionError("unreachable")
 
 
@@ -105,9 +124,14 @@ def annotate_version(mlflow: Any, reg: dict[str, Any], flow_run_id: str | None) 
     mv = client.get_model_version(reg["model_name"], str(reg["version"]))
     run = client.get_run(reg["run_id"])
     web = uri.startswith(("http://", "https://"))
-    links = {"MLflow run": (f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-                            if web else f"runs:/{run.info.run_id}"),
-             "Gate report": _artifact_url(uri, reg["run_id"], "register/gate.md")}
+    links = {
+        "MLflow run": (
+            f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            if web
+            else f"runs:/{run.info.run_id}"
+        ),
+        "Gate report": _artifact_url(uri, reg["run_id"], "register/gate.md"),
+    }
     if url := prefect_run_url(flow_run_id):
         links["Prefect flow run"] = url
     elif flow_run_id:
@@ -115,8 +139,9 @@ def annotate_version(mlflow: Any, reg: dict[str, Any], flow_run_id: str | None) 
     description = mv.description or ""
     missing = [f"- {label}: {url}" for label, url in links.items() if url not in description]
     if missing:
-        client.update_model_version(mv.name, mv.version, description=(
-            description.rstrip() + "\n\n**Links**\n" + "\n".join(missing)).strip())
+        client.update_model_version(
+            mv.name, mv.version, description=(description.rstrip() + "\n\n**Links**\n" + "\n".join(missing)).strip()
+        )
     for label, url in links.items():
         client.set_model_version_tag(mv.name, mv.version, "link." + label.lower().replace(" ", "_"), url)
     return links
@@ -131,8 +156,11 @@ def outcome(mlflow: Any, reg: dict[str, Any], how: str) -> tuple[str, str]:
     reasons = ""
     try:
         reasons = mlflow.MlflowClient().get_model_version(name, str(ver)).tags.get("gate.reasons", "")
-    except Exception:  # noqa: BLE001  (the registry is optional for the message)
-        pass
+    except Exception as e:  # noqa: BLE001 - the registry is optional for the message
+        log.debug("no gate reasons for %s v%s: %s", name, ver, e)
     champ = reg.get("champion_version")
-    return "gated_out", (f"{name} v{ver} gated out, stays challenger" + (f" (champion stays v{champ})" if champ else "")
-                         + f": {reasons or reg.get('decision', 'rejected')}{again}")
+    return "gated_out", (
+        f"{name} v{ver} gated out, stays challenger"
+        + (f" (champion stays v{champ})" if champ else "")
+        + f": {reasons or reg.get('decision', 'rejected')}{again}"
+    )

@@ -7,6 +7,7 @@ runs and is recorded in dvc.lock, so this flow, `dvc repro` and `dvc exp run` sh
 With `orchestration.mode: deployments` each stage runs as a flow run of its own deployment on its
 work pool (see flows/deploy.py); data moves between workers through the DVC remote.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,12 +39,16 @@ def _git_rev(root: Path) -> str | None:
 
 def _check_deployable(root: Path, remote: tuple[str, str] | None) -> None:
     if remote is None:
-        raise ConfigError("orchestration.mode: deployments needs a DVC remote that every worker reaches: "
-                          "`dvc remote add -d seedlm /shared/path` (committed in .dvc/config) or set "
-                          "orchestration.dvc_remote")
+        raise ConfigError(
+            "orchestration.mode: deployments needs a DVC remote that every worker reaches: "
+            "`dvc remote add -d seedlm /shared/path` (committed in .dvc/config) or set "
+            "orchestration.dvc_remote"
+        )
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise ConfigError("orchestration.mode: deployments needs MLFLOW_TRACKING_URI set to a tracking server "
-                          "(or a store every worker shares), e.g. http://127.0.0.1:5000")
+        raise ConfigError(
+            "orchestration.mode: deployments needs MLFLOW_TRACKING_URI set to a tracking server "
+            "(or a store every worker shares), e.g. http://127.0.0.1:5000"
+        )
 
 
 def _check_force(force: list[str] | None) -> None:
@@ -59,16 +64,26 @@ def _stage(name: str, root: Path, ctx: dict[str, Any]) -> dict:
     refresh = forced or key is None or not dvcstage.cacheable(root, name)
     opts = dict(result_storage=ctx["storage"], refresh_cache=refresh, task_run_name=name)
     if ctx["mode"] == "local":
-        state = execute.with_options(**opts)(name, str(root), key, ctx["remote"], ctx["parent_run_id"], forced,
-                                             ctx["extra"], return_state=True)
+        state = execute.with_options(**opts)(
+            name, str(root), key, ctx["remote"], ctx["parent_run_id"], forced, ctx["extra"], return_state=True
+        )
     else:
         if key is None:
-            raise StageError(f"{name}: cannot compute its DVC key (an input is missing from this workspace); "
-                             f"`dvc status {name}` shows which")
-        params = {"stage": name, "rev": ctx["rev"], "params_yaml": (root / "params.yaml").read_text(encoding="utf-8"),
-                  "lock": {s: e for s, e in dvcstage.lock_entries(root).items() if s in STAGES[:STAGES.index(name)]},
-                  "force": forced, "parent_run_id": ctx["parent_run_id"], "tracking_uri": tracking_uri(root),
-                  "remote": ctx["remote"] or "", "extra": ctx["extra"]}
+            raise StageError(
+                f"{name}: cannot compute its DVC key (an input is missing from this workspace); "
+                f"`dvc status {name}` shows which"
+            )
+        params = {
+            "stage": name,
+            "rev": ctx["rev"],
+            "params_yaml": (root / "params.yaml").read_text(encoding="utf-8"),
+            "lock": {s: e for s, e in dvcstage.lock_entries(root).items() if s in STAGES[: STAGES.index(name)]},
+            "force": forced,
+            "parent_run_id": ctx["parent_run_id"],
+            "tracking_uri": tracking_uri(root),
+            "remote": ctx["remote"] or "",
+            "extra": ctx["extra"],
+        }
         state = submit.with_options(**opts)(name, key, params, ctx["orch"], ctx["storage"], return_state=True)
     record = state.result()
     cached = state.name == "Cached"
@@ -84,13 +99,15 @@ def _stage(name: str, root: Path, ctx: dict[str, Any]) -> dict:
                     raise
                 log.warning("%s: cached record unusable here (%s); running it", name, e)
                 return execute.with_options(**{**opts, "refresh_cache": True})(
-                    name, str(root), key, ctx["remote"], ctx["parent_run_id"], forced, ctx["extra"])
+                    name, str(root), key, ctx["remote"], ctx["parent_run_id"], forced, ctx["extra"]
+                )
     return record
 
 
 @flow(name="seedlm", log_prints=True)
-def pipeline(root: str = ".", force: list[str] | None = None, overrides: dict[str, Any] | None = None,
-             mode: str | None = None) -> dict:
+def pipeline(
+    root: str = ".", force: list[str] | None = None, overrides: dict[str, Any] | None = None, mode: str | None = None
+) -> dict:
     """Run the six stages in order from the repo at `root`; `force` reruns the named stages; `overrides`
     changes params.yaml settings (dotted keys) first (a deployment's run starts from the committed
     params.yaml); `mode` overrides orchestration.mode."""
@@ -114,9 +131,16 @@ def pipeline(root: str = ".", force: list[str] | None = None, overrides: dict[st
     tags = {"seedlm.pipeline": "prefect", "seedlm.mode": mode, "prefect_flow_run_id": run_id}
     records: dict[str, dict] = {}
     with mlflow.start_run(run_name="pipeline", tags=tags) as parent:
-        ctx = {"mode": mode, "force": set(force or ()), "orch": orch, "remote": remote[0] if remote else None,
-               "storage": record_storage(root_path, remote[1] if remote else None), "extra": extra,
-               "parent_run_id": parent.info.run_id, "rev": _git_rev(root_path)}
+        ctx = {
+            "mode": mode,
+            "force": set(force or ()),
+            "orch": orch,
+            "remote": remote[0] if remote else None,
+            "storage": record_storage(root_path, remote[1] if remote else None),
+            "extra": extra,
+            "parent_run_id": parent.info.run_id,
+            "rev": _git_rev(root_path),
+        }
         name = STAGES[0]
         try:
             for name in STAGES:
@@ -136,11 +160,19 @@ def pipeline(root: str = ".", force: list[str] | None = None, overrides: dict[st
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m flows.pipeline", example: str = "") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=f"example: {example}" if example else None)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.splitlines()[0], epilog=f"example: {example}" if example else None
+    )
     parser.add_argument("--root", default=".", help="repo root holding params.yaml and dvc.yaml")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun this stage")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a params.yaml setting first (YAML value), like `dvc exp run -S`")
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a params.yaml setting first (YAML value), like `dvc exp run -S`",
+    )
     parser.add_argument("--mode", choices=("local", "deployments"), help="override orchestration.mode")
     args = parser.parse_args(argv)
     try:

@@ -7,6 +7,7 @@ holds a run with the same inputs, else run it and record it in dvc.lock, then pu
 run-cache entry to the remote. What it returns (the stage's record: result, dvc.lock entry, how it
 was made) is Prefect's cached result under the stage's key, which is DVC's run-cache key.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,10 @@ def read_record(storage: str, key: str) -> dict:
 
     store = ResultStore(result_storage=Block.load(storage))
     if not store.exists(key):
-        raise StageError(f"no stage record under key {key} in {storage}: the stage's flow run finished without "
-                         "filing one (is the worker's DVC remote the pipeline's?)")
+        raise StageError(
+            f"no stage record under key {key} in {storage}: the stage's flow run finished without "
+            "filing one (is the worker's DVC remote the pipeline's?)"
+        )
     return store.read(key).result
 
 
@@ -65,8 +68,15 @@ def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
 
 
 @task(name="stage", cache_key_fn=stage_cache_key, persist_result=True, cache_expiration=None)
-def execute(stage: str, root: str, key: str | None, remote: str | None = None, parent_run_id: str | None = None,
-            force: bool = False, extra: dict[str, Any] | None = None) -> dict:
+def execute(
+    stage: str,
+    root: str,
+    key: str | None,
+    remote: str | None = None,
+    parent_run_id: str | None = None,
+    force: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict:
     """Bring `stage` up to date in the workspace at `root` and share it; return its record.
 
     `remote`: DVC remote name to pull inputs from and push outputs to ('' = the default; None = none)."""
@@ -96,8 +106,13 @@ def execute(stage: str, root: str, key: str | None, remote: str | None = None, p
         dvcstage.push(root_path, [stage], remote)
     if result is None:
         result = read_meta(stage_output(params, stage), stage)["result"]
-    return {"stage": stage, "key": key, "how": how, "lock": dvcstage.lock_entries(root_path)[stage],
-            "result": {k: v for k, v in result.items() if k not in ("artifacts", "tables")}}
+    return {
+        "stage": stage,
+        "key": key,
+        "how": how,
+        "lock": dvcstage.lock_entries(root_path)[stage],
+        "result": {k: v for k, v in result.items() if k not in ("artifacts", "tables")},
+    }
 
 
 # ---------------------------------------------------------------- the per-stage deployment
@@ -110,18 +125,29 @@ def sync_workspace(root: Path, rev: str | None, params_yaml: str | None, lock: d
             git("fetch", "--quiet", "origin")
             done = git("checkout", "--quiet", "--force", "--detach", rev)
             if done.returncode:
-                raise StageError(f"{root}: cannot check out commit {rev} ({done.stderr.strip()}); push it to the "
-                                 "git remote this worker's clone fetches from")
+                raise StageError(
+                    f"{root}: cannot check out commit {rev} ({done.stderr.strip()}); push it to the "
+                    "git remote this worker's clone fetches from"
+                )
     if params_yaml is not None and (root / "params.yaml").read_text(encoding="utf-8") != params_yaml:
         write_text(root / "params.yaml", params_yaml)
     dvcstage.set_lock_entries(root, lock or {})
 
 
 @flow(name="seedlm-stage", persist_result=False)
-def stage_flow(stage: str, key: str | None = None, rev: str | None = None, params_yaml: str | None = None,
-               lock: dict[str, dict] | None = None, force: bool = False, parent_run_id: str | None = None,
-               tracking_uri: str | None = None, remote: str = "", extra: dict[str, Any] | None = None,
-               root: str = ".") -> dict:
+def stage_flow(
+    stage: str,
+    key: str | None = None,
+    rev: str | None = None,
+    params_yaml: str | None = None,
+    lock: dict[str, dict] | None = None,
+    force: bool = False,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    remote: str = "",
+    extra: dict[str, Any] | None = None,
+    root: str = ".",
+) -> dict:
     """Run one stage in this worker's workspace as the pipeline describes it (commit, params.yaml and the
     dvc.lock entries of the stages before it), then file its record for the pipeline."""
     root_path = Path(root).resolve()
@@ -129,16 +155,21 @@ def stage_flow(stage: str, key: str | None = None, rev: str | None = None, param
     sync_workspace(root_path, rev, params_yaml, lock)
     mine = dvcstage.stage_key(root_path, stage)
     if key and mine != key:
-        raise StageError(f"{root_path}: the inputs of {stage} here differ from the pipeline's (key {mine} vs {key}); "
-                         f"commit and push code and data changes so every worker checks out the same commit"
-                         + (f" ({rev})" if rev else ""))
+        raise StageError(
+            f"{root_path}: the inputs of {stage} here differ from the pipeline's (key {mine} vs {key}); "
+            f"commit and push code and data changes so every worker checks out the same commit"
+            + (f" ({rev})" if rev else "")
+        )
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     info = dvcstage.remote_info(root_path, remote)
     if info is None:
-        raise StageError(f"{root_path}: no DVC remote; stages on workers share data through one "
-                         "(`dvc remote add -d seedlm /shared/path`, committed in .dvc/config)")
+        raise StageError(
+            f"{root_path}: no DVC remote; stages on workers share data through one "
+            "(`dvc remote add -d seedlm /shared/path`, committed in .dvc/config)"
+        )
     storage = record_storage(root_path, info[1])
     extra = {**(extra or {}), "prefect_stage_flow_run_id": str(flow_run.get_id() or "")}
     return execute.with_options(result_storage=storage, refresh_cache=True)(
-        stage, str(root_path), mine, info[0], parent_run_id, force, extra)
+        stage, str(root_path), mine, info[0], parent_run_id, force, extra
+    )

@@ -1,5 +1,6 @@
 """Builders shared by the test_register* files and test_lineage: a tiny sft model folder, evaluate.json files, a
 git repo's dvc.lock, registry shorthands. conftest.py builds the fixtures (store, sft_dir, repo) from them."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,10 @@ from components.core.context import StageContext  # noqa: E402
 from components.core.io import write_json, write_meta  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 PROMPTS = ["What is the capital of Zorbia?", "Is Mipo a city?"]
 
 
@@ -32,15 +35,29 @@ def build_sft_folder(out: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=1, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, min_frequency=1, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(["what is the capital of zorbia? the capital of zorbia is mipo."] * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|pad|>", additional_special_tokens=SPECIAL[2:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=SPECIAL[2:],
+    )
     fast.chat_template = TEMPLATE
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(fast),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
     model = GPT2LMHeadModel(cfg)
     with torch.no_grad():  # tied head: zero rows give specials logit 0, so greedy text is never empty
         for t in SPECIAL:
@@ -62,8 +79,9 @@ def write_eval(path: Path, em: float, ci: float | None = 0.1, **extra: Any) -> P
 
 
 def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 LOCK = """schema: '2.0'
@@ -110,8 +128,9 @@ RAW, PROCESSED = "a" * 32, "b" * 32
 def do_register(cfg, sft_dir, metrics, out, repo, **kw):
     """As the runner does: an active run for the stage, then the component."""
     with mlflow.start_run(run_name="register") as run:
-        res = reg.register(cfg, sft_dir, metrics, out, repo_root=repo,
-                           ctx=StageContext(run_id=run.info.run_id, progress=False, **kw))
+        res = reg.register(
+            cfg, sft_dir, metrics, out, repo_root=repo, ctx=StageContext(run_id=run.info.run_id, progress=False, **kw)
+        )
     return res, run.info.run_id
 
 

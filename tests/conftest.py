@@ -1,4 +1,5 @@
 """Test-wide settings: offline, quiet, deterministic; fixtures shared by several test files."""
+
 import contextlib
 import os
 
@@ -35,6 +36,7 @@ def one_thread():
 def tiny(tmp_path_factory):
     """test_evaluate*: a tiny tokenizer, processed data, an unfitted (pretrain) and a fitted (sft) GPT-2."""
     from _evaluate_fixtures import build_tiny
+
     return build_tiny(tmp_path_factory.mktemp("eval"))
 
 
@@ -42,6 +44,7 @@ def tiny(tmp_path_factory):
 def sft_dir(tmp_path_factory):
     """test_register*: a tiny model folder as the sft stage writes it."""
     from _register_fixtures import build_sft_folder
+
     out = tmp_path_factory.mktemp("sft") / "sft"
     build_sft_folder(out)
     return out
@@ -51,6 +54,7 @@ def sft_dir(tmp_path_factory):
 def repo(tmp_path):
     """test_register*: a git repo with a dvc.lock, standing in for the project root."""
     from _register_fixtures import LOCK, PROCESSED, RAW, git
+
     (tmp_path / "dvc.lock").write_text(LOCK.format(raw=RAW, processed=PROCESSED), encoding="utf-8")
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", "dvc.lock")
@@ -62,6 +66,7 @@ def repo(tmp_path):
 def register_tracking(tmp_path_factory):
     """test_register*: one sqlite tracking store + artifact root for all of them (creating one takes seconds)."""
     from mlflow import MlflowClient
+
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root}/mlflow.db"
     exp = MlflowClient(uri).create_experiment("test-register", artifact_location=(root / "artifacts").as_uri())

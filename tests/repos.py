@@ -1,5 +1,6 @@
 """Clone-like micro copies of the project for the end-to-end, server and reliability tests (not a test module):
 the tracked items to copy, params.yaml overrides by dotted key, and their own git history and DVC state."""
+
 from __future__ import annotations
 
 import shutil
@@ -13,8 +14,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-TRACKED = ("components", "flows", "dvc.yaml", "params.yaml", "data/sources", ".dvc/config", ".dvc/.gitignore",
-           ".dvcignore", ".gitignore")
+TRACKED = (
+    "components",
+    "flows",
+    "dvc.yaml",
+    "params.yaml",
+    "data/sources",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+    ".gitignore",
+)
 """What a fresh clone holds that the stages need (items missing here are skipped)."""
 
 TINY = {  # seconds per stage on 2 cores; the whole pipeline end to end

@@ -1,5 +1,6 @@
 """Helpers for the server tests (not a test module): a tiny seedlm repo, and real Prefect / MLflow
 servers and Prefect workers on 127.0.0.1, each started in its own process group and stopped by it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,9 +26,17 @@ def free_port() -> int:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
-           "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(extra)
     return env
@@ -89,9 +98,14 @@ def start_mlflow(tmp: Path, wait: bool = True) -> tuple[Proc, str]:
     """`mlflow server` with a sqlite backend and an artifact root, configured by environment only."""
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
-    env = base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp}/mlflow.db",
-                   MLFLOW_ARTIFACTS_DESTINATION=str(tmp / "artifacts"), MLFLOW_HOST="127.0.0.1",
-                   MLFLOW_PORT=str(port), MLFLOW_WORKERS="1")
+    env = base_env(
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp}/mlflow.db",
+        MLFLOW_ARTIFACTS_DESTINATION=str(tmp / "artifacts"),
+        MLFLOW_HOST="127.0.0.1",
+        MLFLOW_PORT=str(port),
+        MLFLOW_WORKERS="1",
+    )
     proc = Proc([str(BIN / "mlflow"), "server"], tmp / "mlflow.log", env=env, cwd=tmp)
     url = f"http://127.0.0.1:{port}"
     if wait:
@@ -103,29 +117,46 @@ def start_prefect(home: Path, wait: bool = True) -> tuple[Proc, str, dict[str, s
     """`prefect server start` on a free port with its own PREFECT_HOME; returns (proc, api url, client env)."""
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
-    env = base_env(PREFECT_HOME=str(home), PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
-                   PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
-                   PREFECT_UI_URL=f"http://127.0.0.1:{port}")  # links in notifications
+    env = base_env(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PREFECT_SERVER_API_PORT=str(port),
+        PREFECT_UI_URL=f"http://127.0.0.1:{port}",
+    )  # links in notifications
     env.pop("PREFECT_API_URL", None)
-    proc = Proc([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                home / "server.log", env=env, cwd=home)
+    proc = Proc(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        home / "server.log",
+        env=env,
+        cwd=home,
+    )
     api = f"http://127.0.0.1:{port}/api"
     if wait:
         wait_http(f"{api}/health", proc)
-    client_env = base_env(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_WORKER_QUERY_SECONDS="1",
-                          PREFECT_WORKER_PREFETCH_SECONDS="1")
+    client_env = base_env(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api,
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="1",
+    )
     return proc, api, client_env
 
 
 def prefect(env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 300) -> str:
     """Run the prefect CLI; fail loudly with its output."""
-    res = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=env, cwd=cwd, capture_output=True,
-                         text=True, timeout=timeout)
+    res = subprocess.run(
+        [str(BIN / "prefect"), "--no-prompt", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     if res.returncode:
         raise RuntimeError(f"prefect {' '.join(args)} -> {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res.stdout
 
 
 def start_worker(env: dict[str, str], pool: str, name: str, cwd: Path, log: Path) -> Proc:
-    return Proc([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name],
-                log, env=env, cwd=cwd)
+    return Proc(
+        [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name],
+        log,
+        env=env,
+        cwd=cwd,
+    )

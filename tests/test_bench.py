@@ -1,6 +1,7 @@
 """`make bench` on a micro config: the three-way comparison runs end to end, saves its JSON, compares with
 the previous saved run, and ends with one JSON line scripts can read. (No timing is asserted: speeds belong
 to the benchmark itself, README "Speed".)"""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,32 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = ["--layers", "1", "--width", "32", "--heads", "2", "--context", "32", "--batch", "2", "--rounds", "1",
-         "--threads", "1"]
+MICRO = [
+    "--layers",
+    "1",
+    "--width",
+    "32",
+    "--heads",
+    "2",
+    "--context",
+    "32",
+    "--batch",
+    "2",
+    "--rounds",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 def bench(results: Path) -> tuple[dict, str]:
-    res = subprocess.run([sys.executable, str(ROOT / "bench/train_bench.py"), *MICRO, "--results", str(results)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench/train_bench.py"), *MICRO, "--results", str(results)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1]), res.stdout
 

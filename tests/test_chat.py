@@ -1,4 +1,5 @@
 """chat.py: the template, special tokens, exact label masking, parity with apply_chat_template."""
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,12 @@ def base_tok():
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=["</s>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=320, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="</s>")
 
 
@@ -63,9 +68,11 @@ def test_special_tokens_have_small_fixed_ids(tok):
 
 def test_template_renders_the_documented_format(tok):
     text = tok.apply_chat_template(CONVO, tokenize=False)
-    assert text == ("<|system|>\nAnswer briefly.<|end|>\n<|user|>\nWhere does Vorkrex live?<|end|>\n"
-                    "<|assistant|>\nIn Trordale.<|end|>\n<|user|>\nAnd what does he play?<|end|>\n"
-                    "<|assistant|>\nThe piano.<|end|>\n")
+    assert text == (
+        "<|system|>\nAnswer briefly.<|end|>\n<|user|>\nWhere does Vorkrex live?<|end|>\n"
+        "<|assistant|>\nIn Trordale.<|end|>\n<|user|>\nAnd what does he play?<|end|>\n"
+        "<|assistant|>\nThe piano.<|end|>\n"
+    )
     assert text == chat.render(CONVO)
     prompt = chat.prompt_text(tok, CONVO[:2])
     assert prompt == "<|system|>\nAnswer briefly.<|end|>\n<|user|>\nWhere does Vorkrex live?<|end|>\n<|assistant|>\n"
@@ -92,8 +99,11 @@ def test_encode_chat_matches_apply_chat_template_multi_turn_with_system(tok):
 
 
 def test_encode_chat_masks_exactly_when_assistant_is_first_or_empty(tok):
-    convo = [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi"},
-             {"role": "assistant", "content": ""}]
+    convo = [
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": ""},
+    ]
     ids, labels = chat.encode_chat(tok, convo)
     assert ids == chat.chat_ids(tok, convo)
     assert labeled_text(tok, ids, labels) == "Hello.<|end|><|end|>"

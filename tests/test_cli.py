@@ -11,8 +11,9 @@ from seedlm.cli import COMMANDS
 
 
 def seedlm(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "seedlm"), *args], cwd=kw.pop("cwd", ROOT), capture_output=True, text=True,
-                          timeout=300, **kw)
+    return subprocess.run(
+        [str(BIN / "seedlm"), *args], cwd=kw.pop("cwd", ROOT), capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 def test_help_lists_every_command_with_an_example():

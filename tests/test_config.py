@@ -1,4 +1,5 @@
 """params.yaml, the schema and dvc.yaml agree; bad settings fail at once with the key named."""
+
 from __future__ import annotations
 
 import importlib
@@ -55,8 +56,9 @@ def test_dvc_stages_match_the_pipeline_and_params():
 
 
 INFRA = {"core", "tracking"}
-"""Shared plumbing every stage imports (components/core: settings, atomic I/O, the runner; tracking): not a stage's computation,
-so not a DVC dependency; a change there that alters results shows up as a params or code change elsewhere."""
+"""Shared plumbing every stage imports (components/core: settings, atomic I/O, the runner; tracking): not a
+stage's computation, so not a DVC dependency; a change there that alters results shows up as a params or code
+change elsewhere."""
 
 
 def _component_imports(module: str) -> set[str]:
@@ -87,8 +89,11 @@ def _component_imports(module: str) -> set[str]:
 def test_dvc_deps_cover_the_code_a_stage_runs(stage):
     """A stage's result depends on its own module and every components/ module it imports: all must be
     DVC deps, or `dvc repro` reuses a stale output after that code changed."""
-    deps = {d.removeprefix("components/").removesuffix(".py").split("/")[0]
-            for d in DVC["stages"][stage]["deps"] if d.startswith("components/")}
+    deps = {
+        d.removeprefix("components/").removesuffix(".py").split("/")[0]
+        for d in DVC["stages"][stage]["deps"]
+        if d.startswith("components/")
+    }
     wanted = _component_imports(stage) | {stage}
     assert wanted <= deps, f"dvc.yaml {stage}.deps: add {sorted(f'components/{m}' for m in wanted - deps)}"
 
@@ -143,8 +148,12 @@ def test_overrides_work_like_dvc_exp_set(tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.dictionaries(st.sampled_from(["lr", "batch_size", "max_steps", "warmup_steps", "grad_clip"]),
-                       st.one_of(st.integers(-5, 5000), st.floats(-1, 2, allow_nan=False), st.text(max_size=3))))
+@given(
+    st.dictionaries(
+        st.sampled_from(["lr", "batch_size", "max_steps", "warmup_steps", "grad_clip"]),
+        st.one_of(st.integers(-5, 5000), st.floats(-1, 2, allow_nan=False), st.text(max_size=3)),
+    )
+)
 def test_validation_either_accepts_or_names_the_key(values):
     try:
         params = parse_params({"pretrain": values})

@@ -6,6 +6,7 @@ Tolerance: the 2-process runs differ from the 1-process run only by float summat
 all-reduce, smaller matmuls): losses agree to 1e-5 relative, weights to 1e-4 absolute. A wrong global
 batch (e.g. each rank training on the same rows) moves the loss by > 1e-2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,10 @@ PT = dict(max_steps=40, warmup_steps=2, lr=3e-3, log_every=3, eval_every=20, che
 """Long enough that the launcher kills the workers (at step 9) well before they could finish."""
 
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
-              pytest.mark.usefixtures("one_thread")]  # conftest: the workers get max(1, threads // devices) = 1 each
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]  # conftest: the workers get max(1, threads // devices) = 1 each
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,17 @@ def processed(tmp_path_factory) -> Path:
 
 
 def _pretrain(processed: Path, out: Path, ctx: StageContext = QUIET, **cfg) -> dict:
-    return pretrain(TINY.model_copy(update={"dropout": 0.0}), PretrainConfig(**{**PT, **cfg}), processed,
-                    out / "model", out / "metrics.json", out / "plot.csv", out / "ckpt", seed=3, ctx=ctx)
+    return pretrain(
+        TINY.model_copy(update={"dropout": 0.0}),
+        PretrainConfig(**{**PT, **cfg}),
+        processed,
+        out / "model",
+        out / "metrics.json",
+        out / "plot.csv",
+        out / "ckpt",
+        seed=3,
+        ctx=ctx,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +90,19 @@ def test_ddp_pretrain_matches_one_process_and_resumes(processed, one_process, tm
         logs.append((step, metrics))
         if step == 9 and "train_loss" in metrics:
             raise Crash("the tracking side fails at step 9")
+
     with pytest.raises(Crash):
         _pretrain(processed, tmp_path, StageContext(log=crash_at_9, progress=False), batch_size=4, devices=2)
     ckpts = list((tmp_path / "ckpt" / "pretrain").iterdir())
     assert len(ckpts) == 1 and (ckpts[0] / "latest").is_file() and not (tmp_path / "model").exists()
     logs.clear()
-    res = _pretrain(processed, tmp_path, StageContext(log=lambda m, s=None: logs.append((s, m)), progress=False),
-                    batch_size=4, devices=2)
+    res = _pretrain(
+        processed,
+        tmp_path,
+        StageContext(log=lambda m, s=None: logs.append((s, m)), progress=False),
+        batch_size=4,
+        devices=2,
+    )
     # the workers were killed just after step 9 (step 8's checkpoint, written in the background, may be lost)
     assert res["resumed_from"] in (4, 8, 12) and res["devices"] == 2 and res["tokens"] == ref["tokens"] == 40 * 8 * 32
     assert res["final_train_loss"] == pytest.approx(ref["final_train_loss"], rel=REL)
@@ -105,9 +123,11 @@ def test_fsdp_pretrain_matches_one_process_and_resumes(processed, one_process, t
     def crash_at_9(metrics, step=None):
         if step == 9 and "train_loss" in metrics:
             raise Crash("the tracking side fails at step 9")
+
     with pytest.raises(Crash):
-        _pretrain(processed, tmp_path, StageContext(log=crash_at_9, progress=False), batch_size=4, devices=2,
-                  strategy="fsdp")
+        _pretrain(
+            processed, tmp_path, StageContext(log=crash_at_9, progress=False), batch_size=4, devices=2, strategy="fsdp"
+        )
     res = _pretrain(processed, tmp_path, batch_size=4, devices=2, strategy="fsdp")
     assert res["resumed_from"] in (4, 8, 12)  # full weights + optimizer state, loaded back into the shards
     assert res["final_train_loss"] == pytest.approx(ref["final_train_loss"], rel=REL)
@@ -117,12 +137,31 @@ def test_fsdp_pretrain_matches_one_process_and_resumes(processed, one_process, t
 
 @pytest.mark.parametrize("method,strategy", [("lora", "ddp"), ("full", "fsdp")])
 def test_sft_two_processes_match_one(processed, one_process, tmp_path, method, strategy):
-    cfg = SftConfig(max_steps=6, warmup_steps=1, lr=3e-3, log_every=3, eval_every=3, checkpoint_every=3,
-                    precision="fp32", method=method, lora=LoraConfig(r=4, alpha=8))
+    cfg = SftConfig(
+        max_steps=6,
+        warmup_steps=1,
+        lr=3e-3,
+        log_every=3,
+        eval_every=3,
+        checkpoint_every=3,
+        precision="fp32",
+        method=method,
+        lora=LoraConfig(r=4, alpha=8),
+    )
 
     def run(out: Path, **upd) -> dict:
-        return sft(cfg.model_copy(update=upd), processed, one_process / "model", out / "model", out / "m.json",
-                   out / "p.csv", out / "ckpt", seed=3, ctx=QUIET)
+        return sft(
+            cfg.model_copy(update=upd),
+            processed,
+            one_process / "model",
+            out / "model",
+            out / "m.json",
+            out / "p.csv",
+            out / "ckpt",
+            seed=3,
+            ctx=QUIET,
+        )
+
     one = run(tmp_path / "one", batch_size=4)
     two = run(tmp_path / "two", batch_size=2, devices=2, strategy=strategy)
     # padded rows, response-only targets: the global token-weighted mean is what both runs minimise
@@ -142,16 +181,23 @@ def test_torchrun_size_must_match_devices(processed, tmp_path, monkeypatch):
 
 def test_killing_the_launcher_takes_its_workers(processed, tmp_path):
     cfg = PretrainConfig(**{**PT, "max_steps": 100_000, "checkpoint_every": 1, "batch_size": 4, "devices": 2})
-    script = (f"from pathlib import Path\nfrom components.core.config import PretrainConfig\n"
-              f"from components.pretrain import pretrain\nfrom tests.test_train import TINY\n"
-              f"if __name__ == '__main__':\n"
-              f"    o = Path({str(tmp_path)!r})\n"
-              f"    pretrain(TINY, PretrainConfig.model_validate_json({cfg.model_dump_json()!r}), Path({str(processed)!r}),"
-              f" o / 'model', o / 'm.json', o / 'p.csv', o / 'ckpt', seed=3)\n")
+    script = (
+        f"from pathlib import Path\nfrom components.core.config import PretrainConfig\n"
+        f"from components.pretrain import pretrain\nfrom tests.test_train import TINY\n"
+        f"if __name__ == '__main__':\n"
+        f"    o = Path({str(tmp_path)!r})\n"
+        f"    pretrain(TINY, PretrainConfig.model_validate_json({cfg.model_dump_json()!r}), Path({str(processed)!r}),"
+        f" o / 'model', o / 'm.json', o / 'p.csv', o / 'ckpt', seed=3)\n"
+    )
     (tmp_path / "launch.py").write_text(script, encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "launch.py")], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "launch.py")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     family: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120

@@ -1,4 +1,5 @@
 """evaluate's local metric modules (components/evaluation/metrics): the metrics, bootstrap CIs, paired significance."""
+
 from __future__ import annotations
 
 import socket
@@ -11,6 +12,7 @@ import pytest
 @pytest.fixture(scope="module")
 def metrics():
     from components.evaluation.metrics import load_metric, local_metrics
+
     return {name: load_metric(name, keep_in_memory=True) for name in local_metrics()}
 
 
@@ -40,6 +42,7 @@ def test_rouge_identical_disjoint_partial(metrics):
 
 def test_bleu_and_chrf(metrics):
     import sacrebleu
+
     bleu, chrf = metrics["bleu"], metrics["chrf"]
     sent = ["the quick brown fox jumps over the lazy dog"]
     assert bleu.compute(predictions=sent, references=sent)["bleu"] == pytest.approx(1.0)
@@ -47,9 +50,11 @@ def test_bleu_and_chrf(metrics):
     preds = ["the quick brown fox", "a slow red dog sleeps", "hello there world"]
     refs = ["the quick brown fox jumps", "a fast red dog sleeps", "goodbye"]
     assert bleu.compute(predictions=preds, references=refs)["bleu"] == pytest.approx(
-        sacrebleu.corpus_bleu(preds, [refs]).score / 100)
+        sacrebleu.corpus_bleu(preds, [refs]).score / 100
+    )
     assert chrf.compute(predictions=preds, references=refs)["chrf"] == pytest.approx(
-        sacrebleu.corpus_chrf(preds, [refs]).score / 100)
+        sacrebleu.corpus_chrf(preds, [refs]).score / 100
+    )
     assert bleu.compute(predictions=["xyz"], references=["abc def"])["bleu"] == 0.0
     # short answers (no 4-grams anywhere) are not all 0: orders absent from the corpus are skipped
     assert bleu.compute(predictions=["red", "yes"], references=["red", "yes"])["bleu"] == pytest.approx(1.0)
@@ -71,6 +76,7 @@ def test_load_metric_stays_offline(monkeypatch):
 
     def no_network(*a, **k):
         raise AssertionError("network or hub access attempted")
+
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(evaluate.loading, "HubEvaluationModuleFactory", no_network)
     load_metric.cache_clear()
@@ -83,6 +89,7 @@ def test_load_metric_stays_offline(monkeypatch):
 # ---------------------------------------------------------------- bootstrap
 def test_bootstrap_ci(metrics):
     from components.evaluation.scoring import bootstrap_ci
+
     em = metrics["exact_match"]
     rng = np.random.default_rng(0)
     small = np.array([[float(v), 1.0] for v in rng.random(40) < 0.4])
@@ -101,8 +108,9 @@ def test_task_metrics_fast_and_consistent(metrics):
     import time
 
     from components.evaluation.scoring import task_metrics
+
     rng = np.random.default_rng(1)
-    words = "alpha beta gamma delta eps zeta eta theta iota kappa".split()
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa"]
     refs = [" ".join(rng.choice(words, 6)) for _ in range(200)]
     preds = [r if i % 3 == 0 else " ".join(rng.choice(words, 5)) for i, r in enumerate(refs)]
     tasks = ["yesno" if i % 4 == 0 else "qa" for i in range(200)]
@@ -121,6 +129,7 @@ def test_task_metrics_fast_and_consistent(metrics):
 # ---------------------------------------------------------------- significance
 def test_paired_bootstrap_sees_what_separate_intervals_miss(metrics):
     from components.evaluation.scoring import bootstrap_ci, paired_bootstrap
+
     score = metrics["exact_match"].score_from_stats
     rng = np.random.default_rng(5)
     base = (rng.random(120) < 0.5).astype(float)

@@ -1,5 +1,6 @@
 """evaluate beside the registry: the champion scored on the same items and gated, registry URIs from the CLI
 (a sqlite tracking store in tmp, the runner's experiment; conftest's `tiny`)."""
+
 from __future__ import annotations
 
 import json
@@ -30,13 +31,22 @@ def store(tmp_path_factory):
 
 def stage_params(tiny, root: Path, sft: Path, name: str):
     from components.core.config import GateConfig, Params, Paths, RegisterConfig
+
     t = tiny["root"]
-    paths = Paths(processed=str(tiny["processed"]), pretrain=str(t / "pretrain"), sft=str(sft),
-                  evaluate=str(root / "reports" / "evaluate"), register=str(root / "reports" / "register"),
-                  metrics=str(root / "metrics"), plots=str(t / "plots"), checkpoints=str(root / ".seedlm" / "ckpt"))
+    paths = Paths(
+        processed=str(tiny["processed"]),
+        pretrain=str(t / "pretrain"),
+        sft=str(sft),
+        evaluate=str(root / "reports" / "evaluate"),
+        register=str(root / "reports" / "register"),
+        metrics=str(root / "metrics"),
+        plots=str(t / "plots"),
+        checkpoints=str(root / ".seedlm" / "ckpt"),
+    )
     gate = GateConfig(min={"exact_match": 0.0}, max_regression={"exact_match": 0.0})
-    return Params(paths=paths, evaluate=cfg(bootstrap=300),
-                  register=RegisterConfig(model_name=name, max_new_tokens=4, gate=gate))
+    return Params(
+        paths=paths, evaluate=cfg(bootstrap=300), register=RegisterConfig(model_name=name, max_new_tokens=4, gate=gate)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +56,7 @@ def registered(tiny, store, tmp_path_factory):
 
     from components.core.io import write_meta
     from components.core.runner import run_stage
+
     root = tmp_path_factory.mktemp("pipeline")
     good = root / "good"
     shutil.copytree(tiny["models"]["sft"], good)
@@ -66,6 +77,7 @@ def test_worse_model_never_becomes_champion(tiny, registered, monkeypatch):
 
     from components.core.io import write_meta
     from components.core.runner import run_stage
+
     root, name, first = registered["root"], registered["name"], registered["first"]
     bad = root / "bad"
     make_model(bad, tiny["tok"], tiny["items"], steps=1, seed=2)
@@ -80,8 +92,10 @@ def test_worse_model_never_becomes_champion(tiny, registered, monkeypatch):
     res = run_stage("register", stage_params(tiny, root, bad, name), progress=False)
     assert res["version"] == 2 and not res["promoted"] and res["champion_version"] == 1
     client = MlflowClient()
-    assert {k: str(v) for k, v in client.get_registered_model(name).aliases.items()} == {"champion": "1",
-                                                                                       "challenger": "2"}
+    assert {k: str(v) for k, v in client.get_registered_model(name).aliases.items()} == {
+        "champion": "1",
+        "challenger": "2",
+    }
     mv = client.get_model_version(name, "2")
     gate = json.loads(mv.tags["gate.report"])
     (rule,) = [r for r in gate["rules"] if r["rule"] == "max_regression"]
@@ -90,13 +104,17 @@ def test_worse_model_never_becomes_champion(tiny, registered, monkeypatch):
     assert rule["drop_ci"][0] > 0 and "Decision: rejected" in mv.description
     # run without DVC (no dvc.lock): the processed data is identified by its metadata hash, also as a dataset input
     from components.registry.provenance import meta_hash
+
     assert mv.tags["data.processed.meta_hash"] == meta_hash(tiny["processed"]) and "data.processed.md5" not in mv.tags
     digests = {d.dataset.name: d.dataset.digest for d in client.get_run(mv.run_id).inputs.dataset_inputs}
-    assert digests == {"seedlm-processed": meta_hash(tiny["processed"]),
-                       "seedlm-tokenizer": mv.tags["data.tokenizer.sha256"][:32]}
+    assert digests == {
+        "seedlm-processed": meta_hash(tiny["processed"]),
+        "seedlm-tokenizer": mv.tags["data.tokenizer.sha256"][:32],
+    }
     assert "| max_regression | exact_match |" in (root / "reports" / "register" / "gate.md").read_text()
-    runs = mlflow.search_runs(experiment_names=["seedlm"], filter_string="attributes.run_name = 'evaluate'",
-                              output_format="list")
+    runs = mlflow.search_runs(
+        experiment_names=["seedlm"], filter_string="attributes.run_name = 'evaluate'", output_format="list"
+    )
     assert len(runs) == 2
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"report.md", "samples.jsonl", "metrics.png", "samples_table.json"} <= arts  # the table, for the UI
@@ -111,11 +129,18 @@ def test_cli_evaluates_registry_uris_and_folders(tiny, registered, tmp_path, mon
     import yaml
 
     import components.evaluate as ev
+
     name, first = registered["name"], registered["first"]
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"seed": 7, "paths": {"processed": str(tiny["processed"])},
-                                      "evaluate": {"bootstrap": 100, "max_new_tokens": 8, "batch_size": 8,
-                                                   "ppl_batches": 2}}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 7,
+                "paths": {"processed": str(tiny["processed"])},
+                "evaluate": {"bootstrap": 100, "max_new_tokens": 8, "batch_size": 8, "ppl_batches": 2},
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)
 
     def cli(*models: str) -> int:

@@ -1,4 +1,5 @@
 """Ingest on real files: every type, normalization, manifest, sharding, every bad input, url and hf."""
+
 from __future__ import annotations
 
 import functools
@@ -32,18 +33,23 @@ SMALL = {"synthetic": {"entities": 4, "paraphrases": 1}}
 
 
 def cfg(pre=None, sft=None, **kw) -> IngestConfig:
-    return IngestConfig(pretrain_sources=pre or [{"synthetic": True}], sft_sources=sft or [{"synthetic": True}],
-                        **{**SMALL, **kw})
+    return IngestConfig(
+        pretrain_sources=pre or [{"synthetic": True}], sft_sources=sft or [{"synthetic": True}], **{**SMALL, **kw}
+    )
 
 
 def do(root: Path, c: IngestConfig, out: Path | None = None) -> dict:
-    return ingest(c, out or root / "raw", seed=0, sources_root=root, cache_dir=root / "cache",
-                  ctx=StageContext(progress=False))
+    return ingest(
+        c, out or root / "raw", seed=0, sources_root=root, cache_dir=root / "cache", ctx=StageContext(progress=False)
+    )
 
 
 def rows(out: Path, kind: str) -> list[dict]:
-    return [json.loads(line) for f in sorted((out / kind).glob("shard-*.jsonl"))
-            for line in f.read_text(encoding="utf-8").splitlines()]
+    return [
+        json.loads(line)
+        for f in sorted((out / kind).glob("shard-*.jsonl"))
+        for line in f.read_text(encoding="utf-8").splitlines()
+    ]
 
 
 def texts(out: Path) -> list[str]:
@@ -107,15 +113,27 @@ TEXT = "\n\n".join(DOCS) + "\n"
 @pytest.mark.parametrize("gz", [False, True])
 @pytest.mark.parametrize("ext", ["txt", "md", "jsonl", "csv", "parquet"])
 def test_each_file_type(tmp_path, ext, gz):
-    content = {"txt": TEXT, "md": TEXT, "jsonl": jsonl({"body": d, "x": 1} for d in DOCS),
-               "csv": csv_text(["id", "body"], [[str(i), d] for i, d in enumerate(DOCS)]),
-               "parquet": parquet_bytes({"body": DOCS, "n": [1, 2, 3]})}[ext]
+    content = {
+        "txt": TEXT,
+        "md": TEXT,
+        "jsonl": jsonl({"body": d, "x": 1} for d in DOCS),
+        "csv": csv_text(["id", "body"], [[str(i), d] for i, d in enumerate(DOCS)]),
+        "parquet": parquet_bytes({"body": DOCS, "n": [1, 2, 3]}),
+    }[ext]
     f = write(tmp_path / (f"corpus.{ext}" + (".gz" if gz else "")), content, gz)
     res = do(tmp_path, cfg([{"path": str(f), "text_field": "body"}]))
     assert texts(tmp_path / "raw") == DOCS
     entry = read_json(tmp_path / "raw/manifest.json")["pretrain"][0]
-    assert entry == {"origin": str(f), "kind": "path", "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
-                     "rows": 3, "bytes": f.stat().st_size, "skipped": 0, "files": 1, "skipped_files": 0}
+    assert entry == {
+        "origin": str(f),
+        "kind": "path",
+        "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
+        "rows": 3,
+        "bytes": f.stat().st_size,
+        "skipped": 0,
+        "files": 1,
+        "skipped_files": 0,
+    }
     assert res["pretrain_bytes"] == sum(len(d.encode()) for d in DOCS)
 
 
@@ -146,17 +164,35 @@ def test_folder_recursion_sorted_hidden_and_other_types(tmp_path):
 
 
 def test_alpaca_and_chat_normalization(tmp_path):
-    f = write(tmp_path / "sft.jsonl", jsonl([
-        {"instruction": "Add.", "input": "2+2", "output": "4"},
-        {"instruction": "Greet.", "input": "", "output": "Hello."},
-        {"instruction": "Greet.", "output": "Hi.", "split": "test", "task": "greet"},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hey"}, {"role": "user", "content": "Bye"},
-                      {"role": "assistant", "content": "Ciao"}], "split": "val", "task": "chat", "extra": 1},
-    ]))
-    c = write(tmp_path / "sft.csv", csv_text(["instruction", "input", "output"], [["Say x", "", "x"], ["Echo", "y", "y"]]))
-    p = write(tmp_path / "sft.parquet", parquet_bytes({"messages": [[{"role": "user", "content": "Q"},
-                                                                     {"role": "assistant", "content": "A"}]]}))
+    f = write(
+        tmp_path / "sft.jsonl",
+        jsonl(
+            [
+                {"instruction": "Add.", "input": "2+2", "output": "4"},
+                {"instruction": "Greet.", "input": "", "output": "Hello."},
+                {"instruction": "Greet.", "output": "Hi.", "split": "test", "task": "greet"},
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hey"},
+                        {"role": "user", "content": "Bye"},
+                        {"role": "assistant", "content": "Ciao"},
+                    ],
+                    "split": "val",
+                    "task": "chat",
+                    "extra": 1,
+                },
+            ]
+        ),
+    )
+    c = write(
+        tmp_path / "sft.csv", csv_text(["instruction", "input", "output"], [["Say x", "", "x"], ["Echo", "y", "y"]])
+    )
+    p = write(
+        tmp_path / "sft.parquet",
+        parquet_bytes({"messages": [[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]]}),
+    )
     res = do(tmp_path, cfg(sft=[{"path": str(f)}, {"path": str(c)}, {"path": str(p)}]))
     got = rows(tmp_path / "raw", "sft")
     U = lambda s: {"role": "user", "content": s}  # noqa: E731
@@ -165,8 +201,11 @@ def test_alpaca_and_chat_normalization(tmp_path):
         {"messages": [U("Add.\n\n2+2"), A("4")], "split": None, "task": None},
         {"messages": [U("Greet."), A("Hello.")], "split": None, "task": None},
         {"messages": [U("Greet."), A("Hi.")], "split": "test", "task": "greet"},
-        {"messages": [{"role": "system", "content": "Be brief."}, U("Hi"), A("Hey"), U("Bye"), A("Ciao")],
-         "split": "val", "task": "chat"},
+        {
+            "messages": [{"role": "system", "content": "Be brief."}, U("Hi"), A("Hey"), U("Bye"), A("Ciao")],
+            "split": "val",
+            "task": "chat",
+        },
         {"messages": [U("Say x"), A("x")], "split": None, "task": None},
         {"messages": [U("Echo\n\ny"), A("y")], "split": None, "task": None},
         {"messages": [U("Q"), A("A")], "split": None, "task": None},
@@ -191,33 +230,55 @@ LONG = "x" * 3000
 BAD = {  # name: (kind, file name, content, expected substrings besides the file name)
     "empty": ("pretrain", "e.txt", b"", ["empty"]),
     "binary": ("pretrain", "b.txt", b"abc\x00\x01\x02" * 10, ["binary", "NUL"]),
-    "latin1": ("pretrain", "l.txt", "ok line\nfine\ncaf\xe9 au lait\n".encode("latin-1"),
-               [":3:", "UTF-8", "byte offset 16", "re-encode"]),
+    "latin1": (
+        "pretrain",
+        "l.txt",
+        "ok line\nfine\ncaf\xe9 au lait\n".encode("latin-1"),
+        [":3:", "UTF-8", "byte offset 16", "re-encode"],
+    ),
     "not_gzip": ("pretrain", "n.txt.gz", b"plain text, not gzip", ["not gzip"]),
     "empty_gzip": ("pretrain", "eg.jsonl.gz", gzip.compress(b""), ["empty"]),
-    "truncated_gzip": ("pretrain", "t.txt.gz", gzip.compress("\n".join(map(str, range(9000))).encode())[:9000],
-                       ["corrupt gzip"]),
+    "truncated_gzip": (
+        "pretrain",
+        "t.txt.gz",
+        gzip.compress("\n".join(map(str, range(9000))).encode())[:9000],
+        ["corrupt gzip"],
+    ),
     "csv_column": ("pretrain", "c.csv", "id,content\n1,hello\n", ["'text'", "columns found: id, content"]),
     "parquet_column": ("pretrain", "p.parquet", parquet_bytes({"body": ["x"]}), ["'text'", "columns found: body"]),
     "not_parquet": ("pretrain", "np.parquet", b"PAR1 garbage", ["parquet"]),
     "jsonl_field": ("pretrain", "f.jsonl", '{"text": "ok"}\n{"body": "no text"}\n', [":2:", "'text'", "body"]),
     "bad_json": ("pretrain", "j.jsonl", '{"text": "ok"}\n\n{"text": oops}\n', [":3:", "not valid JSON"]),
-    "not_object": ("sft", "o.jsonl", '[1, 2]\n', [":1:", "JSON object"]),
-    "no_output": ("sft", "a.jsonl", jsonl([{"instruction": "Hi", "output": "Yo"}, {"instruction": "Hi"}]),
-                  [":2:", "'output'"]),
+    "not_object": ("sft", "o.jsonl", "[1, 2]\n", [":1:", "JSON object"]),
+    "no_output": (
+        "sft",
+        "a.jsonl",
+        jsonl([{"instruction": "Hi", "output": "Yo"}, {"instruction": "Hi"}]),
+        [":2:", "'output'"],
+    ),
     "empty_instruction": ("sft", "a.jsonl", jsonl([{"instruction": " ", "output": "x"}]), [":1:", "'instruction'"]),
     "alpaca_csv_empty": ("sft", "a.csv", "instruction,output\nq,\n", [":2:", "'output'"]),
     "sft_csv_columns": ("sft", "q.csv", "question,answer\nq,a\n", ["'instruction', 'output'", "question, answer"]),
     "csv_field_count": ("pretrain", "fc.csv", "id,text\n1,ok\n2,a,b\n", [":3:", "3 fields"]),
     "unknown_role": ("sft", "r.jsonl", jsonl([{"messages": [{"role": "bot", "content": "x"}]}]), [":1:", "'bot'"]),
-    "empty_content": ("sft", "r.jsonl", jsonl([{"messages": [{"role": "user", "content": "q"},
-                                                             {"role": "assistant", "content": ""}]}]),
-                      [":1:", "messages[1]", "non-empty string"]),
-    "nonstring_content": ("sft", "r.jsonl", jsonl([{"messages": [{"role": "user", "content": 5},
-                                                                 {"role": "assistant", "content": "a"}]}]),
-                          [":1:", "messages[0]"]),
-    "no_assistant": ("sft", "r.jsonl", jsonl([{"messages": [{"role": "user", "content": "q"}]}]),
-                     [":1:", "no assistant"]),
+    "empty_content": (
+        "sft",
+        "r.jsonl",
+        jsonl([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}]),
+        [":1:", "messages[1]", "non-empty string"],
+    ),
+    "nonstring_content": (
+        "sft",
+        "r.jsonl",
+        jsonl([{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}]),
+        [":1:", "messages[0]"],
+    ),
+    "no_assistant": (
+        "sft",
+        "r.jsonl",
+        jsonl([{"messages": [{"role": "user", "content": "q"}]}]),
+        [":1:", "no assistant"],
+    ),
     "sft_no_fields": ("sft", "r.jsonl", jsonl([{"prompt": "q", "completion": "a"}]), [":1:", "prompt, completion"]),
     "long_line": ("pretrain", "big.jsonl", jsonl([{"text": "ok"}, {"text": LONG}]), [":2:", "max_line_mb"]),
     "long_csv_row": ("pretrain", "big.csv", f"text\nok\n{LONG}\n", [":3:", "max_line_mb"]),
@@ -273,10 +334,20 @@ def test_skip_malformed_counts_per_source(tmp_path):
     good = [{"text": f"doc {i}"} for i in range(5)]
     lines = jsonl(good[:2]) + "not json\n[1]\n" + jsonl([{"body": "x"}, {"text": 3}, {"text": LONG}]) + jsonl(good[2:])
     f = write(tmp_path / "p.jsonl", lines)
-    s = write(tmp_path / "s.jsonl", jsonl([{"instruction": "q", "output": "a"}, {"instruction": "q"},
-                                           {"messages": [{"role": "user", "content": "q"}]}]))
-    res = do(tmp_path, cfg([{"path": str(f)}, {"synthetic": True}], [{"path": str(s)}],
-                           skip_malformed=True, max_line_mb=0.002))
+    s = write(
+        tmp_path / "s.jsonl",
+        jsonl(
+            [
+                {"instruction": "q", "output": "a"},
+                {"instruction": "q"},
+                {"messages": [{"role": "user", "content": "q"}]},
+            ]
+        ),
+    )
+    res = do(
+        tmp_path,
+        cfg([{"path": str(f)}, {"synthetic": True}], [{"path": str(s)}], skip_malformed=True, max_line_mb=0.002),
+    )
     assert texts(tmp_path / "raw")[:5] == [g["text"] for g in good]
     man = read_json(tmp_path / "raw/manifest.json")
     assert [(e["rows"], e["skipped"]) for e in man["pretrain"]] == [(5, 5), (4, 0)]
@@ -374,8 +445,12 @@ def test_hf_source_streams_rows(tmp_path, monkeypatch):
         if name == "broken":
             return (r if i < 2 else 1 / 0 for i, r in enumerate([{"text": "a"}] * 5))
         if name == "chat":
-            return iter([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-                         {"instruction": "i", "output": "o", "split": "test"}])
+            return iter(
+                [
+                    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+                    {"instruction": "i", "output": "o", "split": "test"},
+                ]
+            )
         return iter([{"text": "doc one", "id": 1}, {"text": "doc two", "id": 2}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
@@ -385,8 +460,14 @@ def test_hf_source_streams_rows(tmp_path, monkeypatch):
     assert rows(tmp_path / "raw", "sft")[1]["split"] == "test"
     man = read_json(tmp_path / "raw/manifest.json")
     shard = (tmp_path / "raw/pretrain/shard-00000.jsonl").read_bytes()
-    assert man["pretrain"][0] == {"origin": "corpus", "kind": "hf", "sha256": hashlib.sha256(shard).hexdigest(),
-                                  "rows": 2, "bytes": len(shard), "skipped": 0}
+    assert man["pretrain"][0] == {
+        "origin": "corpus",
+        "kind": "hf",
+        "sha256": hashlib.sha256(shard).hexdigest(),
+        "rows": 2,
+        "bytes": len(shard),
+        "skipped": 0,
+    }
     with pytest.raises(StageError, match="could not load Hugging Face dataset 'broken'.*after 2 rows.*Zero"):
         do(tmp_path, cfg([{"hf": "broken"}]))
 
@@ -406,8 +487,16 @@ def test_jsonl_roundtrip_any_unicode(docs):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.text(st.characters(codec="utf-8", exclude_characters="\x00\n\r\ufeff"), max_size=40)
-                .filter(lambda t: t.strip()), min_size=1, max_size=5), st.booleans())
+@given(
+    st.lists(
+        st.text(st.characters(codec="utf-8", exclude_characters="\x00\n\r\ufeff"), max_size=40).filter(
+            lambda t: t.strip()
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.booleans(),
+)
 def test_txt_roundtrip_any_unicode(docs, gz):
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)

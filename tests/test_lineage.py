@@ -1,4 +1,5 @@
 """The lineage command against a real sqlite MLflow: how to reproduce a version, what changed vs the champion."""
+
 from __future__ import annotations
 
 import json
@@ -48,14 +49,17 @@ def history(tmp_path_factory):
             (repo / "notes.txt").write_text(f"change {v}\n")
             git(repo, "add", "-A")
             git(repo, "commit", "-qm", f"v{v}")
-            params = parse_params({"sft": {"max_steps": steps, "warmup_steps": 0}, "paths": {
-                "sft": str(sft), "metrics": str(root / "metrics"), "register": "reports/register"},
-                "register": {"model_name": NAME, "gate": {"min": {}, "max_regression": {"exact_match": 0.0}}}})
+            params = parse_params(
+                {
+                    "sft": {"max_steps": steps, "warmup_steps": 0},
+                    "paths": {"sft": str(sft), "metrics": str(root / "metrics"), "register": "reports/register"},
+                    "register": {"model_name": NAME, "gate": {"min": {}, "max_regression": {"exact_match": 0.0}}},
+                }
+            )
             write_eval(root / "metrics" / "evaluate.json", em, ci=0.02)
             with mlflow.start_run(run_name="register") as run:
                 res = reg.run(params, StageContext(run_id=run.info.run_id, progress=False))
-            out[v] = {"commit": git(repo, "rev-parse", "HEAD"), "lock": (repo / "dvc.lock").read_text(),
-                      "result": res}
+            out[v] = {"commit": git(repo, "rev-parse", "HEAD"), "lock": (repo / "dvc.lock").read_text(), "result": res}
         yield {"root": root, "repo": repo, "uri": uri, **out}
 
 
@@ -118,16 +122,25 @@ def test_command_line(history, capsys):
 
 
 def test_dirty_tree_and_missing_pieces(history, tmp_path):
-    rec = {"tags": {"git_commit": "abc", "git_dirty": "true", "lora_base.path": "/x/pretrain",
-                    "lora_base.sha256": "f" * 64}, "run_id": "r1"}
+    rec = {
+        "tags": {
+            "git_commit": "abc",
+            "git_dirty": "true",
+            "lora_base.path": "/x/pretrain",
+            "lora_base.sha256": "f" * 64,
+        },
+        "run_id": "r1",
+    }
     steps = lineage.reproduce_steps(rec, "sqlite:///m.db")
     assert any("register/params.yaml" in s and "params.yaml" in s for s in steps)
     assert any("LoRA adapter" in s and "ffffffff" in s for s in steps)
     with pytest.raises(StageError, match="no version of 'nope' has alias 'champion'"):
         models.parse_model_uri("models:/nope@champion")
     assert models.ref_name("models:/seedlm/3", set()) == ("seedlm-v3", "models:/seedlm/3")
-    assert models.ref_name("models:/seedlm@champion", {"seedlm-champion"}) == ("seedlm-champion_",
-                                                                               "models:/seedlm@champion")
+    assert models.ref_name("models:/seedlm@champion", {"seedlm-champion"}) == (
+        "seedlm-champion_",
+        "models:/seedlm@champion",
+    )
     assert models.ref_name("mine=/a/b", set()) == ("mine", "/a/b")
     assert models.ref_name("/a/b/", set()) == ("b", "/a/b/")
     empty = tmp_path / "no.db"

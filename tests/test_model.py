@@ -1,4 +1,5 @@
 """components.training.model: building, loading (safetensors only), saving, device/precision choice."""
+
 from __future__ import annotations
 
 import os
@@ -24,19 +25,33 @@ from components.training.model import (
 )
 
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-TEXT = ["the red fox lives in the north forest.", "the blue owl sleeps in the old tower.",
-        "a green frog sings near the quiet lake."] * 20
+TEXT = [
+    "the red fox lives in the north forest.",
+    "the blue owl sleeps in the old tower.",
+    "a green frog sings near the quiet lake.",
+] * 20
 
 
 def make_tokenizer(vocab: int = 300, texts: list[str] = TEXT) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=SPECIAL, min_frequency=1,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL[0], eos_token=SPECIAL[0],
-                                   pad_token=SPECIAL[1], additional_special_tokens=SPECIAL[2:])
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab,
+            special_tokens=SPECIAL,
+            min_frequency=1,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL[0],
+        eos_token=SPECIAL[0],
+        pad_token=SPECIAL[1],
+        additional_special_tokens=SPECIAL[2:],
+    )
 
 
 TINY = dict(n_layer=2, n_embd=64, n_head=2, context_length=32)
@@ -152,6 +167,7 @@ def test_training_attention_picks_eager_for_cpu_bf16_and_restores(tok):
     from peft import LoraConfig, get_peft_model
 
     from components.training.model import training_attention
+
     cpu = torch.device("cpu")
     m = build_model(ModelConfig(**TINY), tok, seed=0)
     assert training_attention(m, cpu, None) is None and m.config._attn_implementation == "sdpa"
@@ -164,8 +180,10 @@ def test_training_attention_picks_eager_for_cpu_bf16_and_restores(tok):
     assert m.config._attn_implementation == "sdpa"
     with torch.no_grad():
         torch.testing.assert_close(m(input_ids=ids).logits, eager, atol=1e-5, rtol=1e-5)  # same function
-    lora = get_peft_model(build_model(ModelConfig(**TINY), tok, seed=0),
-                          LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    lora = get_peft_model(
+        build_model(ModelConfig(**TINY), tok, seed=0),
+        LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"),
+    )
     assert training_attention(lora, cpu, torch.bfloat16) == "sdpa"
     assert lora.get_base_model().config._attn_implementation == "eager"
     long = build_model(ModelConfig(**{**TINY, "context_length": 2048}), tok, seed=0)

@@ -2,6 +2,7 @@
 stage keys are DVC's run-cache keys, data moves between clones only through the DVC remote (metrics
 too), `dvc exp run` results are reused by another clone, a retry finds the run it continues, and
 params overrides / orchestration settings are checked before anything runs."""
+
 from __future__ import annotations
 
 import json
@@ -33,12 +34,19 @@ text = pathlib.Path(src).read_text() + str(json.load(open("metrics/a.json"))["n"
 pathlib.Path(f"out/{name}").mkdir(parents=True, exist_ok=True)
 pathlib.Path(f"out/{name}/result.txt").write_text(text)
 """
-DVC_YAML = {"stages": {
-    "a": {"cmd": "python gen.py", "deps": ["gen.py"], "params": ["n"], "outs": ["out/a"],
-          "metrics": [{"metrics/a.json": {"cache": False}}]},
-    "b": {"cmd": "python use.py", "deps": ["use.py", "out/a", "metrics/a.json"], "outs": ["out/b"]},
-    "c": {"cmd": "python use.py c", "deps": ["use.py", "out/b"], "outs": [{"out/c": {"cache": False}}]},
-}}
+DVC_YAML = {
+    "stages": {
+        "a": {
+            "cmd": "python gen.py",
+            "deps": ["gen.py"],
+            "params": ["n"],
+            "outs": ["out/a"],
+            "metrics": [{"metrics/a.json": {"cache": False}}],
+        },
+        "b": {"cmd": "python use.py", "deps": ["use.py", "out/a", "metrics/a.json"], "outs": ["out/b"]},
+        "c": {"cmd": "python use.py c", "deps": ["use.py", "out/b"], "outs": [{"out/c": {"cache": False}}]},
+    }
+}
 
 
 def run(cwd: Path, *args: str, log: Path) -> str:

@@ -4,6 +4,7 @@ Checks the three promises of the foundation: the registered champion loads and g
 Prefect run and `dvc repro` share one stage graph (neither redoes the other's work), and the
 metrics DVC tracks hold sane values.
 """
+
 from __future__ import annotations
 
 import json

@@ -15,6 +15,7 @@ MLflow's REST API.
    by `dvc repro`.
 Everything started here is stopped here (workers before the servers).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,15 @@ from servers import BIN, TINY, commit, make_repo, prefect, start_mlflow, start_p
 
 from components.core.stages import STAGES
 
-FAST = {**TINY, "evaluate.max_examples": 8, "evaluate.ppl_batches": 2, "evaluate.num_samples": 2,
-        "evaluate.bootstrap": 20, "orchestration.poll_s": 1.0, "orchestration.retry_delay_s": 1}
+FAST = {
+    **TINY,
+    "evaluate.max_examples": 8,
+    "evaluate.ppl_batches": 2,
+    "evaluate.num_samples": 2,
+    "evaluate.bootstrap": 20,
+    "orchestration.poll_s": 1.0,
+    "orchestration.retry_delay_s": 1,
+}
 LONGER_SFT = {"sft.max_steps": 60, "sft.checkpoint_every": 10, "sft.eval_every": 30}
 
 
@@ -57,8 +65,11 @@ def deployment(api: str, name: str) -> dict:
 def runs_of(api: str, name: str) -> list[dict]:
     """Flow runs of a deployment that have started, oldest first."""
     dep = deployment(api, name)
-    runs = api_post(api, "flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}},
-                                              "sort": "EXPECTED_START_TIME_ASC", "limit": 200})
+    runs = api_post(
+        api,
+        "flow_runs/filter",
+        {"deployments": {"id": {"any_": [dep["id"]]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200},
+    )
     return [r for r in runs if r["state"]["type"] not in ("SCHEDULED", "PENDING")]
 
 
@@ -82,8 +93,9 @@ def dvc(repo: Path, *args: str) -> str:
 
 
 def deploy(env: dict, cwd: Path, *args: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "flows.deploy", *args], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "flows.deploy", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return res.stdout
 
@@ -94,7 +106,7 @@ def logs(run: dict, *procs) -> str:
     for p in procs:
         text = p.log.read_text(errors="replace")
         at = text.rfind("Traceback")
-        out.append(f"--- {p.log.name}\n" + (text[at:at + 6000] if at >= 0 else text[-3000:]))
+        out.append(f"--- {p.log.name}\n" + (text[at : at + 6000] if at >= 0 else text[-3000:]))
     return "\n".join(out)
 
 
@@ -153,24 +165,43 @@ def infra(tmp_path_factory):
 def solo(infra):
     """One pool, mode local: a run that fails in ingest, then the nightly run (gated out by its overrides)."""
     t0 = time.monotonic()
-    solo_params = {**FAST, "orchestration.pipeline_pool": "solo",
-                   "orchestration.pools": {s: "solo" for s in STAGES},
-                   "orchestration.schedules": {"nightly": {"cron": "0 3 * * *", "timezone": "UTC",
-                                                           "overrides": {"register.gate.min": {"exact_match": 1.5}}}}}
+    solo_params = {
+        **FAST,
+        "orchestration.pipeline_pool": "solo",
+        "orchestration.pools": {s: "solo" for s in STAGES},
+        "orchestration.schedules": {
+            "nightly": {
+                "cron": "0 3 * * *",
+                "timezone": "UTC",
+                "overrides": {"register.gate.min": {"exact_match": 1.5}},
+            }
+        },
+    }
     repo = make_repo(infra.tmp / "main", solo_params)
     dvc(repo, "remote", "add", "-d", "shared", str(infra.tmp / "dvc-remote"))
     commit(repo, "shared DVC remote")
     prefect(infra.env, "work-pool", "create", "solo", "--type", "process")
-    block = ("from prefect.blocks.notifications import CustomWebhookNotificationBlock as B; "
-             f"B(name='seedlm', url='{infra.hook.url}', json_data={{'text': '{{{{subject}}}}: {{{{body}}}}'}})"
-             ".save('seedlm-alerts', overwrite=True)")
+    block = (
+        "from prefect.blocks.notifications import CustomWebhookNotificationBlock as B; "
+        f"B(name='seedlm', url='{infra.hook.url}', json_data={{'text': '{{{{subject}}}}: {{{{body}}}}'}})"
+        ".save('seedlm-alerts', overwrite=True)"
+    )
     subprocess.run([sys.executable, "-c", block], env=infra.env, check=True, capture_output=True)
-    deploy(infra.env, repo, "--env", f"MLFLOW_TRACKING_URI={infra.ml_url}", "--automations",
-           "--notify", "custom-webhook/seedlm-alerts")
+    deploy(
+        infra.env,
+        repo,
+        "--env",
+        f"MLFLOW_TRACKING_URI={infra.ml_url}",
+        "--automations",
+        "--notify",
+        "custom-webhook/seedlm-alerts",
+    )
     (infra.tmp / "w-solo").mkdir()
     worker = start_worker(infra.env, "solo", "solo-1", infra.tmp / "w-solo", infra.tmp / "worker-solo.log")
     infra.workers.append(worker)
-    bad = trigger(infra.env, "seedlm/nightly", 'overrides={"ingest.pretrain_sources": [{"path": "data/sources/nope.txt"}]}')
+    bad = trigger(
+        infra.env, "seedlm/nightly", 'overrides={"ingest.pretrain_sources": [{"path": "data/sources/nope.txt"}]}'
+    )
     run = trigger(infra.env, "seedlm/nightly")
     worker.stop()
     print(f"\none pool: {time.monotonic() - t0:.0f} s")
@@ -184,10 +215,15 @@ def two_pools(infra, solo):
     main = solo.repo
     subprocess.run(["git", "checkout", "-q", "--", "params.yaml"], cwd=main, check=True)
     params = yaml.safe_load((main / "params.yaml").read_text())
-    params["orchestration"].update({
-        "mode": "deployments", "pipeline_pool": "cpu", "retries": 1,
-        "pools": {s: ("gpu" if s in ("pretrain", "sft", "evaluate") else "cpu") for s in STAGES},
-        "schedules": {"nightly": {"cron": "30 2 * * *", "timezone": "UTC", "overrides": LONGER_SFT}}})
+    params["orchestration"].update(
+        {
+            "mode": "deployments",
+            "pipeline_pool": "cpu",
+            "retries": 1,
+            "pools": {s: ("gpu" if s in ("pretrain", "sft", "evaluate") else "cpu") for s in STAGES},
+            "schedules": {"nightly": {"cron": "30 2 * * *", "timezone": "UTC", "overrides": LONGER_SFT}},
+        }
+    )
     (main / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     commit(main, "two pools")
     cpu, gpu = infra.tmp / "cpu-clone", infra.tmp / "gpu-clone"
@@ -195,13 +231,23 @@ def two_pools(infra, solo):
         subprocess.run(["git", "clone", "-q", str(main), str(clone)], check=True)
     for pool in ("cpu", "gpu"):
         prefect(infra.env, "work-pool", "create", pool, "--type", "process")
-    deploy(infra.env, cpu, "--source", str(cpu), "--pool-source", f"gpu={gpu}",
-           "--env", f"MLFLOW_TRACKING_URI={infra.ml_url}", "--automations")
+    deploy(
+        infra.env,
+        cpu,
+        "--source",
+        str(cpu),
+        "--pool-source",
+        f"gpu={gpu}",
+        "--env",
+        f"MLFLOW_TRACKING_URI={infra.ml_url}",
+        "--automations",
+    )
     workers = {}
     for pool in ("cpu", "gpu"):
         (infra.tmp / f"w-{pool}").mkdir()
-        workers[pool] = start_worker(infra.env, pool, f"{pool}-1", infra.tmp / f"w-{pool}",
-                                     infra.tmp / f"worker-{pool}.log")
+        workers[pool] = start_worker(
+            infra.env, pool, f"{pool}-1", infra.tmp / f"w-{pool}", infra.tmp / f"worker-{pool}.log"
+        )
         infra.workers.append(workers[pool])
     killed: list[int] = []
     threading.Thread(target=_kill_after_first_checkpoint, args=(workers["gpu"], gpu, killed), daemon=True).start()
@@ -237,9 +283,15 @@ def ml_get(infra, path: str, **params) -> dict:
 def pipeline_runs(infra, query: str = "") -> list[dict]:
     """The pipelines' MLflow runs (REST), newest first, with their tags as a dict under "tags"."""
     exp = ml_get(infra, "experiments/get-by-name", experiment_name="seedlm")["experiment"]["experiment_id"]
-    res = requests.post(f"{infra.ml_url}/api/2.0/mlflow/runs/search", timeout=30, json={
-        "experiment_ids": [exp], "order_by": ["attributes.start_time DESC"],
-        "filter": "attributes.run_name = 'pipeline'" + (f" and {query}" if query else "")})
+    res = requests.post(
+        f"{infra.ml_url}/api/2.0/mlflow/runs/search",
+        timeout=30,
+        json={
+            "experiment_ids": [exp],
+            "order_by": ["attributes.start_time DESC"],
+            "filter": "attributes.run_name = 'pipeline'" + (f" and {query}" if query else ""),
+        },
+    )
     res.raise_for_status()
     runs = res.json().get("runs", [])
     for r in runs:
@@ -285,8 +337,11 @@ def test_cron_schedule_creates_scheduled_runs(infra, solo):
     deadline = time.monotonic() + 30
     scheduled = []
     while not scheduled and time.monotonic() < deadline:
-        scheduled = api_post(infra.api, "flow_runs/filter", {
-            "deployments": {"id": {"any_": [dep["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+        scheduled = api_post(
+            infra.api,
+            "flow_runs/filter",
+            {"deployments": {"id": {"any_": [dep["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}},
+        )
         time.sleep(1)
     assert scheduled, "the scheduler created no runs for the cron schedule"
     hour, minute = {"0 3 * * *": (3, 0), "30 2 * * *": (2, 30)}[crons[0]]
@@ -316,9 +371,14 @@ def test_killed_training_is_resubmitted_and_resumes_the_same_mlflow_run(infra, t
     assert [r["name"] for r in runs[:2]] == ["sft", "sft-retry1"]
     parent = pipeline_runs(infra, f"tags.`prefect_flow_run_id` = '{two_pools.first['id']}'")[0]["info"]["run_id"]
     exp = ml_get(infra, "experiments/get-by-name", experiment_name="seedlm")["experiment"]["experiment_id"]
-    found = requests.post(f"{infra.ml_url}/api/2.0/mlflow/runs/search", timeout=30, json={
-        "experiment_ids": [exp], "filter": f"tags.`mlflow.parentRunId` = '{parent}' and tags.`seedlm.stage` = 'sft'"
-    }).json()["runs"]
+    found = requests.post(
+        f"{infra.ml_url}/api/2.0/mlflow/runs/search",
+        timeout=30,
+        json={
+            "experiment_ids": [exp],
+            "filter": f"tags.`mlflow.parentRunId` = '{parent}' and tags.`seedlm.stage` = 'sft'",
+        },
+    ).json()["runs"]
     assert len(found) == 1 and found[0]["info"]["status"] == "FINISHED"
     tags = {t["key"]: t["value"] for t in found[0]["data"]["tags"]}
     metrics = {m["key"]: m["value"] for m in found[0]["data"]["metrics"]}
@@ -359,8 +419,9 @@ def test_nothing_is_redone_by_the_next_scheduled_run_or_by_dvc_repro(infra, two_
         assert repo.status() == {}
         assert repo.reproduce() == []
     # Prefect's cache key of a stage is DVC's run-cache key: the remote files both under the same name
-    key = subprocess.run([sys.executable, "-m", "flows.dvcstage", "key", "sft"], cwd=cpu, capture_output=True,
-                         text=True).stdout.split()[1]
+    key = subprocess.run(
+        [sys.executable, "-m", "flows.dvcstage", "key", "sft"], cwd=cpu, capture_output=True, text=True
+    ).stdout.split()[1]
     remote = infra.tmp / "dvc-remote"
     assert (remote / "runs" / key[:2] / key).is_dir() and (remote / "seedlm-records" / key).is_file()
 

@@ -1,4 +1,5 @@
 """preprocess.py on tiny real inputs written in the ingest contract's format."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,33 @@ from components.core.context import StageContext, StageError
 from components.core.io import read_json, write_json, write_meta
 from components.data import chat, dedup
 
-WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud lamp "
-         "bread piano green north quiet seven market winter garden copper").split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "theta",
+    "kappa",
+    "lambda",
+    "sigma",
+    "omega",
+    "river",
+    "stone",
+    "cloud",
+    "lamp",
+    "bread",
+    "piano",
+    "green",
+    "north",
+    "quiet",
+    "seven",
+    "market",
+    "winter",
+    "garden",
+    "copper",
+]
 
 
 def sentence(rng: random.Random, n: int) -> str:
@@ -35,9 +61,17 @@ def corpus(n: int, seed: int = 0, words: tuple[int, int] = (10, 60)) -> list[str
 
 
 def qa_rows(n: int, split: str | None = None, offset: int = 0) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"What is item {i}?"},
-                          {"role": "assistant", "content": f"Item {i} is {WORDS[i % len(WORDS)]}."}],
-             "split": split, "task": "qa" if i % 2 else None} for i in range(offset, offset + n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is item {i}?"},
+                {"role": "assistant", "content": f"Item {i} is {WORDS[i % len(WORDS)]}."},
+            ],
+            "split": split,
+            "task": "qa" if i % 2 else None,
+        }
+        for i in range(offset, offset + n)
+    ]
 
 
 def write_raw(root: Path, docs: list[str], rows: list[dict], shards: int = 2) -> Path:
@@ -47,7 +81,7 @@ def write_raw(root: Path, docs: list[str], rows: list[dict], shards: int = 2) ->
         step = -(-len(items) // shards)  # contiguous pieces: file order = list order
         for s in range(shards):
             with open(raw / kind / f"shard-{s:05d}.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(x) + "\n" for x in items[s * step:(s + 1) * step])
+                f.writelines(json.dumps(x) + "\n" for x in items[s * step : (s + 1) * step])
     write_json(raw / "manifest.json", {"pretrain": [], "sft": []})
     write_meta(raw, "ingest", {}, {"pretrain_rows": len(docs), "sft_rows": len(rows)})
     return raw
@@ -56,13 +90,15 @@ def write_raw(root: Path, docs: list[str], rows: list[dict], shards: int = 2) ->
 def run(root: Path, raw: Path, name: str = "out", init_from: Path | None = None, **cfg) -> tuple[Path, dict]:
     cfg = PreprocessConfig(**{"vocab_size": 400, "max_chars": 2000, **cfg})
     out = root / name
-    res = pp.preprocess(cfg, raw, out, root / f"{name}.json", seed=7, init_from=init_from,
-                        ctx=StageContext(progress=False))
+    res = pp.preprocess(
+        cfg, raw, out, root / f"{name}.json", seed=7, init_from=init_from, ctx=StageContext(progress=False)
+    )
     return out, res
 
 
 def load_tok(out: Path):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
 
 
@@ -77,27 +113,44 @@ def decode_bin(out: Path, split: str) -> list[str]:
 
 def load_split(out: Path, split: str):
     import datasets
+
     return datasets.load_from_disk(str(out / f"sft_{split}"))
 
 
 # ---------------------------------------------------------------- the main fixture
 SPECIAL_DOC = "A doc that mentions <|endoftext|> and <|end|> as plain text."
-MESSY = ["Ｆｕｌｌｗｉｄｔｈ ﬁne text\r\nwith   many    spaces\x00\x07 and\r\n\r\n\r\n\r\nblank lines.   ",
-         "Tabs\tstay,\u00a0nbsp\u2003goes;\u2028line\u2029breaks\x0bunify.\ufeff"]
+MESSY = [
+    "Ｆｕｌｌｗｉｄｔｈ ﬁne text\r\nwith   many    spaces\x00\x07 and\r\n\r\n\r\n\r\nblank lines.   ",
+    "Tabs\tstay,\u00a0nbsp\u2003goes;\u2028line\u2029breaks\x0bunify.\ufeff",
+]
 BASE_DOCS = corpus(240)
 
 
 @pytest.fixture(scope="module")
 def main_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("main")
-    docs = (BASE_DOCS[:120] + MESSY + [BASE_DOCS[3], "  " + BASE_DOCS[4].replace(" ", "  ") + "\r\n", "", " \n\t ",
-            "tiny", "x" * 2500, SPECIAL_DOC] + BASE_DOCS[120:])
-    multi = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Colour?"},
-                          {"role": "assistant", "content": "Green."}], "split": "train", "task": "chat"}
-    bad = [{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": " \x00 "}]},
-           {"messages": [{"role": "user", "content": "No answer"}]},
-           {"messages": [{"role": "user", "content": "say <|end|>"}, {"role": "assistant", "content": "no"}]}]
+    docs = (
+        BASE_DOCS[:120]
+        + MESSY
+        + [BASE_DOCS[3], "  " + BASE_DOCS[4].replace(" ", "  ") + "\r\n", "", " \n\t ", "tiny", "x" * 2500, SPECIAL_DOC]
+        + BASE_DOCS[120:]
+    )
+    multi = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Colour?"},
+            {"role": "assistant", "content": "Green."},
+        ],
+        "split": "train",
+        "task": "chat",
+    }
+    bad = [
+        {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": " \x00 "}]},
+        {"messages": [{"role": "user", "content": "No answer"}]},
+        {"messages": [{"role": "user", "content": "say <|end|>"}, {"role": "assistant", "content": "no"}]},
+    ]
     rows = qa_rows(80) + qa_rows(6, split="test", offset=500) + [multi, qa_rows(1)[0]] + bad
     raw = write_raw(root, docs, rows)
     out, res = run(root, raw)
@@ -116,8 +169,15 @@ def expected_docs(docs: list[str], cfg: PreprocessConfig) -> list[str]:
 
 def test_outputs_meta_and_metrics(main_run):
     out, res = main_run["out"], main_run["res"]
-    assert sorted(os.listdir(out)) == ["seedlm.json", "sft_test", "sft_train", "sft_val", "tokenizer",
-                                       "train.bin", "val.bin"]
+    assert sorted(os.listdir(out)) == [
+        "seedlm.json",
+        "sft_test",
+        "sft_train",
+        "sft_val",
+        "tokenizer",
+        "train.bin",
+        "val.bin",
+    ]
     assert not [p for p in os.listdir(out.parent) if p.startswith(".out")]  # no temp leftovers
     meta = read_json(out / "seedlm.json")
     assert meta["stage"] == "preprocess" and meta["config"]["preprocess"]["vocab_size"] == 400
@@ -164,8 +224,11 @@ def test_split_is_by_content_hash(main_run):
 def test_split_is_stable_as_the_corpus_grows(tmp_path, main_run):
     """Hash-assigned docs/rows never move (the empty-split fallback aside, which these sizes avoid)."""
     small = write_raw(tmp_path / "a", BASE_DOCS[:150], qa_rows(200))
-    grown = write_raw(tmp_path / "b", corpus(150, seed=1)[:75] + BASE_DOCS[:150] + corpus(150, seed=1)[75:],
-                      qa_rows(100, offset=1000) + qa_rows(200))
+    grown = write_raw(
+        tmp_path / "b",
+        corpus(150, seed=1)[:75] + BASE_DOCS[:150] + corpus(150, seed=1)[75:],
+        qa_rows(100, offset=1000) + qa_rows(200),
+    )
     out_a, _ = run(tmp_path, small, "a_out")
     out_b, _ = run(tmp_path, grown, "b_out")
     old = set(decode_bin(out_a, "val"))
@@ -202,7 +265,9 @@ def test_sft_datasets_columns_ids_and_masks(main_run):
             assert kept == want
             seen_refs.append((split, row["reference"], row["task"]))
     assert ("train", "Green.", "chat") in seen_refs  # explicit split honoured, multi-turn kept
-    assert {r for s, r, _ in seen_refs if s == "test"} >= {f"Item {i} is {WORDS[i % len(WORDS)]}." for i in range(500, 506)}
+    assert {r for s, r, _ in seen_refs if s == "test"} >= {
+        f"Item {i} is {WORDS[i % len(WORDS)]}." for i in range(500, 506)
+    }
     assert {t for _, _, t in seen_refs} == {"qa", "", "chat"}
     total = sum(len(load_split(out, s)) for s in ("train", "val", "test"))
     rep = main_run["res"]["report"]["sft"]
@@ -288,8 +353,12 @@ def test_init_from_base_tokenizer_gets_chat_tokens(tmp_path):
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(corpus(50, seed=9), trainers.BpeTrainer(
-        vocab_size=350, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.train_from_iterator(
+        corpus(50, seed=9),
+        trainers.BpeTrainer(
+            vocab_size=350, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     base = tmp_path / "base"
     PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>").save_pretrained(str(base))
     raw = write_raw(tmp_path, BASE_DOCS[:60], qa_rows(30))
@@ -327,9 +396,11 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- cleaning rules
 @settings(max_examples=300, deadline=None)
-@given(st.text(st.characters(blacklist_categories=()), max_size=80)  # lone surrogates too: JSON can carry them
-       | st.text(" \t\n\r\x0b\x0c\x85\u2028\u00a0\ufeffab\u0301e\ufb01", max_size=40),
-       st.sampled_from(["NFKC", "NFC", "none"]))
+@given(
+    st.text(st.characters(blacklist_categories=()), max_size=80)  # lone surrogates too: JSON can carry them
+    | st.text(" \t\n\r\x0b\x0c\x85\u2028\u00a0\ufeffab\u0301e\ufb01", max_size=40),
+    st.sampled_from(["NFKC", "NFC", "none"]),
+)
 def test_clean_text_properties(text, form):
     out = pp.clean_text(text, form)
     assert pp.clean_text(out, form) == out  # idempotent

@@ -1,5 +1,6 @@
 """register stage + serving pyfunc, against a real MLflow (sqlite in tmp, conftest's `store`) and a tiny GPT-2:
 registration and serving, the gate between versions, concurrent registrations, LoRA formats."""
+
 from __future__ import annotations
 
 import json
@@ -49,10 +50,16 @@ def test_first_registration_is_champion_and_serves(store, sft_dir, repo, monkeyp
     shutil.copytree(sft_dir, tok_dir, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     write_eval(repo / "metrics" / "evaluate.json", 0.4)
     params = parse_params({"register": {"model_name": name, "max_new_tokens": 5}})
-    with mlflow.start_run(run_name="pipeline") as parent:
-        with mlflow.start_run(run_name="register", nested=True) as run:
-            res = reg.run(params, StageContext(run_id=run.info.run_id, parent_run_id=parent.info.run_id,
-                                               progress=False, extra={provenance.FLOW_RUN_TAG: "flow-123"}))
+    with mlflow.start_run(run_name="pipeline") as parent, mlflow.start_run(run_name="register", nested=True) as run:
+        res = reg.run(
+            params,
+            StageContext(
+                run_id=run.info.run_id,
+                parent_run_id=parent.info.run_id,
+                progress=False,
+                extra={provenance.FLOW_RUN_TAG: "flow-123"},
+            ),
+        )
     assert res["version"] == 1 and res["promoted"] and res["gate_passed"] and res["model_format"] == "merged"
     assert res["model_uri"] == f"models:/{name}/1"
     client = MlflowClient()
@@ -82,8 +89,10 @@ def test_first_registration_is_champion_and_serves(store, sft_dir, repo, monkeyp
     # the data as MLflow dataset inputs of the run, digests = the DVC hashes
     inputs = {d.dataset.name: d for d in client.get_run(run.info.run_id).inputs.dataset_inputs}
     assert {k: v.dataset.digest for k, v in inputs.items()} == {
-        "seedlm-raw": RAW + ".dir", "seedlm-processed": PROCESSED + ".dir",
-        "seedlm-tokenizer": t["data.tokenizer.sha256"][:32]}
+        "seedlm-raw": RAW + ".dir",
+        "seedlm-processed": PROCESSED + ".dir",
+        "seedlm-tokenizer": t["data.tokenizer.sha256"][:32],
+    }
     assert t["datasets"] == "raw,processed,tokenizer"
 
     out = repo / "reports" / "register"
@@ -92,12 +101,21 @@ def test_first_registration_is_champion_and_serves(store, sft_dir, repo, monkeyp
     assert set(record["aliases"]) == {"champion", "challenger"}
     assert "promoted" in (out / "gate.md").read_text() and (out / "seedlm.json").is_file()
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "register")}
-    assert {"register/registration.json", "register/gate.md", "register/gate.json", "register/params.json",
-            "register/params.yaml", "register/dvc.lock"} <= arts
+    assert {
+        "register/registration.json",
+        "register/gate.md",
+        "register/gate.json",
+        "register/params.json",
+        "register/params.yaml",
+        "register/dvc.lock",
+    } <= arts
     lock = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="register/dvc.lock")
     assert Path(lock).read_text() == (repo / "dvc.lock").read_text()
-    restored = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id, artifact_path="register/params.yaml")).read_text())
+    restored = yaml.safe_load(
+        Path(
+            mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="register/params.yaml")
+        ).read_text()
+    )
     assert parse_params(restored) == params  # a params.yaml that reproduces the run
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
@@ -122,18 +140,20 @@ def test_first_registration_is_champion_and_serves(store, sft_dir, repo, monkeyp
 
     # nothing refers back to this repo: a fresh interpreter elsewhere loads and generates
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = ("import json, mlflow; m = mlflow.pyfunc.load_model('models:/%s@champion'); "
-            "print(json.dumps(m.predict(%r, params={'max_new_tokens': 3})))" % (name, PROMPTS[0]))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=store, env=env, capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        f"import json, mlflow; m = mlflow.pyfunc.load_model('models:/{name}@champion'); "
+        f"print(json.dumps(m.predict({PROMPTS[0]!r}, params={{'max_new_tokens': 3}})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=store, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == model.predict(PROMPTS[0], params={"max_new_tokens": 3})
 
 
 def test_worse_model_stays_challenger(store, sft_dir, repo, tmp_path):
     name = "seedlm-gate"
-    cfg = RegisterConfig(model_name=name, gate=GateConfig(min={"exact_match": 0.05},
-                                                          max_regression={"exact_match": 0.05}))
+    cfg = RegisterConfig(
+        model_name=name, gate=GateConfig(min={"exact_match": 0.05}, max_regression={"exact_match": 0.05})
+    )
     out = tmp_path / "out"
     res, _ = do_register(cfg, sft_dir, write_eval(tmp_path / "e1.json", 0.4), out, repo)
     assert res["promoted"] and res["version"] == 1
@@ -161,9 +181,11 @@ def test_worse_model_stays_challenger(store, sft_dir, repo, tmp_path):
 
     # evaluate scored this very champion on the same items: its paired CI decides (here: worse), although the
     # challenger's own CI is wide
-    paired = {"sources": {"champion": f"models:/{name}/3"}, "champion": {"exact_match": 0.36},
-              "compare": {"sft_vs_champion": {"exact_match": {"diff": -0.08, "ci": [-0.12, -0.04],
-                                                              "significant": True}}}}
+    paired = {
+        "sources": {"champion": f"models:/{name}/3"},
+        "champion": {"exact_match": 0.36},
+        "compare": {"sft_vs_champion": {"exact_match": {"diff": -0.08, "ci": [-0.12, -0.04], "significant": True}}},
+    }
     res, _ = do_register(cfg, sft_dir, write_eval(tmp_path / "e5.json", 0.28, ci=0.2, **paired), out, repo)
     gate = read_json(out / "gate.json")
     assert not res["promoted"] and gate["paired"] and gate["rules"][-1]["champion"] == 0.36
@@ -194,6 +216,7 @@ def test_concurrent_registrations_get_distinct_versions_and_one_champion(store, 
         out = real(client, model)
         time.sleep(1.0)
         return out
+
     monkeypatch.setattr(reg, "registered_aliases", slow)
     one_load = threading.Lock()  # transformers' from_pretrained is not thread-safe (two pipelines = two processes)
     log_model = reg.log_model
@@ -201,15 +224,18 @@ def test_concurrent_registrations_get_distinct_versions_and_one_champion(store, 
     def serial_log_model(*a, **k):
         with one_load:
             return log_model(*a, **k)
+
     monkeypatch.setattr(reg, "log_model", serial_log_model)
     results: dict[str, Any] = {}
 
     def one(tag: str, em: float) -> None:
         try:
-            results[tag] = do_register(cfg, sft_dir, write_eval(tmp_path / f"{tag}.json", em, ci=0.01),
-                                       tmp_path / tag, repo)[0]
+            results[tag] = do_register(
+                cfg, sft_dir, write_eval(tmp_path / f"{tag}.json", em, ci=0.01), tmp_path / tag, repo
+            )[0]
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             results[tag] = e
+
     threads = [threading.Thread(target=one, args=("a", 0.6)), threading.Thread(target=one, args=("b", 0.5))]
     for th in threads:
         th.start()
@@ -236,8 +262,9 @@ def build_lora(root: Path) -> tuple[Path, Path]:
     base, sft = root / "pretrain", root / "sft"
     build_sft_folder(base)
     model = AutoModelForCausalLM.from_pretrained(base)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
+    )
     torch.manual_seed(1)
     with torch.no_grad():  # B starts at 0 (no change): make the adapter matter
         for n_, p in model.named_parameters():
@@ -249,8 +276,7 @@ def build_lora(root: Path) -> tuple[Path, Path]:
     for f in base.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "seedlm.json"):
             shutil.copy2(f, sft / f.name)
-    write_meta(sft, "sft", {"seed": 1, "sft": {"method": "lora"}}, {"base_pretrained": True},
-               {"base": str(base)})
+    write_meta(sft, "sft", {"seed": 1, "sft": {"method": "lora"}}, {"base_pretrained": True}, {"base": str(base)})
     return base, sft
 
 
@@ -262,8 +288,9 @@ def test_lora_adapter_only_merges_on_load(store, repo, tmp_path):
     merged = reg.register(RegisterConfig(model_name=name), sft, eval_path, tmp_path / "o1", repo_root=repo)
     assert mlflow.active_run() is None and merged["model_format"] == "merged"  # standalone: its own run
     assert MlflowClient().get_run(merged["run_id"]).info.status == "FINISHED"
-    adapter = reg.register(RegisterConfig(model_name=name, lora_format="adapter"), sft, eval_path, tmp_path / "o2",
-                           repo_root=repo)
+    adapter = reg.register(
+        RegisterConfig(model_name=name, lora_format="adapter"), sft, eval_path, tmp_path / "o2", repo_root=repo
+    )
     assert adapter["model_format"] == "adapter" and adapter["model_size_mb"] < merged["model_size_mb"]
     t = MlflowClient().get_model_version(name, "2").tags
     assert t["model_format"] == "adapter" and t["sft_method"] == "lora" and t["pretrain_enabled"] == "true"
@@ -271,8 +298,13 @@ def test_lora_adapter_only_merges_on_load(store, repo, tmp_path):
     shipped = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2", dst_path=str(tmp_path / "dl")))
     files = {p.name for p in shipped.rglob("*") if p.is_file()}
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
-    merged_files = {p.name for p in Path(mlflow.artifacts.download_artifacts(
-        f"models:/{name}/1", dst_path=str(tmp_path / "dl1"))).rglob("*") if p.is_file()}
+    merged_files = {
+        p.name
+        for p in Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "dl1"))).rglob(
+            "*"
+        )
+        if p.is_file()
+    }
     assert "model.safetensors" in merged_files and "adapter_model.safetensors" not in merged_files
 
     # merged on load: the same answers as the merged registration (and not the base's)
@@ -282,7 +314,9 @@ def test_lora_adapter_only_merges_on_load(store, repo, tmp_path):
     assert got == want
     # evaluate resolves the adapter URI to a merged HF folder too
     folder = models.resolve_model(f"models:/{name}/2", tmp_path / "resolved")
-    assert provenance.weights_sha256(folder) != provenance.weights_sha256(base) and (folder / "tokenizer.json").is_file()
+    assert (
+        provenance.weights_sha256(folder) != provenance.weights_sha256(base) and (folder / "tokenizer.json").is_file()
+    )
 
     # the base changed since registration: refused, with the way back
     with open(base / "model.safetensors", "r+b") as f:
@@ -295,6 +329,7 @@ def test_lora_adapter_only_merges_on_load(store, repo, tmp_path):
         mlflow.pyfunc.load_model(f"models:/{name}/2")
     # without its base an adapter cannot be registered
     with pytest.raises(StageError, match="LoRA base model .* is missing"):
-        reg.register(RegisterConfig(model_name=name, lora_format="adapter"), sft, eval_path, tmp_path / "o3",
-                     repo_root=repo)
+        reg.register(
+            RegisterConfig(model_name=name, lora_format="adapter"), sft, eval_path, tmp_path / "o3", repo_root=repo
+        )
     assert versions(name) == ["1", "2"]

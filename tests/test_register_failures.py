@@ -1,5 +1,6 @@
 """register when something fails (a registry error, a kill, bad inputs): no version is left half-made, against a
 real MLflow (sqlite in tmp, conftest's `store`) and a tiny GPT-2."""
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,7 @@ def test_failure_after_create_leaves_no_version(store, sft_dir, repo, tmp_path, 
     monkeypatch.undo()
     assert versions(name) == ["1"]
     assert aliases(name) == {"champion": "1", "challenger": "1"}
-    assert read_json(out / "registration.json") == first                    # out_dir untouched
+    assert read_json(out / "registration.json") == first  # out_dir untouched
 
     # fails right after create (writing the report): no version, and the next one registers fine
     monkeypatch.setattr(reg, "gate_markdown", lambda *a: 1 / 0)
@@ -51,11 +52,12 @@ def test_failure_after_create_leaves_no_version(store, sft_dir, repo, tmp_path, 
     monkeypatch.undo()
     assert versions(name) == ["1"]
     res, _ = do_register(cfg, sft_dir, write_eval(tmp_path / "e4.json", 0.6), out, repo)
-    assert res["promoted"] and versions(name) == ["1", "4"]    # deleted numbers (2, 3) are not reused
+    assert res["promoted"] and versions(name) == ["1", "4"]  # deleted numbers (2, 3) are not reused
 
 
 def die_after_the_version_is_created(monkeypatch) -> None:
     """Stands in for SIGKILL right after the version was created: no rollback, no report."""
+
     def killed(*a):
         raise SystemExit(9)
 
@@ -72,12 +74,24 @@ def test_rerun_in_a_killed_registrations_run_replaces_its_orphan(store, sft_dir,
     killed = mlflow.start_run(run_name="register")
     die_after_the_version_is_created(monkeypatch)
     with pytest.raises(SystemExit):
-        reg.register(cfg, sft_dir, write_eval(tmp_path / "e2.json", 0.6), tmp_path / "out", repo_root=repo,
-                     ctx=StageContext(run_id=killed.info.run_id, progress=False))
+        reg.register(
+            cfg,
+            sft_dir,
+            write_eval(tmp_path / "e2.json", 0.6),
+            tmp_path / "out",
+            repo_root=repo,
+            ctx=StageContext(run_id=killed.info.run_id, progress=False),
+        )
     monkeypatch.undo()
     assert versions(name) == ["1", "2"]  # v2: the orphan, without aliases
-    res = reg.register(cfg, sft_dir, write_eval(tmp_path / "e2.json", 0.6), tmp_path / "out", repo_root=repo,
-                       ctx=StageContext(run_id=killed.info.run_id, progress=False))
+    res = reg.register(
+        cfg,
+        sft_dir,
+        write_eval(tmp_path / "e2.json", 0.6),
+        tmp_path / "out",
+        repo_root=repo,
+        ctx=StageContext(run_id=killed.info.run_id, progress=False),
+    )
     mlflow.end_run()
     assert versions(name) == ["1", "3"] and res["version"] == 3 and res["promoted"]
     assert aliases(name) == {"champion": "3", "challenger": "3"}
@@ -94,8 +108,14 @@ def test_a_new_registration_removes_what_a_killed_one_left(store, sft_dir, repo,
     killed = mlflow.start_run(run_name="register", tags={"seedlm.stage": "register"})
     die_after_the_version_is_created(monkeypatch)
     with pytest.raises(SystemExit):
-        reg.register(cfg, sft_dir, write_eval(tmp_path / "e3.json", 0.6), tmp_path / "out", repo_root=repo,
-                     ctx=StageContext(run_id=killed.info.run_id, progress=False))
+        reg.register(
+            cfg,
+            sft_dir,
+            write_eval(tmp_path / "e3.json", 0.6),
+            tmp_path / "out",
+            repo_root=repo,
+            ctx=StageContext(run_id=killed.info.run_id, progress=False),
+        )
     monkeypatch.undo()
     mlflow.end_run("KILLED")
     assert versions(name) == ["1", "2", "3"]
@@ -115,8 +135,9 @@ def test_failure_on_new_model_removes_registered_model(store, sft_dir, repo, tmp
     name = "seedlm-new-fail"
     monkeypatch.setattr(reg, "gate_markdown", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        do_register(RegisterConfig(model_name=name), sft_dir, write_eval(tmp_path / "e.json", 0.5),
-                    tmp_path / "out", repo)
+        do_register(
+            RegisterConfig(model_name=name), sft_dir, write_eval(tmp_path / "e.json", 0.5), tmp_path / "out", repo
+        )
     assert not MlflowClient().search_registered_models(f"name='{name}'")
     assert not (tmp_path / "out").exists()
 
@@ -137,7 +158,12 @@ def test_bad_inputs_fail_before_any_version(store, sft_dir, repo, tmp_path):
     shutil.copytree(sft_dir, lora)
     write_meta(lora, "sft", {"sft": {"method": "lora"}}, {}, {})
     with pytest.raises(StageError, match="adapter: missing, but register.lora_format is adapter"):
-        do_register(cfg.model_copy(update={"lora_format": "adapter"}), lora, write_eval(tmp_path / "e.json", 0.5),
-                    tmp_path / "out", repo)
+        do_register(
+            cfg.model_copy(update={"lora_format": "adapter"}),
+            lora,
+            write_eval(tmp_path / "e.json", 0.5),
+            tmp_path / "out",
+            repo,
+        )
     assert not MlflowClient().search_registered_models(f"name='{name}'")
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
 """register's pure parts: the gate's rules and the provenance helpers (no tracking store)."""
+
 from __future__ import annotations
 
 import os
@@ -18,13 +19,14 @@ from components.registry import provenance
 
 # ---------------------------------------------------------------- the gate, pure
 def test_gate_rules():
-    gate = GateConfig(metric="exact_match", min={"exact_match": 0.1, "rougeL": 0.2},
-                      max_regression={"exact_match": 0.05})
+    gate = GateConfig(
+        metric="exact_match", min={"exact_match": 0.1, "rougeL": 0.2}, max_regression={"exact_match": 0.05}
+    )
     ok = {"exact_match": 0.38, "rougeL": 0.3}
     assert reg.evaluate_gate(gate, ok, None)["decision"] == "promoted"
     # no CI: every drop counts
-    assert reg.evaluate_gate(gate, ok, {"exact_match": 0.40}, "3")["passed"]          # drop 0.02 <= 0.05
-    worse = reg.evaluate_gate(gate, ok, {"exact_match": 0.50}, "3")                    # drop 0.12 > 0.05
+    assert reg.evaluate_gate(gate, ok, {"exact_match": 0.40}, "3")["passed"]  # drop 0.02 <= 0.05
+    worse = reg.evaluate_gate(gate, ok, {"exact_match": 0.50}, "3")  # drop 0.12 > 0.05
     assert not worse["passed"] and "champion v3" in worse["reasons"][0]
     low = reg.evaluate_gate(gate, {"exact_match": 0.9, "rougeL": 0.1}, None)
     assert low["decision"] == "rejected" and any("rougeL" in r for r in low["reasons"])
@@ -34,9 +36,9 @@ def test_gate_rules():
     assert not reg.evaluate_gate(strict, {"exact_match": 0.39}, {"exact_match": 0.4}, "1")["passed"]
     # with the challenger's CI: the champion's value must lie above it for the drop to count
     wide = {"exact_match": 0.38, "exact_match_ci": [0.30, 0.46], "rougeL": 0.3}
-    r = reg.evaluate_gate(gate, wide, {"exact_match": 0.45}, "3")                       # drop 0.07, inside the CI
+    r = reg.evaluate_gate(gate, wide, {"exact_match": 0.45}, "3")  # drop 0.07, inside the CI
     assert r["passed"] and not r["rules"][-1]["significant"] and "not significant" in r["rules"][-1]["detail"]
-    r = reg.evaluate_gate(gate, wide, {"exact_match": 0.50}, "3")                       # 0.50 above the CI
+    r = reg.evaluate_gate(gate, wide, {"exact_match": 0.50}, "3")  # 0.50 above the CI
     assert not r["passed"] and r["rules"][-1]["significant"] and r["rules"][-1]["method"].startswith("unpaired")
     # paired (evaluate scored both on the same items): the CI of the difference decides, not the wide CI
     paired = {"exact_match": {"diff": -0.07, "ci": [-0.10, -0.04], "significant": True}}
@@ -45,8 +47,13 @@ def test_gate_rules():
     assert not r["passed"] and r["paired"] and rule["method"] == "paired bootstrap"
     assert rule["drop_ci"] == pytest.approx([0.04, 0.10]) and rule["significant"]
     # significant but within the allowed drop: not worse
-    assert reg.evaluate_gate(gate, wide, {"exact_match": 0.42}, "3",
-                             {"exact_match": {"diff": -0.04, "ci": [-0.06, -0.02], "significant": True}})["passed"]
+    assert reg.evaluate_gate(
+        gate,
+        wide,
+        {"exact_match": 0.42},
+        "3",
+        {"exact_match": {"diff": -0.04, "ci": [-0.06, -0.02], "significant": True}},
+    )["passed"]
     # a big drop whose paired CI includes 0: not worse
     noisy = {"exact_match": {"diff": -0.07, "ci": [-0.15, 0.01], "significant": False}}
     assert reg.evaluate_gate(gate, wide, {"exact_match": 0.45}, "3", noisy)["passed"]
@@ -56,9 +63,13 @@ def test_gate_rules():
 
 def test_provenance_helpers(repo, tmp_path_factory, monkeypatch):
     tags = provenance.dvc_hashes(repo)
-    assert tags == {"dvc.sft.components/sft.py": "0123abcd", "dvc.sft.models/sft": "feedbeef.dir",
-                    "dvc.ingest.data/raw": RAW + ".dir", "dvc.preprocess.data/raw": RAW + ".dir",
-                    "dvc.preprocess.data/processed": PROCESSED + ".dir"}
+    assert tags == {
+        "dvc.sft.components/sft.py": "0123abcd",
+        "dvc.sft.models/sft": "feedbeef.dir",
+        "dvc.ingest.data/raw": RAW + ".dir",
+        "dvc.preprocess.data/raw": RAW + ".dir",
+        "dvc.preprocess.data/processed": PROCESSED + ".dir",
+    }
     assert provenance.lock_md5(repo, "data/processed") == PROCESSED + ".dir"
     assert provenance.lock_md5(repo, "./data/raw/") == RAW + ".dir" and provenance.lock_md5(repo, "data/x") is None
     state = provenance.git_state(repo)
@@ -72,11 +83,15 @@ def test_provenance_helpers(repo, tmp_path_factory, monkeypatch):
     monkeypatch.delenv("PREFECT__RUNTIME__FLOW_RUN__ID", raising=False)
     assert provenance.flow_run_id({}) is None and provenance.flow_run_id({provenance.FLOW_RUN_TAG: ""}) is None
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "env-id")
-    assert provenance.flow_run_id({provenance.FLOW_RUN_TAG: "ctx-id"}) == "ctx-id" and provenance.flow_run_id({}) == "env-id"
+    assert (
+        provenance.flow_run_id({provenance.FLOW_RUN_TAG: "ctx-id"}) == "ctx-id"
+        and provenance.flow_run_id({}) == "env-id"
+    )
 
 
 def test_weights_hash_is_the_same_in_serving(sft_dir, tmp_path):
     from components.registry.pyfunc import weights_sha256
+
     assert provenance.weights_sha256(sft_dir) == weights_sha256(sft_dir)
     copy = tmp_path / "copy"
     shutil.copytree(sft_dir, copy)

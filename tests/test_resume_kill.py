@@ -2,6 +2,7 @@
 last checkpoint, ends bit-identical to an uninterrupted run (CPU, fixed seed, one thread), and continues
 the same MLflow run (tmp sqlite store), leaving nothing RUNNING. Plus: torn checkpoint writes are ignored,
 bf16 + gradient accumulation resume exactly, a failing batch source stops the loop with its checkpoints."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = StageContext(progress=False)
 
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
-              pytest.mark.usefixtures("one_thread")]  # conftest: the subprocesses run with OMP_NUM_THREADS=1: same kernels, same bits
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]  # conftest: the subprocesses run with OMP_NUM_THREADS=1: same kernels, same bits
 
 
 @pytest.fixture(scope="module")
@@ -45,21 +48,45 @@ def repo(tmp_path_factory) -> Path:
     """A tiny workspace: processed data, a pretrained base for sft, params.yaml with every path inside it."""
     root = tmp_path_factory.mktemp("repo")
     make_processed(root / "processed")
-    paths = {k: str(root / v) for k, v in dict(sources="sources", raw="raw", processed="processed",
-                                                  pretrain="models/pretrain", sft="models/sft", evaluate="eval",
-                                                  register="register", metrics="metrics", plots="plots",
-                                                  checkpoints="ckpt").items()}
+    paths = {
+        k: str(root / v)
+        for k, v in dict(
+            sources="sources",
+            raw="raw",
+            processed="processed",
+            pretrain="models/pretrain",
+            sft="models/sft",
+            evaluate="eval",
+            register="register",
+            metrics="metrics",
+            plots="plots",
+            checkpoints="ckpt",
+        ).items()
+    }
     run = dict(warmup_steps=5, batch_size=4, lr=2e-3, log_every=10, eval_every=50, checkpoint_every=1)
-    params = {"seed": 7, "paths": paths,
-              "model": dict(arch="gpt2", n_layer=2, n_embd=64, n_head=2, context_length=32, dropout=0.1),
-              "pretrain": dict(max_steps=60, precision="fp32", **run),
-              "sft": dict(max_steps=60, precision="fp32", lora=dict(r=4, alpha=8, dropout=0.1), **run)}
+    params = {
+        "seed": 7,
+        "paths": paths,
+        "model": dict(arch="gpt2", n_layer=2, n_embd=64, n_head=2, context_length=32, dropout=0.1),
+        "pretrain": dict(max_steps=60, precision="fp32", **run),
+        "sft": dict(max_steps=60, precision="fp32", lora=dict(r=4, alpha=8, dropout=0.1), **run),
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     p = load_params(root / "params.yaml")  # the base model sft starts from (a short in-process pretrain)
     short = p.pretrain.model_copy(update={"max_steps": 20, "checkpoint_every": 100})
-    pretrain(p.model, short, root / "processed", Path(paths["pretrain"]), root / "base.json", root / "base.csv",
-             root / "base-ckpt", seed=p.seed, ctx=QUIET)
+    pretrain(
+        p.model,
+        short,
+        root / "processed",
+        Path(paths["pretrain"]),
+        root / "base.json",
+        root / "base.csv",
+        root / "base-ckpt",
+        seed=p.seed,
+        ctx=QUIET,
+    )
     import mlflow
+
     mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db").create_experiment("seedlm")  # tables, once
     return root
 
@@ -70,14 +97,21 @@ def _cmd(repo: Path, stage: str, overrides: list[str]) -> list[str]:
 
 
 def _start(repo: Path, stage: str, overrides: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(_cmd(repo, stage, overrides), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.Popen(
+        _cmd(repo, stage, overrides), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
-def _kill_after_checkpoints(procs: dict[str, subprocess.Popen], ckpts: dict[str, Path], min_step: int = 3
-                            ) -> dict[str, int]:
+def _kill_after_checkpoints(
+    procs: dict[str, subprocess.Popen], ckpts: dict[str, Path], min_step: int = 3
+) -> dict[str, int]:
     """SIGKILL each run as soon as its checkpoint of step >= min_step exists; the step each was killed at."""
     killed: dict[str, int] = {}
     deadline = time.monotonic() + 150
@@ -93,8 +127,9 @@ def _kill_after_checkpoints(procs: dict[str, subprocess.Popen], ckpts: dict[str,
                     proc.wait()
                     killed[name] = step
                 elif proc.poll() is not None:
-                    pytest.fail(f"{name} ended (rc {proc.returncode}) before it could be killed:\n"
-                                f"{proc.stderr.read()[-3000:]}")
+                    pytest.fail(
+                        f"{name} ended (rc {proc.returncode}) before it could be killed:\n{proc.stderr.read()[-3000:]}"
+                    )
             time.sleep(0.005)
     finally:
         for proc in procs.values():
@@ -108,6 +143,7 @@ def _kill_after_checkpoints(procs: dict[str, subprocess.Popen], ckpts: dict[str,
 def _runs(repo: Path, key: str) -> list:
     """The MLflow runs of one stage + settings (the resume key names them)."""
     import mlflow
+
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
     exp = client.get_experiment_by_name("seedlm")
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`seedlm.resume_key` = '{key}'")
@@ -116,10 +152,13 @@ def _runs(repo: Path, key: str) -> list:
 def test_pretrain_and_sft_survive_sigkill(repo, tmp_path):
     """pretrain, sft full and sft LoRA (dropout on: the RNG states must be restored too), killed side by side."""
     from components.core.runner import stage_resume_key
+
     models = repo / "models"  # models/pretrain holds the base the sft runs start from
-    cases = {"pretrain": ("pretrain", [f"paths.pretrain={models / 'pretrain-killed'}"]),
-             "sft-full": ("sft", ["sft.method=full", f"paths.sft={models / 'sft-full'}"]),
-             "sft-lora": ("sft", ["sft.method=lora", f"paths.sft={models / 'sft-lora'}"])}
+    cases = {
+        "pretrain": ("pretrain", [f"paths.pretrain={models / 'pretrain-killed'}"]),
+        "sft-full": ("sft", ["sft.method=full", f"paths.sft={models / 'sft-full'}"]),
+        "sft-lora": ("sft", ["sft.method=lora", f"paths.sft={models / 'sft-lora'}"]),
+    }
     params = {n: load_params(repo / "params.yaml", parse_overrides(o)) for n, (_, o) in cases.items()}
     keys = {n: stage_resume_key(stage, params[n]) for n, (stage, _) in cases.items()}
     assert len(set(keys.values())) == 3 and all(keys.values())
@@ -137,12 +176,30 @@ def test_pretrain_and_sft_survive_sigkill(repo, tmp_path):
     refs = {}
     never = {"checkpoint_every": 10_000}
     p = params["pretrain"]
-    refs["pretrain"] = pretrain(p.model, p.pretrain.model_copy(update=never), repo / "processed", tmp_path / "pretrain", tmp_path / "m.json",
-                                tmp_path / "p.csv", tmp_path / "ck", seed=p.seed, ctx=QUIET)
+    refs["pretrain"] = pretrain(
+        p.model,
+        p.pretrain.model_copy(update=never),
+        repo / "processed",
+        tmp_path / "pretrain",
+        tmp_path / "m.json",
+        tmp_path / "p.csv",
+        tmp_path / "ck",
+        seed=p.seed,
+        ctx=QUIET,
+    )
     for name in ("sft-full", "sft-lora"):
         p = params[name]
-        refs[name] = sft(p.sft.model_copy(update=never), repo / "processed", Path(p.paths.pretrain), tmp_path / name, tmp_path / "m.json",
-                         tmp_path / "p.csv", tmp_path / "ck", seed=p.seed, ctx=QUIET)
+        refs[name] = sft(
+            p.sft.model_copy(update=never),
+            repo / "processed",
+            Path(p.paths.pretrain),
+            tmp_path / name,
+            tmp_path / "m.json",
+            tmp_path / "p.csv",
+            tmp_path / "ck",
+            seed=p.seed,
+            ctx=QUIET,
+        )
 
     for name, proc in resumed.items():
         out, err = proc.communicate(timeout=300)
@@ -176,6 +233,7 @@ def test_torn_checkpoint_writes_are_never_taken_for_valid(tmp_path, monkeypatch)
     def dies_midway(obj, f, *a, **k):
         Path(f).write_bytes(b"\x80\x02partial")
         raise KeyboardInterrupt  # like a signal arriving mid-write
+
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         _write(ckpt, 6, 6.0)
@@ -247,12 +305,21 @@ def test_batch_source_errors_surface_and_stop_the_loop(tmp_path, processed):
         if step == 3:
             raise StageError("train.bin: unreadable at step 3")
         return good(step, micro)
+
     cfg = TrainConfig(max_steps=6, warmup_steps=1, batch_size=4, log_every=1, checkpoint_every=2, precision="fp32")
     seen = []
     with pytest.raises(StageError, match="unreadable at step 3"):
-        train(build_model(TINY, tok, 0), cfg, flaky, eval_batches_fn=lambda: [], ckpt_dir=tmp_path / "c", seed=0,
-              ctx=StageContext(log=lambda m, s=None: seen.append(s), progress=False))
+        train(
+            build_model(TINY, tok, 0),
+            cfg,
+            flaky,
+            eval_batches_fn=lambda: [],
+            ckpt_dir=tmp_path / "c",
+            seed=0,
+            ctx=StageContext(log=lambda m, s=None: seen.append(s), progress=False),
+        )
     assert seen == [1, 2, 3]  # batches are built ahead, yet steps 0-2 trained and the error stopped step 3
     assert (tmp_path / "c" / "latest").read_text().strip() == "step-000002"
     import threading
+
     assert not [t for t in threading.enumerate() if t.name in ("batches", "checkpoint-2")]

@@ -1,4 +1,5 @@
 """The embedded synthetic world: deterministic, split without leakage, every fact in the corpus."""
+
 from __future__ import annotations
 
 import hashlib
@@ -37,14 +38,22 @@ def test_same_seed_identical_other_seed_different():
 
 def test_deterministic_across_processes():
     """Same output whatever PYTHONHASHSEED (no set/dict-order or hash() dependence)."""
-    code = ("import hashlib, json; from components.data import synthetic as s; from components.core.config import "
-            "SyntheticConfig as C; print(hashlib.sha256(json.dumps([list(s.pretrain_documents(C(), 9)), "
-            "list(s.instruction_rows(C(), 9))]).encode()).hexdigest())")
+    code = (
+        "import hashlib, json; from components.data import synthetic as s; from components.core.config import "
+        "SyntheticConfig as C; print(hashlib.sha256(json.dumps([list(s.pretrain_documents(C(), 9)), "
+        "list(s.instruction_rows(C(), 9))]).encode()).hexdigest())"
+    )
     here = [list(syn.pretrain_documents(CFG, 9)), _rows(seed=9)]
     here_hash = hashlib.sha256(json.dumps(here).encode()).hexdigest()
     for hashseed in ("1", "2"):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
-                             env={**os.environ, "PYTHONHASHSEED": hashseed})
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONHASHSEED": hashseed},
+        )
         assert out.stdout.strip() == here_hash
 
 
@@ -104,8 +113,13 @@ def test_yesno_balanced_per_split_and_follows_fact_split():
         answers = Counter(r["messages"][1]["content"] for r in rows if r["task"] == "yesno" and r["split"] == split)
         assert set(answers) == {"Yes.", "No."} and abs(answers["Yes."] - answers["No."]) <= 1
     # each yes/no question is about one fact; "Yes." exactly when it names the true value
-    lookup = {t.format(e=e["name"], v=v): (e["name"], a, v == e[a])
-              for e in w["entities"] for a in w["attributes"] for t in syn.YESNO[a] for v in w["values"][a]}
+    lookup = {
+        t.format(e=e["name"], v=v): (e["name"], a, v == e[a])
+        for e in w["entities"]
+        for a in w["attributes"]
+        for t in syn.YESNO[a]
+        for v in w["values"][a]
+    }
     for r in (r for r in rows if r["task"] == "yesno"):
         name, attr, true = lookup[r["messages"][0]["content"]]
         assert ((name, attr) in held) == (r["split"] == "test")

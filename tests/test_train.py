@@ -1,4 +1,5 @@
-"""components.training.loop / pretrain / sft on a tiny processed folder built here (tokenizer, token files, SFT sets)."""
+"""training/loop.py, pretrain and sft on a tiny processed folder built here (tokenizer, token files, SFT sets)."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,10 @@ from components.training.model import build_model
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ANIMALS = ["fox", "owl", "frog", "bear", "wolf", "hare", "crow", "deer"]
 PLACES = ["forest", "tower", "lake", "cave", "hill", "river", "field", "marsh"]
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]  # peft
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]  # peft
 TINY = ModelConfig(arch="gpt2", n_layer=2, n_embd=64, n_head=2, context_length=32)
 QUIET = StageContext(progress=False)
 
@@ -43,10 +46,22 @@ def make_processed(root: Path, *, train_tokens: int | None = None) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(docs * 5, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIAL, min_frequency=1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL[0], eos_token=SPECIAL[0],
-                                pad_token=SPECIAL[1], additional_special_tokens=SPECIAL[2:])
+    tok.train_from_iterator(
+        docs * 5,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=SPECIAL,
+            min_frequency=1,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    t = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL[0],
+        eos_token=SPECIAL[0],
+        pad_token=SPECIAL[1],
+        additional_special_tokens=SPECIAL[2:],
+    )
     t.save_pretrained(root / "tokenizer")
     rng = random.Random(0)
     stream = []
@@ -63,16 +78,34 @@ def make_processed(root: Path, *, train_tokens: int | None = None) -> Path:
         prompt = t(f"<|user|>\n{q}<|end|>\n<|assistant|>\n")["input_ids"]
         answer = t(a)["input_ids"] + [end]
         tail = t("\n")["input_ids"]
-        return {"input_ids": prompt + answer + tail, "labels": [-100] * len(prompt) + answer + [-100] * len(tail),
-                "prompt": json.dumps([{"role": "user", "content": q}]), "reference": a, "task": "qa"}
+        return {
+            "input_ids": prompt + answer + tail,
+            "labels": [-100] * len(prompt) + answer + [-100] * len(tail),
+            "prompt": json.dumps([{"role": "user", "content": q}]),
+            "reference": a,
+            "task": "qa",
+        }
 
     rows = [example(f"where does the {a} live?", f"in the {p}") for a, p in facts]
     rows += [example(f"is the {a} seen near the {p}?", "no") for a, p in facts]
     for name, part in (("sft_train", rows[:12]), ("sft_val", rows[12:]), ("sft_test", rows[12:])):
         Dataset.from_dict({k: [r[k] for r in part] for k in part[0]}).save_to_disk(str(root / name))
-    write_meta(root, "preprocess", {"preprocess": {"vocab_size": 320}}, {
-        "vocab_size": len(t), "dtype": "uint16", "eos_id": t.eos_token_id, "pad_id": t.pad_token_id,
-        "train_tokens": len(stream), "val_tokens": len(val), "sft_train": 12, "sft_val": 4, "sft_test": 4})
+    write_meta(
+        root,
+        "preprocess",
+        {"preprocess": {"vocab_size": 320}},
+        {
+            "vocab_size": len(t),
+            "dtype": "uint16",
+            "eos_id": t.eos_token_id,
+            "pad_id": t.pad_token_id,
+            "train_tokens": len(stream),
+            "val_tokens": len(val),
+            "sft_train": 12,
+            "sft_val": 4,
+            "sft_test": 4,
+        },
+    )
     return root
 
 
@@ -82,21 +115,43 @@ def processed(tmp_path_factory) -> Path:
 
 
 def _pretrain(processed: Path, out: Path, cfg: PretrainConfig, model_cfg: ModelConfig = TINY, ctx=QUIET, seed=7):
-    return pretrain(model_cfg, cfg, processed, out / "model", out / "metrics.json", out / "plot.csv",
-                    out / "ckpt", seed=seed, ctx=ctx)
+    return pretrain(
+        model_cfg,
+        cfg,
+        processed,
+        out / "model",
+        out / "metrics.json",
+        out / "plot.csv",
+        out / "ckpt",
+        seed=seed,
+        ctx=ctx,
+    )
 
 
 @pytest.fixture(scope="module")
 def base(processed, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("base")
-    _pretrain(processed, out, PretrainConfig(max_steps=30, warmup_steps=3, batch_size=8, lr=3e-3, eval_every=30,
-                                             log_every=10, checkpoint_every=100, precision="fp32"))
+    _pretrain(
+        processed,
+        out,
+        PretrainConfig(
+            max_steps=30,
+            warmup_steps=3,
+            batch_size=8,
+            lr=3e-3,
+            eval_every=30,
+            log_every=10,
+            checkpoint_every=100,
+            precision="fp32",
+        ),
+    )
     return out / "model"
 
 
 def _sft(processed: Path, base: Path, out: Path, cfg: SftConfig, ctx=QUIET, seed=7):
-    return sft(cfg, processed, base, out / "model", out / "metrics.json", out / "plot.csv", out / "ckpt",
-               seed=seed, ctx=ctx)
+    return sft(
+        cfg, processed, base, out / "model", out / "metrics.json", out / "plot.csv", out / "ckpt", seed=seed, ctx=ctx
+    )
 
 
 class Crash(RuntimeError):
@@ -107,6 +162,7 @@ def crash_at(step: int) -> StageContext:
     def log(metrics, s=None):
         if s == step and "train_loss" in metrics:
             raise Crash(f"simulated crash at step {s}")
+
     return StageContext(log=log, progress=False)
 
 
@@ -125,13 +181,28 @@ def test_training_lowers_loss_and_schedule(tmp_path):
     pattern = np.tile(np.arange(16, dtype=np.uint16), 400)  # a learnable cyclic stream
     tok = PreTrainedTokenizerFast.from_pretrained(make_processed(tmp_path / "p") / "tokenizer")
     model = build_model(TINY, tok, seed=0)
-    cfg = TrainConfig(max_steps=40, warmup_steps=4, batch_size=8, lr=3e-3, log_every=5, eval_every=20,
-                      checkpoint_every=1000, precision="fp32")
+    cfg = TrainConfig(
+        max_steps=40,
+        warmup_steps=4,
+        batch_size=8,
+        lr=3e-3,
+        log_every=5,
+        eval_every=20,
+        checkpoint_every=1000,
+        precision="fp32",
+    )
     val = [window_source(pattern, 32, 8, seed=99)(0, 0)]
     logged = []
     ctx = StageContext(log=lambda m, s=None: logged.append((s, m)), progress=False)
-    res = train(model, cfg, window_source(pattern, 32, 8, seed=0), eval_batches_fn=lambda: val,
-                ckpt_dir=tmp_path / "ckpt", seed=0, ctx=ctx)
+    res = train(
+        model,
+        cfg,
+        window_source(pattern, 32, 8, seed=0),
+        eval_batches_fn=lambda: val,
+        ckpt_dir=tmp_path / "ckpt",
+        seed=0,
+        ctx=ctx,
+    )
     first = res["history"][0]["train_loss"]
     assert first > 3.0 and res["final_train_loss"] < 0.3 * first and res["val_loss"] < 1.0
     assert res["val_ppl"] == pytest.approx(np.exp(res["val_loss"]))
@@ -148,18 +219,32 @@ def test_training_lowers_loss_and_schedule(tmp_path):
 def test_gradient_checkpointing_and_grad_accum_match_plain_training(tmp_path, processed):
     tok = PreTrainedTokenizerFast.from_pretrained(processed / "tokenizer")
     stream = np.fromfile(processed / "train.bin", dtype=np.uint16)
-    cfg = TrainConfig(max_steps=3, warmup_steps=1, batch_size=4, log_every=3, eval_every=3, checkpoint_every=100,
-                      precision="fp32")
+    cfg = TrainConfig(
+        max_steps=3, warmup_steps=1, batch_size=4, log_every=3, eval_every=3, checkpoint_every=100, precision="fp32"
+    )
     val = [window_source(stream, 32, 4, seed=5)(0, 0)]
     runs = {}
     for name, update in (("plain", {}), ("ckpt", {"gradient_checkpointing": True})):
-        runs[name] = train(build_model(TINY, tok, 0), cfg.model_copy(update=update), window_source(stream, 32, 4, 0),
-                           eval_batches_fn=lambda: val, ckpt_dir=tmp_path / name, seed=0, ctx=QUIET)
+        runs[name] = train(
+            build_model(TINY, tok, 0),
+            cfg.model_copy(update=update),
+            window_source(stream, 32, 4, 0),
+            eval_batches_fn=lambda: val,
+            ckpt_dir=tmp_path / name,
+            seed=0,
+            ctx=QUIET,
+        )
     assert runs["ckpt"]["val_loss"] == pytest.approx(runs["plain"]["val_loss"], abs=1e-5)
     # two micro-batches of 2 rows each see other data than one batch of 4, but train just as well
-    accum = train(build_model(TINY, tok, 0), cfg.model_copy(update={"grad_accum": 2, "batch_size": 2}),
-                  window_source(stream, 32, 2, 0), eval_batches_fn=lambda: val, ckpt_dir=tmp_path / "a", seed=0,
-                  ctx=QUIET)
+    accum = train(
+        build_model(TINY, tok, 0),
+        cfg.model_copy(update={"grad_accum": 2, "batch_size": 2}),
+        window_source(stream, 32, 2, 0),
+        eval_batches_fn=lambda: val,
+        ckpt_dir=tmp_path / "a",
+        seed=0,
+        ctx=QUIET,
+    )
     assert accum["tokens"] == runs["plain"]["tokens"] == 3 * 4 * 32
     assert abs(accum["val_loss"] - runs["plain"]["val_loss"]) < 0.2
 
@@ -168,10 +253,25 @@ def test_golden_loss(tmp_path):
     """A fixed tiny fp32 run (torch 2.13 CPU) reproduces its recorded final loss."""
     tok = PreTrainedTokenizerFast.from_pretrained(make_processed(tmp_path / "p") / "tokenizer")
     stream = (np.arange(5000, dtype=np.int64) * 7 % 61).astype(np.uint16)
-    cfg = TrainConfig(max_steps=6, warmup_steps=2, batch_size=4, lr=2e-3, log_every=3, eval_every=6,
-                      checkpoint_every=100, precision="fp32")
-    res = train(build_model(TINY, tok, seed=0), cfg, window_source(stream, 32, 4, seed=0),
-                eval_batches_fn=lambda: [], ckpt_dir=tmp_path / "c", seed=0, ctx=QUIET)
+    cfg = TrainConfig(
+        max_steps=6,
+        warmup_steps=2,
+        batch_size=4,
+        lr=2e-3,
+        log_every=3,
+        eval_every=6,
+        checkpoint_every=100,
+        precision="fp32",
+    )
+    res = train(
+        build_model(TINY, tok, seed=0),
+        cfg,
+        window_source(stream, 32, 4, seed=0),
+        eval_batches_fn=lambda: [],
+        ckpt_dir=tmp_path / "c",
+        seed=0,
+        ctx=QUIET,
+    )
     assert res["val_loss"] is None
     assert res["final_train_loss"] == pytest.approx(GOLDEN_FINAL_LOSS, abs=1e-4)
 
@@ -188,8 +288,9 @@ def test_mismatched_checkpoint_is_ignored(tmp_path, processed):
         train(build_model(TINY, tok, 0), cfg, window_source(stream, 32, 4, 0), ctx=crash_at(6), **run)
     assert (tmp_path / "c" / "latest").read_text().strip() == "step-000004"
     assert sorted(p.name for p in (tmp_path / "c").glob("step-*")) == ["step-000002", "step-000004"]
-    res = train(build_model(TINY, tok, 0), cfg, window_source(stream, 32, 4, 0), ctx=QUIET,
-                fingerprint="other data", **run)
+    res = train(
+        build_model(TINY, tok, 0), cfg, window_source(stream, 32, 4, 0), ctx=QUIET, fingerprint="other data", **run
+    )
     assert res["resumed_from"] == 0
     with pytest.raises(Crash):
         train(build_model(TINY, tok, 0), cfg, window_source(stream, 32, 4, 0), ctx=crash_at(6), **run)
@@ -198,8 +299,9 @@ def test_mismatched_checkpoint_is_ignored(tmp_path, processed):
 
 
 # ---------------------------------------------------------------- pretrain
-RESUME_PT = PretrainConfig(max_steps=10, warmup_steps=2, batch_size=4, lr=2e-3, log_every=3, eval_every=4,
-                           checkpoint_every=2, precision="fp32")
+RESUME_PT = PretrainConfig(
+    max_steps=10, warmup_steps=2, batch_size=4, lr=2e-3, log_every=3, eval_every=4, checkpoint_every=2, precision="fp32"
+)
 
 
 def test_pretrain_resume_is_exact(tmp_path, processed):
@@ -249,14 +351,19 @@ def test_pretrain_errors(tmp_path):
     with pytest.raises(StageError, match=r"train\.bin: 20 tokens.*model\.context_length"):
         _pretrain(short, tmp_path / "o", RESUME_PT)
     with pytest.raises(StageError, match=r"pretrain\.precision: fp16"):
-        _pretrain(short, tmp_path / "o", RESUME_PT.model_copy(update={"precision": "fp16"}), TINY.model_copy(
-            update={"context_length": 8}))
+        _pretrain(
+            short,
+            tmp_path / "o",
+            RESUME_PT.model_copy(update={"precision": "fp16"}),
+            TINY.model_copy(update={"context_length": 8}),
+        )
     assert not (tmp_path / "o" / "model").exists()
 
 
 # ---------------------------------------------------------------- sft
-RESUME_SFT = SftConfig(max_steps=8, warmup_steps=1, batch_size=4, lr=2e-3, log_every=3, eval_every=4,
-                       checkpoint_every=3, precision="fp32")
+RESUME_SFT = SftConfig(
+    max_steps=8, warmup_steps=1, batch_size=4, lr=2e-3, log_every=3, eval_every=4, checkpoint_every=3, precision="fp32"
+)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -275,7 +382,13 @@ def test_sft_resume_is_exact(tmp_path, processed, base, method):
 
 def test_sft_lora_trains_only_adapters_and_merges_exactly(tmp_path, processed, base):
     from peft import PeftModel
-    res = _sft(processed, base, tmp_path, RESUME_SFT.model_copy(update={"method": "lora", "lr": 1e-2, "lora": LoraConfig(r=4, alpha=8)}))
+
+    res = _sft(
+        processed,
+        base,
+        tmp_path,
+        RESUME_SFT.model_copy(update={"method": "lora", "lr": 1e-2, "lora": LoraConfig(r=4, alpha=8)}),
+    )
     assert 0 < res["trainable_params"] < res["n_params"] / 5
     adapter = tmp_path / "model" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
@@ -287,8 +400,9 @@ def test_sft_lora_trains_only_adapters_and_merges_exactly(tmp_path, processed, b
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
     ids = torch.randint(0, merged.config.vocab_size, (2, 20))
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
     assert read_json(tmp_path / "model" / "seedlm.json")["result"]["method"] == "lora"
 
 
@@ -300,6 +414,7 @@ def test_sft_loss_counts_only_response_tokens(tmp_path, processed, base):
     ours = evaluate_loss(model, [(x, y)], torch.device("cpu"), None)
     # independent reference: HF's own shifted loss on the dataset's labels, token-weighted
     from datasets import load_from_disk
+
     ds = load_from_disk(str(processed / "sft_val"))
     tot, n = 0.0, 0
     with torch.no_grad():
@@ -313,7 +428,7 @@ def test_sft_loss_counts_only_response_tokens(tmp_path, processed, base):
     for ids, labels in zip(ds["input_ids"], ds["labels"]):
         last = max(i for i, v in enumerate(labels) if v != -100)
         tails += len(ids) - last - 1
-        ids_bad.append(ids[:last + 1] + [(v + 7) % 300 for v in ids[last + 1:]])
+        ids_bad.append(ids[: last + 1] + [(v + 7) % 300 for v in ids[last + 1 :]])
     assert tails > 0
     corrupt = tmp_path / "corrupt"
     Dataset.from_dict({"input_ids": ids_bad, "labels": list(ds["labels"])}).save_to_disk(str(corrupt))
@@ -349,26 +464,43 @@ def test_sft_drops_examples_without_response_tokens(tmp_path, processed, base):
 
 def test_llama_pretrain_then_lora_sft(tmp_path, processed):
     llama = ModelConfig(arch="llama", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, context_length=32)
-    short = dict(max_steps=3, warmup_steps=1, batch_size=4, log_every=3, eval_every=3, checkpoint_every=2,
-                 precision="fp32")
+    short = dict(
+        max_steps=3, warmup_steps=1, batch_size=4, log_every=3, eval_every=3, checkpoint_every=2, precision="fp32"
+    )
     pre = _pretrain(processed, tmp_path / "pre", PretrainConfig(**short), llama)
     assert pre["arch"] == "llama" and pre["val_loss"] is not None
-    res = _sft(processed, tmp_path / "pre" / "model", tmp_path / "sft",
-               SftConfig(method="lora", lora=LoraConfig(r=2, alpha=4), lr=1e-2, **short))
+    res = _sft(
+        processed,
+        tmp_path / "pre" / "model",
+        tmp_path / "sft",
+        SftConfig(method="lora", lora=LoraConfig(r=2, alpha=4), lr=1e-2, **short),
+    )
     adapter = json.loads((tmp_path / "sft" / "model" / "adapter" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                               "down_proj"}
+    assert set(adapter["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     # r=2 adapters on 7 projections in 2 layers: (in + out) * r each
     per_layer = 2 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + 2 * (64 + 192) + (192 + 64))
     assert res["trainable_params"] == 2 * per_layer
     with pytest.raises(StageError, match=r"sft\.lora\.target_modules"):
-        _sft(processed, tmp_path / "pre" / "model", tmp_path / "bad",
-             SftConfig(method="lora", lora=LoraConfig(target_modules=["c_attn"]), **short))
+        _sft(
+            processed,
+            tmp_path / "pre" / "model",
+            tmp_path / "bad",
+            SftConfig(method="lora", lora=LoraConfig(target_modules=["c_attn"]), **short),
+        )
 
 
 # ---------------------------------------------------------------- speed & memory plumbing (issue 3)
 def test_peak_memory_sees_a_transient_allocation():
     from components.training.loop import PeakMemory
+
     with PeakMemory() as outer:
         base = outer.rss_mb
         with PeakMemory() as inner:

@@ -5,6 +5,7 @@ problem in the file and raises one `ConfigError` that names each key (with a "di
 for misspellings) and says what to change. The mechanics of reading the file, and each stage's
 view of the settings (`stage_config`, `config_hash`, ...), live in components/core/params.py.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,7 +20,6 @@ from components.core.stages import BY_NAME, STAGES, TABLE
 
 # A field named "register" shadows BaseModel.register (an ABC helper we never use).
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
-
 
 
 class Section(BaseModel):
@@ -48,7 +48,7 @@ class Source(Section):
     """Expected sha256 of a `url` download (hex). Required for urls, so a download is reproducible."""
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Source":
+    def _exactly_one(self) -> Source:
         given = [k for k in ("synthetic", "path", "url", "hf") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"set exactly one of synthetic/path/url/hf (got {given or 'none'})")
@@ -108,10 +108,12 @@ class PreprocessConfig(Section):
     """BPE merges need at least this many occurrences."""
 
     @model_validator(mode="after")
-    def _lengths(self) -> "PreprocessConfig":
+    def _lengths(self) -> PreprocessConfig:
         if self.min_chars > self.max_chars:
-            raise ValueError(f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars}): every document "
-                             "would be dropped; lower min_chars or raise max_chars")
+            raise ValueError(
+                f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars}): every document "
+                "would be dropped; lower min_chars or raise max_chars"
+            )
         return self
 
 
@@ -131,7 +133,7 @@ class ModelConfig(Section):
     """A local checkpoint folder (HF format, safetensors) to continue from instead of from scratch."""
 
     @model_validator(mode="after")
-    def _shapes(self) -> "ModelConfig":
+    def _shapes(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
         if self.n_kv_head is not None:
@@ -179,7 +181,7 @@ class TrainConfig(Section):
     """How to spread training over `devices`."""
 
     @model_validator(mode="after")
-    def _schedule(self) -> "TrainConfig":
+    def _schedule(self) -> TrainConfig:
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
@@ -229,11 +231,13 @@ class EvaluateConfig(Section):
     """Other models for the same table: name -> local HF folder or MLflow URI (`models:/seedlm/3`)."""
 
     @model_validator(mode="after")
-    def _model_names(self) -> "EvaluateConfig":
+    def _model_names(self) -> EvaluateConfig:
         for name in self.models:
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in RESERVED_EVAL_NAMES:
-                raise ValueError(f"evaluate.models: bad name {name!r}: use letters, digits, _ . - and none of "
-                                 f"{sorted(RESERVED_EVAL_NAMES)}")
+                raise ValueError(
+                    f"evaluate.models: bad name {name!r}: use letters, digits, _ . - and none of "
+                    f"{sorted(RESERVED_EVAL_NAMES)}"
+                )
         return self
 
 
@@ -325,11 +329,13 @@ class OrchestrationConfig(Section):
     """How often the pipeline polls a stage's flow run."""
 
     @model_validator(mode="after")
-    def _stages(self) -> "OrchestrationConfig":
+    def _stages(self) -> OrchestrationConfig:
         for name, table in (("pools", self.pools), ("timeouts", self.timeouts)):
             if set(table) != set(STAGES):
-                raise ValueError(f"{name} must name every stage exactly once: missing "
-                                 f"{sorted(set(STAGES) - set(table))}, unknown {sorted(set(table) - set(STAGES))}")
+                raise ValueError(
+                    f"{name} must name every stage exactly once: missing "
+                    f"{sorted(set(STAGES) - set(table))}, unknown {sorted(set(table) - set(STAGES))}"
+                )
         if any(v < 1 for v in self.timeouts.values()):
             raise ValueError("timeouts must be positive seconds")
         for name in self.schedules:
@@ -351,18 +357,22 @@ class Params(Section):
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Params":
+    def _consistent(self) -> Params:
         if self.register.gate.metric not in GATE_METRICS:
             raise ValueError(f"register.gate.metric must be one of {sorted(GATE_METRICS)}")
         for key in (*self.register.gate.min, *self.register.gate.max_regression):
             if key not in GATE_METRICS:
                 raise ValueError(f"register.gate: unknown metric {key!r}; use one of {sorted(GATE_METRICS)}")
         if self.model.init_from is None and self.preprocess.vocab_size < BPE_MIN_VOCAB:
-            raise ValueError(f"preprocess.vocab_size ({self.preprocess.vocab_size}) is below {BPE_MIN_VOCAB}: a "
-                             f"byte-level BPE needs 256 byte tokens + 6 special tokens; raise it")
+            raise ValueError(
+                f"preprocess.vocab_size ({self.preprocess.vocab_size}) is below {BPE_MIN_VOCAB}: a "
+                f"byte-level BPE needs 256 byte tokens + 6 special tokens; raise it"
+            )
         if self.sft.method == "lora" and not self.pretrain.enabled and self.model.init_from is None:
-            raise ValueError("sft.method: lora on a freshly initialized model trains adapters on noise; "
-                             "enable pretrain, set model.init_from, or use sft.method: full")
+            raise ValueError(
+                "sft.method: lora on a freshly initialized model trains adapters on noise; "
+                "enable pretrain, set model.init_from, or use sft.method: full"
+            )
         return self
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 RUN_ID: ContextVar[str | None] = ContextVar("seedlm_run_id", default=None)
 """The tracking run of the stage in progress (set by the runner); recorded in every seedlm.json."""
@@ -27,4 +28,3 @@ class StageContext:
     parent_run_id: str | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
-

@@ -14,8 +14,9 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from components.core.context import RUN_ID, StageError
 from components.core.redact import redact
@@ -99,9 +100,13 @@ def fsync_dir(folder: str | Path) -> None:
 
 
 # ---------------------------------------------------------------- atomic outputs
-DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-               errno.EPERM: "operation not permitted"}
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
 
 
 def disk_error(e: OSError, out: str | Path) -> str | None:
@@ -112,9 +117,11 @@ def disk_error(e: OSError, out: str | Path) -> str | None:
     where = Path(e.filename) if isinstance(e.filename, (str, Path)) and e.filename else out
     if e.errno in (errno.EACCES, errno.EPERM) and not _under(where, out.parent):
         return None  # e.g. an unreadable input: not a problem of the output's disk
-    fix = ("free space on that disk or point the output elsewhere (params.yaml `paths:`)"
-           if e.errno in (errno.ENOSPC, errno.EDQUOT) else
-           f"make {out.parent} writable or point the output elsewhere (params.yaml `paths:`)")
+    fix = (
+        "free space on that disk or point the output elsewhere (params.yaml `paths:`)"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT)
+        else f"make {out.parent} writable or point the output elsewhere (params.yaml `paths:`)"
+    )
     return f"{out}: cannot write the output: {DISK_ERRORS[e.errno]} ({where}); {fix}; the previous output is untouched"
 
 
@@ -146,8 +153,13 @@ def _sweep(out: Path) -> None:
     stale = []
     for p in out.parent.iterdir():
         m = _PARTIAL.fullmatch(p.name)
-        if m and m["name"] == out.name and m["host"] == _HOST and int(m["pid"]) != os.getpid() \
-                and not _alive(int(m["pid"])):
+        if (
+            m
+            and m["name"] == out.name
+            and m["host"] == _HOST
+            and int(m["pid"]) != os.getpid()
+            and not _alive(int(m["pid"]))
+        ):
             stale.append((m["kind"] != "old", p))
     for _, p in sorted(stale):  # `.old-` first
         if p.name.startswith(f".{out.name}.old-") and not os.path.lexists(out):
@@ -222,10 +234,21 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_meta(out_dir: str | Path, stage: str, config: dict[str, Any], result: dict[str, Any],
-               inputs: dict[str, Any] | None = None) -> dict[str, Any]:
-    meta = {"stage": stage, "config": redact(config), "inputs": redact(inputs or {}), "result": result,
-            "mlflow_run_id": RUN_ID.get(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+def write_meta(
+    out_dir: str | Path,
+    stage: str,
+    config: dict[str, Any],
+    result: dict[str, Any],
+    inputs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    meta = {
+        "stage": stage,
+        "config": redact(config),
+        "inputs": redact(inputs or {}),
+        "result": result,
+        "mlflow_run_id": RUN_ID.get(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     write_json(Path(out_dir) / META, meta)
     return meta
 
@@ -237,4 +260,3 @@ def read_meta(folder: str | Path, stage: str | None = None) -> dict[str, Any]:
         hint = f"run `dvc repro {stage}` (or the pipeline) first" if stage else "run the upstream stage first"
         raise StageError(f"{path}: missing; {hint}")
     return read_json(path)
-

@@ -1,6 +1,7 @@
 """params.yaml as the code reads it: strict YAML, `-S`-style dotted overrides, every validation error in
 one message naming its key, and the settings hash. Knows nothing of the schema: components/core/config.py passes
 its `Params` model in."""
+
 from __future__ import annotations
 
 import difflib
@@ -103,8 +104,11 @@ def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
             continue
         if first is not None:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} appears twice (lines {first + 1} and {key_node.start_mark.line + 1}); "
-                "keep one", key_node.start_mark)
+                None,
+                None,
+                f"key {key!r} appears twice (lines {first + 1} and {key_node.start_mark.line + 1}); keep one",
+                key_node.start_mark,
+            )
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=True)
 
@@ -123,8 +127,10 @@ def set_dotted(data: Any, key: str, value: Any, where: str = "params.yaml") -> N
     for i, part in enumerate(parents):
         node = node.setdefault(part, {}) if isinstance(node, dict) else None
         if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is not a section (a mapping) in "
-                              f"{where}; set a key of a section, e.g. -S pretrain.max_steps=50")
+            raise ConfigError(
+                f"override {key}: {'.'.join(parents[: i + 1])} is not a section (a mapping) in "
+                f"{where}; set a key of a section, e.g. -S pretrain.max_steps=50"
+            )
     if not isinstance(node, dict):
         raise ConfigError(f"override {key}: {where} does not hold a mapping of sections")
     node[last] = value

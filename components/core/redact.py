@@ -12,13 +12,19 @@ SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIV
 """Environment variables whose values never reach tracked params, tags, artifacts or logs."""
 REDACTED = "***"
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
-_QUERY_SECRET = re.compile(r"(?P<key>[?&;][^=&#\s]*(?:token|secret|password|passwd|signature|sig|key|credential)"
-                           r"[^=&#\s]*=)[^&#\s'\"]+", re.I)
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&;][^=&#\s]*(?:token|secret|password|passwd|signature|sig|key|credential)"
+    r"[^=&#\s]*=)[^&#\s'\"]+",
+    re.I,
+)
 
 
 def _env_secrets() -> list[str]:
-    values = {v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 8
-              and v.lower() not in ("true", "false") and not os.path.isabs(v)}
+    values = {
+        v
+        for k, v in os.environ.items()
+        if SECRET_ENV.search(k) and len(v) >= 8 and v.lower() not in ("true", "false") and not os.path.isabs(v)
+    }
     return sorted(values, key=len, reverse=True)
 
 
@@ -36,4 +42,3 @@ def redact(value: Any) -> Any:
     for secret in _env_secrets():
         text = text.replace(secret, REDACTED)
     return text
-

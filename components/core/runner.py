@@ -5,6 +5,7 @@ The stage's compute never touches MLflow; this wrapper opens the run named after
 whose `log` reports metrics, logs the stage's settings and result, and turns user errors into one
 clear line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def numeric(result: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in flat(result).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: float(v) for k, v in flat(result).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 RESUME_TAG = "seedlm.resume_key"
@@ -51,13 +51,21 @@ def resumable_run(mlflow: Any, stage: str, resume_key: str, parent_run_id: str |
     query = f"tags.`{RESUME_TAG}` = '{key}' and tags.`seedlm.stage` = '{stage}'"
     if parent_run_id:
         query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
-                              output_format="list")
+    runs = mlflow.search_runs(
+        [exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], output_format="list"
+    )
     return next((r.info.run_id for r in runs if r.info.status != "FINISHED"), None)
 
 
-def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, progress: bool = True,
-              extra: dict[str, Any] | None = None, resume_key: str | None = None) -> dict:
+def run_stage(
+    stage: str,
+    params: Params,
+    *,
+    parent_run_id: str | None = None,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+    resume_key: str | None = None,
+) -> dict:
     """Run one stage inside its own MLflow run (nested under `parent_run_id` when given).
 
     With `resume_key`, an unfinished run of the same stage and key is continued instead of starting a
@@ -65,24 +73,29 @@ def run_stage(stage: str, params: Params, *, parent_run_id: str | None = None, p
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     module = importlib.import_module(f"components.{stage}")
-    mlflow = client.Tracking(retries.call(setup_tracking, what="connect to the tracking store",
-                                       also=("RESOURCE_ALREADY_EXISTS",)))  # retried with backoff, reported
+    mlflow = client.Tracking(
+        retries.call(setup_tracking, what="connect to the tracking store", also=("RESOURCE_ALREADY_EXISTS",))
+    )  # retried with backoff, reported
     parent_run_id = parent_run_id or os.environ.get(PARENT_ENV) or None
     tags = {"seedlm.stage": stage}
     nested = mlflow.active_run() is not None
     resume = resumable_run(mlflow, stage, resume_key, parent_run_id) if resume_key else None
     if resume_key:
         tags[RESUME_TAG] = resume_key
-    start = (dict(run_id=resume, nested=nested) if resume else
-             dict(run_name=stage, parent_run_id=parent_run_id, nested=nested, tags=tags))
+    start = (
+        dict(run_id=resume, nested=nested)
+        if resume
+        else dict(run_name=stage, parent_run_id=parent_run_id, nested=nested, tags=tags)
+    )
     with mlflow.start_run(**start) as run:
         if resume:
             mlflow.set_tag("seedlm.resumed", "true")
         mlflow.log_params({k: redact(str(v))[:6000] for k, v in flat(stage_config(params, stage)).items()})
         log = mlflow.metric_logger()  # buffered: training never waits on the tracking store
 
-        ctx = StageContext(log=log, run_id=run.info.run_id, parent_run_id=parent_run_id, progress=progress,
-                           extra=dict(extra or {}))
+        ctx = StageContext(
+            log=log, run_id=run.info.run_id, parent_run_id=parent_run_id, progress=progress, extra=dict(extra or {})
+        )
         token = RUN_ID.set(run.info.run_id)
         try:
             result = module.run(params, ctx)
@@ -108,11 +121,20 @@ def stage_resume_key(stage: str, params: Params) -> str | None:
 
 
 def main(stage: str, argv: list[str] | None = None, *, prog: str | None = None, example: str = "") -> int:
-    parser = argparse.ArgumentParser(prog=prog or f"python -m components.{stage}", description=f"Run the {stage} stage.",
-                                     epilog=f"example: {example}" if example else None)
+    parser = argparse.ArgumentParser(
+        prog=prog or f"python -m components.{stage}",
+        description=f"Run the {stage} stage.",
+        epilog=f"example: {example}" if example else None,
+    )
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. -S pretrain.max_steps=50 (YAML value)")
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. -S pretrain.max_steps=50 (YAML value)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -130,8 +152,10 @@ def main(stage: str, argv: list[str] | None = None, *, prog: str | None = None, 
 def cli(argv: list[str], *, prog: str = "seedlm stage", example: str = "") -> int:
     """`seedlm stage NAME [options]`: the stage's own command line (`python -m components.NAME`)."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {prog} {{{','.join(STAGES)}}} [--params P] [-S KEY=VALUE ...] [--no-progress]\n\n"
-              f"Run one stage with tracking, as dvc.yaml does.\n\nexample: {example}")
+        print(
+            f"usage: {prog} {{{','.join(STAGES)}}} [--params P] [-S KEY=VALUE ...] [--no-progress]\n\n"
+            f"Run one stage with tracking, as dvc.yaml does.\n\nexample: {example}"
+        )
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:

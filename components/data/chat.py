@@ -4,9 +4,11 @@ Each message renders as `<|{role}|>\\n{content}<|end|>\\n`; the generation promp
 and generation stops at `<|end|>`. The same format lives in the tokenizer as a Jinja `chat_template`,
 so `tokenizer.apply_chat_template` and `encode_chat` produce identical token ids.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 EOS_TOKEN = "<|endoftext|>"
 """Document separator in pretraining; bos and eos of trained tokenizers."""

@@ -1,5 +1,6 @@
 """De-duplication keys: content digests (exact de-dup and the stable split coordinate) and MinHash + LSH
 signatures for near-duplicates (`preprocess.dedup: near`), in numpy: no extra dependency."""
+
 from __future__ import annotations
 
 import hashlib
@@ -53,14 +54,14 @@ def minhash(text: str, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     n = len(w) - k + 1
     h = np.zeros(n, np.uint64)
     for j in range(k):  # polynomial hash of the k words of each shingle (wraps mod 2^64)
-        h = h * np.uint64(0x9E3779B97F4A7C15) + w[j:j + n]
+        h = h * np.uint64(0x9E3779B97F4A7C15) + w[j : j + n]
     h = (h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
     a, b = perms
     sig = np.full(NUM_PERM, np.iinfo(np.uint64).max, np.uint64)
     for i in range(0, n, 2048):  # bounded temporaries for long documents
-        sig = np.minimum(sig, ((h[i:i + 2048, None] * a + b) >> np.uint64(32)).min(axis=0))
+        sig = np.minimum(sig, ((h[i : i + 2048, None] * a + b) >> np.uint64(32)).min(axis=0))
     return sig
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> set[int]:
-    return {digest(f"{i}:{sig[i * rows:(i + 1) * rows].tobytes().hex()}") for i in range(bands)}
+    return {digest(f"{i}:{sig[i * rows : (i + 1) * rows].tobytes().hex()}") for i in range(bands)}

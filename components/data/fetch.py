@@ -5,6 +5,7 @@ at download time (e.g. `https://{env:CORPUS_USER}:{env:CORPUS_TOKEN}@host/corpus
 dvc.lock, MLflow and logs hold the placeholder; every url shown (messages, manifest, progress) is redacted.
 (Not `${NAME}`: DVC and `dvc exp run -S` read that as their own interpolation.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import hashlib
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 from components.core.config import Source
@@ -33,10 +35,12 @@ def file_ext(path: Path | str) -> tuple[str, bool]:
 
 def expand(url: str) -> str:
     """The url with `{env:NAME}` replaced by environment variables (StageError naming a missing one)."""
+
     def value(m: re.Match) -> str:
         if m[1] not in os.environ:
             raise StageError(f"{url}: environment variable {m[1]} is not set; export it before running ingest")
         return os.environ[m[1]]
+
     return _VAR.sub(value, url)
 
 
@@ -61,8 +65,9 @@ def download(src: Source, exts: tuple[str, ...], max_mb: int, cache_dir: Path) -
         raise StageError(f"{shown}: only http(s) urls are downloaded; use a `path:` source for local files")
     name = Path(urlparse(url).path).name or "download"
     if file_ext(name)[0] not in exts:
-        raise StageError(f"{shown}: cannot tell the file type from the url; it must end in one of "
-                         f"{', '.join(exts)} (optionally .gz)")
+        raise StageError(
+            f"{shown}: cannot tell the file type from the url; it must end in one of {', '.join(exts)} (optionally .gz)"
+        )
     folder = (cache_dir / src.sha256[:16]).resolve()
     dest = folder / name
     if dest.parent != folder or name.startswith("."):
@@ -78,26 +83,33 @@ def download(src: Source, exts: tuple[str, ...], max_mb: int, cache_dir: Path) -
             if r.status_code != 200:
                 raise StageError(f"{shown}: HTTP {r.status_code}; check the url in ingest sources")
             if int(r.headers.get("Content-Length") or 0) > limit:
-                raise StageError(f"{shown}: {int(r.headers['Content-Length']) / 2**20:.1f} MiB is larger than "
-                                 f"max_download_mb ({max_mb}); raise it or use a smaller file")
+                raise StageError(
+                    f"{shown}: {int(r.headers['Content-Length']) / 2**20:.1f} MiB is larger than "
+                    f"max_download_mb ({max_mb}); raise it or use a smaller file"
+                )
             with open(tmp, "wb") as f:
                 for chunk in r.iter_content(1 << 20):
                     size += len(chunk)
                     if size > limit:
-                        raise StageError(f"{shown}: larger than max_download_mb ({max_mb}); raise it or use a "
-                                         "smaller file")
+                        raise StageError(
+                            f"{shown}: larger than max_download_mb ({max_mb}); raise it or use a smaller file"
+                        )
                     h.update(chunk)
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
         if h.hexdigest() != src.sha256:
-            raise StageError(f"{shown}: sha256 mismatch: expected {src.sha256}, got {h.hexdigest()}; if the "
-                             "file changed on purpose, fix `sha256:` of this source in params.yaml")
+            raise StageError(
+                f"{shown}: sha256 mismatch: expected {src.sha256}, got {h.hexdigest()}; if the "
+                "file changed on purpose, fix `sha256:` of this source in params.yaml"
+            )
         os.replace(tmp, dest)
         fsync_dir(folder)
     except requests.RequestException as e:
-        raise StageError(f"{shown}: could not download (offline? {type(e).__name__}: {redact(str(e))}); "
-                         f"put the file into {folder}/ by hand or use a `path:` source") from None
+        raise StageError(
+            f"{shown}: could not download (offline? {type(e).__name__}: {redact(str(e))}); "
+            f"put the file into {folder}/ by hand or use a `path:` source"
+        ) from None
     except OSError as e:
         if msg := disk_error(e, folder):
             raise StageError(msg) from None
@@ -113,9 +125,12 @@ def hf_records(src: Source) -> Iterator[tuple[str, Any]]:
     n, t0 = 0, time.perf_counter()
     try:  # an error raised by the consumer closes this generator (GeneratorExit): not caught here
         import datasets
+
         for n, rec in enumerate(datasets.load_dataset(src.hf, src.hf_config, split=src.split, streaming=True), 1):
             yield f"hf:{src.hf}:row {n}", rec
-    except Exception as e:
-        raise StageError(f"could not load Hugging Face dataset {src.hf!r} ({src.hf_config}/{src.split}; offline?) "
-                         f"after {n} rows in {time.perf_counter() - t0:.0f} s: {type(e).__name__}: {redact(str(e))}; "
-                         "check the name, or export the data to a file and use a `path:` source") from None
+    except Exception as e:  # noqa: BLE001 - any hub/dataset failure becomes one StageError naming the source
+        raise StageError(
+            f"could not load Hugging Face dataset {src.hf!r} ({src.hf_config}/{src.split}; offline?) "
+            f"after {n} rows in {time.perf_counter() - t0:.0f} s: {type(e).__name__}: {redact(str(e))}; "
+            "check the name, or export the data to a file and use a `path:` source"
+        ) from None

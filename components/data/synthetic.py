@@ -5,10 +5,12 @@ question per fact and answers with a fixed-form sentence that also occurs in the
 stratified `heldout_fraction` of the facts is asked only in the test split: a model can answer those
 only if pretraining taught it the fact (the ULMFiT idea).
 """
+
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from components.core.config import SyntheticConfig
 
@@ -17,8 +19,7 @@ ATTRIBUTES = ("city", "color", "food", "profession", "pet", "instrument")
 VALUES: dict[str, tuple[str, ...]] = {
     "color": ("red", "blue", "green", "yellow", "purple", "orange", "silver", "brown"),
     "food": ("bread", "cheese", "apples", "soup", "rice", "plums", "honey", "noodles"),
-    "profession": ("baker", "smith", "weaver", "sailor", "farmer", "potter", "healer", "miner",
-                   "tailor", "carpenter"),
+    "profession": ("baker", "smith", "weaver", "sailor", "farmer", "potter", "healer", "miner", "tailor", "carpenter"),
     "pet": ("cat", "dog", "goat", "parrot", "tortoise", "rabbit", "ferret", "hedgehog"),
     "instrument": ("flute", "drum", "harp", "lute", "violin", "horn", "piano", "cello"),
 }
@@ -26,44 +27,107 @@ N_CITIES = 10
 
 # Statements per attribute; the first is the canonical answer sentence used in the instruction set.
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "city": ("{e} lives in {v}.", "The home of {e} is {v}.", "{e}'s house stands in {v}.",
-             "{e} has made a home in the town of {v}.", "In {v} you will find the house of {e}.",
-             "The town where {e} lives is called {v}.", "{e} resides in {v}."),
-    "color": ("{e}'s favourite color is {v}.", "The color {e} likes best is {v}.",
-              "{e} loves the color {v} more than any other.", "Of all colors, {e} prefers {v}.",
-              "{v} is the favourite color of {e}.", "Ask {e} about colors and the answer is always {v}.",
-              "{e} always picks {v} as a favourite color."),
-    "food": ("{e}'s favourite food is {v}.", "{e} likes to eat {v} more than anything.",
-             "The food {e} enjoys most is {v}.", "For dinner, {e} always wants {v}.",
-             "{e} never says no to {v}.", "Nothing tastes better to {e} than {v}."),
-    "profession": ("{e} works as a {v}.", "By trade, {e} is a {v}.", "{e} earns a living as a {v}.",
-                   "The job of {e} is that of a {v}.", "Every morning {e} goes to work as a {v}.",
-                   "People know {e} as a skilled {v}."),
-    "pet": ("{e} has a pet {v}.", "{e} keeps a {v} as a pet.", "The pet of {e} is a {v}.",
-            "At home, {e} looks after a pet {v}.", "A {v} lives with {e} as a pet.",
-            "{e} takes good care of a pet {v}."),
-    "instrument": ("{e} plays the {v}.", "The instrument {e} plays is the {v}.",
-                   "{e} makes music on the {v}.", "In the evenings, {e} practises the {v}.",
-                   "{e} is a fine player of the {v}.", "Music from the {v} fills the home of {e}."),
+    "city": (
+        "{e} lives in {v}.",
+        "The home of {e} is {v}.",
+        "{e}'s house stands in {v}.",
+        "{e} has made a home in the town of {v}.",
+        "In {v} you will find the house of {e}.",
+        "The town where {e} lives is called {v}.",
+        "{e} resides in {v}.",
+    ),
+    "color": (
+        "{e}'s favourite color is {v}.",
+        "The color {e} likes best is {v}.",
+        "{e} loves the color {v} more than any other.",
+        "Of all colors, {e} prefers {v}.",
+        "{v} is the favourite color of {e}.",
+        "Ask {e} about colors and the answer is always {v}.",
+        "{e} always picks {v} as a favourite color.",
+    ),
+    "food": (
+        "{e}'s favourite food is {v}.",
+        "{e} likes to eat {v} more than anything.",
+        "The food {e} enjoys most is {v}.",
+        "For dinner, {e} always wants {v}.",
+        "{e} never says no to {v}.",
+        "Nothing tastes better to {e} than {v}.",
+    ),
+    "profession": (
+        "{e} works as a {v}.",
+        "By trade, {e} is a {v}.",
+        "{e} earns a living as a {v}.",
+        "The job of {e} is that of a {v}.",
+        "Every morning {e} goes to work as a {v}.",
+        "People know {e} as a skilled {v}.",
+    ),
+    "pet": (
+        "{e} has a pet {v}.",
+        "{e} keeps a {v} as a pet.",
+        "The pet of {e} is a {v}.",
+        "At home, {e} looks after a pet {v}.",
+        "A {v} lives with {e} as a pet.",
+        "{e} takes good care of a pet {v}.",
+    ),
+    "instrument": (
+        "{e} plays the {v}.",
+        "The instrument {e} plays is the {v}.",
+        "{e} makes music on the {v}.",
+        "In the evenings, {e} practises the {v}.",
+        "{e} is a fine player of the {v}.",
+        "Music from the {v} fills the home of {e}.",
+    ),
 }
 
 QUESTIONS: dict[str, tuple[str, ...]] = {
-    "city": ("Where does {e} live?", "In which town does {e} live?", "What is the home town of {e}?",
-             "Which town is {e}'s home?", "Where is {e}'s house?", "Tell me where {e} lives."),
-    "color": ("What is {e}'s favourite color?", "Which color does {e} like best?",
-              "What color does {e} prefer?", "Name the favourite color of {e}.",
-              "Which color is {e}'s favourite?", "What is the color {e} loves most?"),
-    "food": ("What is {e}'s favourite food?", "What does {e} like to eat most?",
-             "Which food does {e} enjoy most?", "What food does {e} love?",
-             "Name {e}'s favourite food.", "What would {e} choose for dinner?"),
-    "profession": ("What does {e} do for a living?", "What is {e}'s job?", "What is the profession of {e}?",
-                   "How does {e} earn a living?", "What work does {e} do?", "What is {e}'s trade?"),
-    "pet": ("What pet does {e} have?", "Which animal does {e} keep as a pet?",
-            "What kind of pet does {e} own?", "What is {e}'s pet?", "Which animal lives with {e}?",
-            "Name the pet of {e}."),
-    "instrument": ("What instrument does {e} play?", "Which instrument does {e} play?",
-                   "On what instrument does {e} make music?", "What does {e} play in the evenings?",
-                   "Name the instrument {e} plays.", "What musical instrument does {e} practise?"),
+    "city": (
+        "Where does {e} live?",
+        "In which town does {e} live?",
+        "What is the home town of {e}?",
+        "Which town is {e}'s home?",
+        "Where is {e}'s house?",
+        "Tell me where {e} lives.",
+    ),
+    "color": (
+        "What is {e}'s favourite color?",
+        "Which color does {e} like best?",
+        "What color does {e} prefer?",
+        "Name the favourite color of {e}.",
+        "Which color is {e}'s favourite?",
+        "What is the color {e} loves most?",
+    ),
+    "food": (
+        "What is {e}'s favourite food?",
+        "What does {e} like to eat most?",
+        "Which food does {e} enjoy most?",
+        "What food does {e} love?",
+        "Name {e}'s favourite food.",
+        "What would {e} choose for dinner?",
+    ),
+    "profession": (
+        "What does {e} do for a living?",
+        "What is {e}'s job?",
+        "What is the profession of {e}?",
+        "How does {e} earn a living?",
+        "What work does {e} do?",
+        "What is {e}'s trade?",
+    ),
+    "pet": (
+        "What pet does {e} have?",
+        "Which animal does {e} keep as a pet?",
+        "What kind of pet does {e} own?",
+        "What is {e}'s pet?",
+        "Which animal lives with {e}?",
+        "Name the pet of {e}.",
+    ),
+    "instrument": (
+        "What instrument does {e} play?",
+        "Which instrument does {e} play?",
+        "On what instrument does {e} make music?",
+        "What does {e} play in the evenings?",
+        "Name the instrument {e} plays.",
+        "What musical instrument does {e} practise?",
+    ),
 }
 
 YESNO: dict[str, tuple[str, ...]] = {
@@ -75,18 +139,59 @@ YESNO: dict[str, tuple[str, ...]] = {
     "instrument": ("Does {e} play the {v}?", "Is the {v} the instrument {e} plays?"),
 }
 
-INTROS = ("This is the story of {e}.", "Here is what the neighbours say about {e}.", "Let me tell you about {e}.",
-          "Everyone in the valley knows {e}.", "A few words about {e}.", "Some facts about {e} follow.")
-FILLERS = ("The valley is quiet in the winter.", "Many travellers pass along the old road.",
-           "The river runs past the market square.", "Stories are told there on long evenings.",
-           "The harvest was good that year.", "Bells ring in the tower at noon.",
-           "Neighbours often meet at the well to share the news.", "The hills turn golden in the autumn.",
-           "Rain fell for three days and the roads turned to mud.", "Children play by the old mill.",
-           "The market opens early on the first day of the week.", "A cold wind blows from the mountains.",
-           "Lanterns are lit along the bridge at dusk.", "The ferry crosses the lake twice a day.")
+INTROS = (
+    "This is the story of {e}.",
+    "Here is what the neighbours say about {e}.",
+    "Let me tell you about {e}.",
+    "Everyone in the valley knows {e}.",
+    "A few words about {e}.",
+    "Some facts about {e} follow.",
+)
+FILLERS = (
+    "The valley is quiet in the winter.",
+    "Many travellers pass along the old road.",
+    "The river runs past the market square.",
+    "Stories are told there on long evenings.",
+    "The harvest was good that year.",
+    "Bells ring in the tower at noon.",
+    "Neighbours often meet at the well to share the news.",
+    "The hills turn golden in the autumn.",
+    "Rain fell for three days and the roads turned to mud.",
+    "Children play by the old mill.",
+    "The market opens early on the first day of the week.",
+    "A cold wind blows from the mountains.",
+    "Lanterns are lit along the bridge at dusk.",
+    "The ferry crosses the lake twice a day.",
+)
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "h", "j",
-           "br", "dr", "gr", "kr", "qu", "th", "st", "bl", "tr", "fl")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "h",
+    "j",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "qu",
+    "th",
+    "st",
+    "bl",
+    "tr",
+    "fl",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou")
 _CODAS = ("n", "r", "l", "m", "s", "th", "x", "nd", "rk", "lt", "sk", "ck")
 _MID_CODAS = ("", "", "", "n", "r", "l", "m", "s")
@@ -139,10 +244,13 @@ def world(cfg: SyntheticConfig, seed: int) -> dict[str, Any]:
     h = min(n - 1, max(1, round(cfg.heldout_fraction * n)))
     perm = list(range(n))
     rng.shuffle(perm)
-    heldout = sorted([entities[perm[(j * h + i) % n]]["name"], a]
-                     for j, a in enumerate(ATTRIBUTES) for i in range(h))
-    return {"attributes": list(ATTRIBUTES), "values": {a: list(v) for a, v in values.items()},
-            "entities": entities, "heldout": heldout}
+    heldout = sorted([entities[perm[(j * h + i) % n]]["name"], a] for j, a in enumerate(ATTRIBUTES) for i in range(h))
+    return {
+        "attributes": list(ATTRIBUTES),
+        "values": {a: list(v) for a, v in values.items()},
+        "entities": entities,
+        "heldout": heldout,
+    }
 
 
 def pretrain_documents(cfg: SyntheticConfig, seed: int) -> Iterator[dict[str, str]]:
@@ -168,8 +276,11 @@ def pretrain_documents(cfg: SyntheticConfig, seed: int) -> Iterator[dict[str, st
 
 
 def _row(question: str, answer: str, split: str, task: str) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-            "split": split, "task": task}
+    return {
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+        "split": split,
+        "task": task,
+    }
 
 
 def instruction_rows(cfg: SyntheticConfig, seed: int) -> Iterator[dict[str, Any]]:

@@ -6,6 +6,7 @@ Each evaluate run of the pipeline keeps its sft results in `<control_dir>/<pretr
 compares them: held-out response perplexity, exact match and ROUGE-L with their CIs, and, when both
 runs scored the same items, a paired bootstrap of the difference.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,12 +51,19 @@ def pretrain_enabled(pretrain_dir: Path, sft_dir: Path) -> bool | None:
     return None
 
 
-def make_record(enabled: bool, sft: dict[str, Any], stats: dict[str, np.ndarray], rows: list[int],
-                data_id: str, run_id: str | None) -> dict[str, Any]:
-    return {"pretrain_enabled": enabled, "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "data": data_id, "rows": list(rows), "n_examples": len(rows),
-            "metrics": {k: sft[k] for m in METRICS for k in (m, f"{m}_ci") if k in sft},
-            "stats": {STATS[m]: np.asarray(stats[STATS[m]]).tolist() for m in METRICS if STATS[m] in stats}}
+def make_record(
+    enabled: bool, sft: dict[str, Any], stats: dict[str, np.ndarray], rows: list[int], data_id: str, run_id: str | None
+) -> dict[str, Any]:
+    return {
+        "pretrain_enabled": enabled,
+        "run_id": run_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data": data_id,
+        "rows": list(rows),
+        "n_examples": len(rows),
+        "metrics": {k: sft[k] for m in METRICS for k in (m, f"{m}_ci") if k in sft},
+        "stats": {STATS[m]: np.asarray(stats[STATS[m]]).tolist() for m in METRICS if STATS[m] in stats},
+    }
 
 
 def record_path(control_dir: Path, enabled: bool) -> Path:
@@ -83,8 +91,7 @@ def _cell(m: dict[str, Any], key: str) -> str:
     return f"{m[key]:.{d}f} [{ci[0]:.{d}f}, {ci[1]:.{d}f}]" if ci else f"{m[key]:.{d}f}"
 
 
-def compare(records: dict[bool, dict[str, Any]], *, resamples: int, confidence: float, seed: int
-            ) -> dict[str, Any]:
+def compare(records: dict[bool, dict[str, Any]], *, resamples: int, confidence: float, seed: int) -> dict[str, Any]:
     """Summary numbers (pretrained vs fresh) and, on the same items, paired differences."""
     on, off = records.get(True), records.get(False)
     if not (on and off):
@@ -98,8 +105,14 @@ def compare(records: dict[bool, dict[str, Any]], *, resamples: int, confidence: 
     for m in METRICS:
         key = STATS[m]
         if paired and key in on.get("stats", {}) and key in off.get("stats", {}):
-            res = paired_bootstrap(np.asarray(on["stats"][key]), np.asarray(off["stats"][key]), score_fn(m),
-                                   resamples=resamples, confidence=confidence, seed=seed)
+            res = paired_bootstrap(
+                np.asarray(on["stats"][key]),
+                np.asarray(off["stats"][key]),
+                score_fn(m),
+                resamples=resamples,
+                confidence=confidence,
+                seed=seed,
+            )
             out[m] = res[m]
         elif m in mo and m in mf:
             out[m] = {"diff": mo[m] - mf[m], "ci": None, "significant": None}
@@ -107,44 +120,75 @@ def compare(records: dict[bool, dict[str, Any]], *, resamples: int, confidence: 
 
 
 def control_markdown(records: dict[bool, dict[str, Any]], summary: dict[str, Any], confidence: float) -> str:
-    lines = ["# Control experiment: what pretraining buys", "",
-             "The same SFT on the pretrained model (`pretrain.enabled: true`) and on a freshly initialized one "
-             "(`dvc exp run -S pretrain.enabled=false`), evaluated on the same held-out set. "
-             f"Intervals: {confidence:.0%} bootstrap over items.", ""]
+    lines = [
+        "# Control experiment: what pretraining buys",
+        "",
+        "The same SFT on the pretrained model (`pretrain.enabled: true`) and on a freshly initialized one "
+        "(`dvc exp run -S pretrain.enabled=false`), evaluated on the same held-out set. "
+        f"Intervals: {confidence:.0%} bootstrap over items.",
+        "",
+    ]
     if len(records) < 2:
         (have,) = records
-        lines += [f"Only the `pretrain.enabled: {str(have).lower()}` run is recorded so far; run "
-                  f"`dvc exp run -S pretrain.enabled={str(not have).lower()}` to fill in the other column.", ""]
+        lines += [
+            f"Only the `pretrain.enabled: {str(have).lower()}` run is recorded so far; run "
+            f"`dvc exp run -S pretrain.enabled={str(not have).lower()}` to fill in the other column.",
+            "",
+        ]
     cols = [(True, "pretrained"), (False, "no pretraining")]
     cols = [(k, label) for k, label in cols if k in records]
     diff_col = " | pretrained − none |" if summary else " |"
-    lines += ["| metric | " + " | ".join(label for _, label in cols) + diff_col,
-              "|---" * (len(cols) + 1 + bool(summary)) + "|"]
+    lines += [
+        "| metric | " + " | ".join(label for _, label in cols) + diff_col,
+        "|---" * (len(cols) + 1 + bool(summary)) + "|",
+    ]
     for m in METRICS:
         row = [_cell(records[k]["metrics"], m) for k, _ in cols]
         if summary:
             d = summary.get(m) or {}
             ci = d.get("ci")
-            diff = "–" if not d else (f"{d['diff']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
-                                      + (" **✱**" if d.get("significant") else ""))
+            diff = (
+                "–"
+                if not d
+                else (
+                    f"{d['diff']:+.3f}"
+                    + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+                    + (" **✱**" if d.get("significant") else "")
+                )
+            )
             row.append(diff)
         lines.append(f"| {m} (held-out) | " + " | ".join(row) + " |")
     if "response_ppl_ratio" in summary:
-        lines += ["", f"Response perplexity without pretraining is **{summary['response_ppl_ratio']:.2f}×** "
-                  "that of the pretrained pipeline."]
+        lines += [
+            "",
+            f"Response perplexity without pretraining is **{summary['response_ppl_ratio']:.2f}×** "
+            "that of the pretrained pipeline.",
+        ]
     if summary and not summary.get("paired"):
         lines += ["", "The two runs scored different held-out items (data changed): differences are unpaired."]
     lines += ["", "| run | pretrain.enabled | MLflow run | evaluated | items |", "|---|---|---|---|---|"]
     for k, label in cols:
         r = records[k]
-        lines.append(f"| {label} | {str(k).lower()} | {r.get('run_id') or '–'} | {r.get('created', '–')} | "
-                     f"{r.get('n_examples', '–')} |")
+        lines.append(
+            f"| {label} | {str(k).lower()} | {r.get('run_id') or '–'} | {r.get('created', '–')} | "
+            f"{r.get('n_examples', '–')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def update(control_dir: Path, enabled: bool, sft: dict[str, Any], stats: dict[str, np.ndarray], rows: list[int],
-           data: str, run_id: str | None, *, resamples: int, confidence: float, seed: int
-           ) -> tuple[dict[str, Any], str, dict[str, Any]]:
+def update(
+    control_dir: Path,
+    enabled: bool,
+    sft: dict[str, Any],
+    stats: dict[str, np.ndarray],
+    rows: list[int],
+    data: str,
+    run_id: str | None,
+    *,
+    resamples: int,
+    confidence: float,
+    seed: int,
+) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """This run's record (saved by the caller once its outputs are written), control.md, the summary."""
     record = make_record(enabled, sft, stats, rows, data, run_id)
     records = load_records(control_dir, record)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,9 @@ def cpu_threads(device: Any, n: int | None = None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def val_perplexity(model: Any, tokens: np.ndarray, *, windows: int, batch_size: int, seed: int,
-                   device: Any, amp: bool = True) -> dict[str, float]:
+def val_perplexity(
+    model: Any, tokens: np.ndarray, *, windows: int, batch_size: int, seed: int, device: Any, amp: bool = True
+) -> dict[str, float]:
     """Loss on up to `windows` seeded, non-overlapping windows of the model's context."""
     t = min(max_positions(model), len(tokens) - 1)
     avail = (len(tokens) - 1) // t
@@ -48,15 +50,16 @@ def val_perplexity(model: Any, tokens: np.ndarray, *, windows: int, batch_size: 
     total, count = 0.0, 0
     with cpu_threads(device), torch.no_grad(), autocast(device, amp_dtype(device, amp)):
         for i in range(0, len(starts), batch_size):
-            rows = np.stack([tokens[s:s + t + 1].astype(np.int64) for s in starts[i:i + batch_size]])
+            rows = np.stack([tokens[s : s + t + 1].astype(np.int64) for s in starts[i : i + batch_size]])
             x = torch.from_numpy(rows).to(device)
             total += float(token_loss(model(input_ids=x[:, :-1]).logits, x[:, 1:], reduction="sum"))
             count += x[:, 1:].numel()
     return {"val_loss": total / count, "val_ppl": math.exp(total / count), "val_tokens": count}
 
 
-def response_perplexity(model: Any, input_ids: list[list[int]], labels: list[list[int]], *,
-                        batch_size: int, device: Any, amp: bool = True) -> tuple[dict[str, float], np.ndarray]:
+def response_perplexity(
+    model: Any, input_ids: list[list[int]], labels: list[list[int]], *, batch_size: int, device: Any, amp: bool = True
+) -> tuple[dict[str, float], np.ndarray]:
     """Loss on the label tokens only (assistant answers), sequences cut to the context from the left,
     and per-item [loss sum, label tokens] rows (input order): additive, for bootstrap CIs."""
     t = max_positions(model)
@@ -64,14 +67,14 @@ def response_perplexity(model: Any, input_ids: list[list[int]], labels: list[lis
     stats = np.zeros((len(input_ids), 2))
     with cpu_threads(device), torch.no_grad(), autocast(device, amp_dtype(device, amp)):
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             width = max(len(input_ids[j][-t:]) for j in idx)
             x = torch.zeros((len(idx), width), dtype=torch.long)
             y = torch.full((len(idx), width), -100, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for r, j in enumerate(idx):
                 ids, lab = input_ids[j][-t:], labels[j][-t:]
-                x[r, :len(ids)], y[r, :len(lab)], mask[r, :len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
+                x[r, : len(ids)], y[r, : len(lab)], mask[r, : len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
             logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, :-1]
             target = y[:, 1:].to(device)
             loss = token_loss(logits, target, reduction="none").view_as(target)
@@ -91,6 +94,8 @@ def load_val_tokens(data_dir: Path, vocab: int) -> np.ndarray:
     if len(tokens) < 2:
         raise StageError(f"{data_dir / 'val.bin'}: fewer than 2 tokens; raise preprocess.val_fraction or add data")
     if int(tokens.max()) >= vocab:
-        raise StageError(f"{data_dir / 'val.bin'}: token id {int(tokens.max())} >= the model's vocab_size {vocab}: "
-                         "model and data were built with different tokenizers; rerun preprocess, pretrain and sft")
+        raise StageError(
+            f"{data_dir / 'val.bin'}: token id {int(tokens.max())} >= the model's vocab_size {vocab}: "
+            "model and data were built with different tokenizers; rerun preprocess, pretrain and sft"
+        )
     return tokens

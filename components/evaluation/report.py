@@ -3,6 +3,7 @@
 DVC's plot HTML loads its chart scripts from the internet, so the figures are rendered here with
 matplotlib (PNG) and embedded in the markdown report; the runner logs both to MLflow.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,7 +20,7 @@ COMPARED = (*SCORE_METRICS, "response_ppl")
 
 def cell(text: Any, limit: int = 160) -> str:
     text = " ".join(str(text).split())
-    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text.replace("|", "\\|") or " "
 
 
@@ -42,26 +43,46 @@ def comparison_lines(compare: dict[str, dict[str, Any]], confidence: float) -> l
     """The significance table: one row per pair (challenger − other), one column per metric."""
     if not compare:
         return []
-    lines = ["", "## Differences and significance", "",
-             f"Paired bootstrap over the same held-out items: difference (first − second) with its "
-             f"{confidence:.0%} interval; **✱** = significant (the interval excludes 0). For response_ppl "
-             "lower is better; it is compared only between models sharing the pipeline's tokenizer.", "",
-             "| comparison | " + " | ".join(COMPARED) + " | significant |", "|---" * (len(COMPARED) + 2) + "|"]
+    lines = [
+        "",
+        "## Differences and significance",
+        "",
+        f"Paired bootstrap over the same held-out items: difference (first − second) with its "
+        f"{confidence:.0%} interval; **✱** = significant (the interval excludes 0). For response_ppl "
+        "lower is better; it is compared only between models sharing the pipeline's tokenizer.",
+        "",
+        "| comparison | " + " | ".join(COMPARED) + " | significant |",
+        "|---" * (len(COMPARED) + 2) + "|",
+    ]
     for pair, diffs in compare.items():
         sig = [k for k in COMPARED if (diffs.get(k) or {}).get("significant")]
-        lines.append(f"| {pair.replace('_vs_', ' − ')} | " + " | ".join(fmt_diff(diffs.get(k)) for k in COMPARED)
-                     + f" | {', '.join(sig) or 'none'} |")
+        lines.append(
+            f"| {pair.replace('_vs_', ' − ')} | "
+            + " | ".join(fmt_diff(diffs.get(k)) for k in COMPARED)
+            + f" | {', '.join(sig) or 'none'} |"
+        )
     return lines
 
 
-def write_report(path: Path, metrics: dict[str, Any], samples: list[dict[str, Any]], names: list[str],
-                 cfg: Any, notes: list[str], figures: list[Path] = ()) -> None:
+def write_report(
+    path: Path,
+    metrics: dict[str, Any],
+    samples: list[dict[str, Any]],
+    names: list[str],
+    cfg: Any,
+    notes: list[str],
+    figures: list[Path] = (),
+) -> None:
     n = metrics["n_examples"]
-    lines = ["# seedlm evaluation", "",
-             f"{n} held-out instructions (sft_test); {metrics.get('val_tokens', 0)} validation tokens. "
-             f"Intervals: {cfg.confidence:.0%} percentile bootstrap over items ({cfg.bootstrap} resamples). "
-             "exact_match: case-insensitive, whitespace-normalized; accuracy: yes/no items; "
-             "bleu, chrf: sacrebleu corpus scores / 100.", ""]
+    lines = [
+        "# seedlm evaluation",
+        "",
+        f"{n} held-out instructions (sft_test); {metrics.get('val_tokens', 0)} validation tokens. "
+        f"Intervals: {cfg.confidence:.0%} percentile bootstrap over items ({cfg.bootstrap} resamples). "
+        "exact_match: case-insensitive, whitespace-normalized; accuracy: yes/no items; "
+        "bleu, chrf: sacrebleu corpus scores / 100.",
+        "",
+    ]
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
     cols = ["val_ppl", "response_ppl", *SCORE_METRICS, "gen_tokens_per_s"]
     lines += ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -77,8 +98,13 @@ def write_report(path: Path, metrics: dict[str, Any], samples: list[dict[str, An
         lines += ["", "## Models", ""] + [f"- **{k}**: `{v}`" for k, v in sources.items()]
     tasks = sorted({t for name in names for t in metrics[name].get("tasks", {})})
     if tasks:
-        lines += ["", "## Exact match by task", "", "| task | n | " + " | ".join(names) + " |",
-                  "|---" * (len(names) + 2) + "|"]
+        lines += [
+            "",
+            "## Exact match by task",
+            "",
+            "| task | n | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 2) + "|",
+        ]
         for t in tasks:
             per = [metrics[name].get("tasks", {}).get(t, {}) for name in names]
             n_t = next((p["n"] for p in per if "n" in p), 0)
@@ -86,13 +112,21 @@ def write_report(path: Path, metrics: dict[str, Any], samples: list[dict[str, An
     if figures:
         lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     if samples and cfg.num_samples:
-        lines += ["", "## Sample generations", "", "| # | task | prompt | reference | " + " | ".join(names) + " |",
-                  "|---" * (len(names) + 4) + "|"]
-        for s in samples[:cfg.num_samples]:
+        lines += [
+            "",
+            "## Sample generations",
+            "",
+            "| # | task | prompt | reference | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 4) + "|",
+        ]
+        for s in samples[: cfg.num_samples]:
             user = next((m["content"] for m in reversed(s["prompt"]) if m.get("role") == "user"), "")
             answers = [("✓ " if s["correct"].get(n_) else "") + cell(s["predictions"].get(n_, "")) for n_ in names]
-            lines.append(f"| {s['id']} | {cell(s['task'])} | {cell(user)} | {cell(s['reference'])} | "
-                         + " | ".join(answers) + " |")
+            lines.append(
+                f"| {s['id']} | {cell(s['task'])} | {cell(user)} | {cell(s['reference'])} | "
+                + " | ".join(answers)
+                + " |"
+            )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -125,8 +159,10 @@ def _read_loss_csv(path: Path) -> dict[str, list[tuple[float, float]]]:
 def write_figures(out: Path, metrics: dict[str, Any], names: list[str], plots_dir: Path | None) -> list[Path]:
     """metrics.png (task metrics with CI error bars, perplexities) and loss.png (training curves, if any)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
     width = 0.8 / max(1, len(names))
     for k, name in enumerate(names):
@@ -134,8 +170,11 @@ def write_figures(out: Path, metrics: dict[str, Any], names: list[str], plots_di
         keys = [c for c in SCORE_METRICS if c in m]
         xs = [SCORE_METRICS.index(c) + k * width for c in keys]
         vals = [m[c] for c in keys]
-        err = np.array([[m[c] - m[f"{c}_ci"][0], m[f"{c}_ci"][1] - m[c]] if f"{c}_ci" in m else [0, 0]
-                        for c in keys]).reshape(-1, 2).T.clip(min=0)
+        err = (
+            np.array([[m[c] - m[f"{c}_ci"][0], m[f"{c}_ci"][1] - m[c]] if f"{c}_ci" in m else [0, 0] for c in keys])
+            .reshape(-1, 2)
+            .T.clip(min=0)
+        )
         ax1.bar(xs, vals, width, yerr=err if len(keys) else None, capsize=3, label=name)
         ppl = [m.get(c, float("nan")) for c in ("val_ppl", "response_ppl")]
         ax2.bar([i + k * width for i in range(2)], ppl, width, label=name)

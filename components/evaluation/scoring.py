@@ -5,16 +5,22 @@ turns summed statistics into its score (`score_from_stats`). A bootstrap resampl
 matrix product (resample counts x item stats) plus one cheap score call: 1000 resamples of 200
 items take milliseconds, for corpus BLEU/chrF too.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from components.evaluation.metrics import load_metric
 
 METRIC_SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("exact_match", {"ignore_case": True}), ("rouge", {}), ("bleu", {}), ("chrf", {}))
+    ("exact_match", {"ignore_case": True}),
+    ("rouge", {}),
+    ("bleu", {}),
+    ("chrf", {}),
+)
 """The metrics computed over all items, with their options."""
 YESNO = ("yesno", ["yes", "no"])
 """Items of this task are also scored by `accuracy` over these labels."""
@@ -34,8 +40,9 @@ def _interval(values: np.ndarray, confidence: float) -> list[float]:
     return [float(np.quantile(values, lo)), float(np.quantile(values, hi))]
 
 
-def bootstrap_ci(stats: np.ndarray, score: Score, *, resamples: int,
-                 confidence: float, seed: int) -> dict[str, list[float]]:
+def bootstrap_ci(
+    stats: np.ndarray, score: Score, *, resamples: int, confidence: float, seed: int
+) -> dict[str, list[float]]:
     """Percentile CIs: resample items (seeded), sum their additive stats, score each resample."""
     n = len(stats)
     if resamples <= 0 or n == 0:
@@ -44,8 +51,9 @@ def bootstrap_ci(stats: np.ndarray, score: Score, *, resamples: int,
     return {k: _interval(np.array([d[k] for d in draws]), confidence) for k in draws[0]}
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, score: Score, *, resamples: int, confidence: float,
-                     seed: int) -> dict[str, dict[str, Any]]:
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, score: Score, *, resamples: int, confidence: float, seed: int
+) -> dict[str, dict[str, Any]]:
     """Per metric: diff = score(a) - score(b) on the same items, its CI over shared item resamples,
     and `significant` (the CI excludes 0; None without resamples). Rows of `a` and `b` are the same items."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -63,8 +71,9 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, score: Score, *, resamples: i
     return out
 
 
-def _scored(name: str, preds: list[str], refs: list[str], boot: dict[str, Any], keep: dict[str, Any] | None,
-            **kw: Any) -> tuple[dict[str, Any], np.ndarray]:
+def _scored(
+    name: str, preds: list[str], refs: list[str], boot: dict[str, Any], keep: dict[str, Any] | None, **kw: Any
+) -> tuple[dict[str, Any], np.ndarray]:
     metric = load_metric(name, keep_in_memory=True)
     res = metric.compute(predictions=preds, references=refs, return_stats=True, **kw)
     stats = np.asarray(res.pop("stats"), dtype=np.float64)
@@ -74,9 +83,16 @@ def _scored(name: str, preds: list[str], refs: list[str], boot: dict[str, Any], 
     return res, stats
 
 
-def task_metrics(predictions: list[str], references: list[str], tasks: list[str], *, resamples: int,
-                 confidence: float, seed: int, keep_stats: dict[str, Any] | None = None
-                 ) -> tuple[dict[str, Any], list[bool]]:
+def task_metrics(
+    predictions: list[str],
+    references: list[str],
+    tasks: list[str],
+    *,
+    resamples: int,
+    confidence: float,
+    seed: int,
+    keep_stats: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[bool]]:
     """Corpus metrics (+ `<name>_ci`), accuracy on "yesno" items, exact match per task; per-item correctness.
 
     `keep_stats`, when given, receives metric module name -> (per-item stats, score function), for
@@ -91,20 +107,38 @@ def task_metrics(predictions: list[str], references: list[str], tasks: list[str]
         em_stats = stats if name == "exact_match" else em_stats
     yes = [i for i, t in enumerate(tasks) if t == YESNO[0]]
     if yes:
-        out.update(_scored("accuracy", [predictions[i] for i in yes], [references[i] for i in yes], boot,
-                           keep_stats, labels=YESNO[1])[0])
+        out.update(
+            _scored(
+                "accuracy",
+                [predictions[i] for i in yes],
+                [references[i] for i in yes],
+                boot,
+                keep_stats,
+                labels=YESNO[1],
+            )[0]
+        )
     em = load_metric("exact_match", keep_in_memory=True)
     out["tasks"] = {}
     for task in sorted(set(tasks)):
         sel = em_stats[[i for i, t in enumerate(tasks) if t == task]]
         ci = bootstrap_ci(sel, em.score_from_stats, **boot)
-        out["tasks"][task or "none"] = {"n": len(sel), **em.score_from_stats(sel.sum(0)),
-                                        **({"exact_match_ci": ci["exact_match"]} if ci else {})}
+        out["tasks"][task or "none"] = {
+            "n": len(sel),
+            **em.score_from_stats(sel.sum(0)),
+            **({"exact_match_ci": ci["exact_match"]} if ci else {}),
+        }
     return out, [bool(s[0] > 0.5) for s in em_stats]
 
 
-def compare_models(names: list[str], item_stats: dict[str, dict[str, Any]], *, keys: tuple[str, ...],
-                   resamples: int, confidence: float, seed: int) -> dict[str, dict[str, Any]]:
+def compare_models(
+    names: list[str],
+    item_stats: dict[str, dict[str, Any]],
+    *,
+    keys: tuple[str, ...],
+    resamples: int,
+    confidence: float,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
     """Paired bootstrap of the challenger ("sft", else the first model) against every other model.
 
     item_stats: model -> metric module -> (per-item stats, score function), items in the same order
@@ -118,8 +152,9 @@ def compare_models(names: list[str], item_stats: dict[str, dict[str, Any]], *, k
         diffs: dict[str, Any] = {}
         for module, (stats, score) in item_stats.get(first, {}).items():
             if module in item_stats.get(other, {}):
-                res = paired_bootstrap(stats, item_stats[other][module][0], score, resamples=resamples,
-                                       confidence=confidence, seed=seed)
+                res = paired_bootstrap(
+                    stats, item_stats[other][module][0], score, resamples=resamples, confidence=confidence, seed=seed
+                )
                 diffs.update({k: v for k, v in res.items() if k in keys})
         if diffs:
             out[f"{first}_vs_{other}"] = {k: diffs[k] for k in keys if k in diffs}

@@ -8,8 +8,9 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from components.core.context import StageError
 
@@ -23,8 +24,9 @@ def tracking_uri() -> str:
 
     from components.tracking.store import tracking_uri as default_uri
 
-    return os.environ.get("MLFLOW_TRACKING_URI") or (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set()
-                                                      else default_uri())
+    return os.environ.get("MLFLOW_TRACKING_URI") or (
+        mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else default_uri()
+    )
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -48,8 +50,10 @@ def registry_lock(uri: str, root: Path, timeout: float = LOCK_TIMEOUT_S) -> Iter
     try:
         lock.acquire()
     except Timeout:
-        raise StageError(f"{path}: another registration held the registry lock for {timeout:.0f} s; "
-                         "check for a stuck `register` process, then run again") from None
+        raise StageError(
+            f"{path}: another registration held the registry lock for {timeout:.0f} s; "
+            "check for a stuck `register` process, then run again"
+        ) from None
     try:
         yield path
     finally:
@@ -58,6 +62,7 @@ def registry_lock(uri: str, root: Path, timeout: float = LOCK_TIMEOUT_S) -> Iter
 
 def _client(uri: str | None = None) -> Any:
     from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
@@ -104,11 +109,12 @@ def resolve_model(ref: str | Path, dst: Path) -> Path:
     uri = tracking_uri()
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(ref), dst_path=str(dst),
-                                                         tracking_uri=uri))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(ref), dst_path=str(dst), tracking_uri=uri))
     except (MlflowException, OSError) as e:
-        raise StageError(f"{ref}: not found in {uri} ({str(e).splitlines()[0][:300]}); list versions with "
-                         "`mlflow models` / the UI, or pass a local model folder") from None
+        raise StageError(
+            f"{ref}: not found in {uri} ({str(e).splitlines()[0][:300]}); list versions with "
+            "`mlflow models` / the UI, or pass a local model folder"
+        ) from None
     if not (local / "MLmodel").is_file():
         raise StageError(f"{ref}: not an MLflow model (no MLmodel file); pass a model URI or folder")
     arts = (Model.load(str(local)).flavors.get("python_function") or {}).get("artifacts") or {}
@@ -147,8 +153,10 @@ def parse_model_args(argv: list[str]) -> tuple[dict[str, str], str, list[str]]:
     parser.add_argument("--out", default="reports/evaluate-models")
     known, rest = parser.parse_known_args(argv)
     if {"-h", "--help"} & set(rest):
-        print("evaluate other models: --model [NAME=]PATH_OR_URI (repeatable; e.g. models:/seedlm@champion) "
-              "--out DIR (default reports/evaluate-models)\n")
+        print(
+            "evaluate other models: --model [NAME=]PATH_OR_URI (repeatable; e.g. models:/seedlm@champion) "
+            "--out DIR (default reports/evaluate-models)\n"
+        )
     models: dict[str, str] = {}
     for ref in known.model:
         name, ref = ref_name(ref, set(models))
@@ -169,10 +177,17 @@ def version_record(name: str, version: str, uri: str | None = None) -> dict[str,
         params = None
         with contextlib.suppress(Exception):  # the full params live in the run artifacts
             import mlflow
-            path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="register/params.json",
-                                                       tracking_uri=uri or tracking_uri())
+
+            path = mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path="register/params.json", tracking_uri=uri or tracking_uri()
+            )
             params = json.loads(Path(path).read_text())
     aliases = sorted(a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == str(version))
-    return {"name": name, "version": str(version), "aliases": aliases, "run_id": mv.run_id, "tags": tags,
-            "params": params or {}}
-
+    return {
+        "name": name,
+        "version": str(version),
+        "aliases": aliases,
+        "run_id": mv.run_id,
+        "tags": tags,
+        "params": params or {},
+    }

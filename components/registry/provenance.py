@@ -21,9 +21,17 @@ from components.core.io import sha256_file
 FLOW_RUN_TAG = "prefect_flow_run_id"
 """Version tag (and StageContext.extra key) holding the orchestrator's flow-run id."""
 FLOW_RUN_ENV = ("PREFECT__FLOW_RUN_ID", "PREFECT__RUNTIME__FLOW_RUN__ID")
-LINEAGE_TAGS = ("data.raw.md5", "data.processed.md5", "data.raw.meta_hash", "data.processed.meta_hash",
-                "data.tokenizer.sha256", "base_checkpoint.sha256",
-                "lora_base.sha256", "model_sha256", "params_hash")
+LINEAGE_TAGS = (
+    "data.raw.md5",
+    "data.processed.md5",
+    "data.raw.meta_hash",
+    "data.processed.meta_hash",
+    "data.tokenizer.sha256",
+    "base_checkpoint.sha256",
+    "lora_base.sha256",
+    "model_sha256",
+    "params_hash",
+)
 """Version tags compared by `lineage` (besides the params)."""
 
 
@@ -40,8 +48,10 @@ def git_state(root: Path) -> dict[str, str]:
     """{"git_commit": sha or "unknown", "git_dirty": "true"/"false"/"unknown"}."""
     commit = _git(root, "rev-parse", "HEAD")
     status = _git(root, "status", "--porcelain") if commit else None
-    return {"git_commit": commit.strip() if commit else "unknown",
-            "git_dirty": "unknown" if status is None else str(bool(status.strip())).lower()}
+    return {
+        "git_commit": commit.strip() if commit else "unknown",
+        "git_dirty": "unknown" if status is None else str(bool(status.strip())).lower(),
+    }
 
 
 def read_lock(root: Path) -> dict[str, Any]:
@@ -89,6 +99,7 @@ def lock_md5(root: Path, path: str | Path) -> str | None:
 def meta_hash(folder: Path) -> str | None:
     """Hash of an output's seedlm.json (stage, config, inputs, result; not its timestamp), or None."""
     from components.core.params import config_hash
+
     path = Path(folder) / "seedlm.json"
     if not path.is_file():
         return None
@@ -127,8 +138,8 @@ def log_datasets(datasets: dict[str, tuple[Path, str | None]], model_id: str | N
             warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are local files
             source = resolve_dataset_source(str(Path(path).resolve()))
         ds = MetaDataset(source=source, name=f"seedlm-{name}", digest=digest[:36])
-        mlflow.log_input(ds, context=name, tags={"path": str(path)},
-                         model=LoggedModelInput(model_id=model_id) if model_id else None)
+        mlflow.log_input(
+            ds, context=name, tags={"path": str(path)}, model=LoggedModelInput(model_id=model_id) if model_id else None
+        )
         logged.append(name)
     return logged
-

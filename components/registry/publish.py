@@ -92,21 +92,31 @@ def log_model(cfg: RegisterConfig, folder: Path, size_mb: float, base_tags: dict
     signature = infer_signature(example, ["an answer"], params=gen_params)
     model_config: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens}
     if base_tags:
-        model_config.update(base_path=base_tags["lora_base.path"], base_sha256=base_tags["lora_base.sha256"],
-                            base_hint="restore it with `git checkout <git_commit> && dvc checkout` (see "
-                                      "`python -m components.registry.lineage`)")
+        model_config.update(
+            base_path=base_tags["lora_base.path"],
+            base_sha256=base_tags["lora_base.sha256"],
+            base_hint="restore it with `git checkout <git_commit> && dvc checkout` (see "
+            "`python -m components.registry.lineage`)",
+        )
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=str(SERVING_CODE),
+        name="model",
+        python_model=str(SERVING_CODE),
         artifacts={"hf_adapter" if base_tags else "hf_model": str(folder)},
-        model_config=model_config, signature=signature, input_example=example,
+        model_config=model_config,
+        signature=signature,
+        input_example=example,
         pip_requirements=_pip_requirements(bool(base_tags)),
-        metadata={"model_size_mb": size_mb, "seedlm_stage": "register", "format": "adapter" if base_tags else "merged"})
+        metadata={"model_size_mb": size_mb, "seedlm_stage": "register", "format": "adapter" if base_tags else "merged"},
+    )
     # log_model only warns when the example fails; a model that cannot generate is not registered.
     out = mlflow.pyfunc.load_model(info.model_uri).predict(
-        pd.DataFrame({"prompt": example}), params={"max_new_tokens": min(4, cfg.max_new_tokens)})
+        pd.DataFrame({"prompt": example}), params={"max_new_tokens": min(4, cfg.max_new_tokens)}
+    )
     if not (isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)):
-        raise StageError(f"{folder}: the logged model returned {out!r} for one prompt; expected one "
-                         "string (check the tokenizer/chat template in the sft folder)")
+        raise StageError(
+            f"{folder}: the logged model returned {out!r} for one prompt; expected one "
+            "string (check the tokenizer/chat template in the sft folder)"
+        )
     return info
 
 
@@ -131,8 +141,9 @@ def _champion_metrics(client: Any, name: str, ver: str) -> dict[str, float]:
     return out
 
 
-def champion_evidence(client: Any, name: str, champ: str | None, evals: dict[str, Any]
-                      ) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
+def champion_evidence(
+    client: Any, name: str, champ: str | None, evals: dict[str, Any]
+) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
     """(champion metrics, paired comparison): evaluate's, when it evaluated this very champion; else tags."""
     if champ is None:
         return None, None
@@ -155,9 +166,15 @@ def drop_orphans(client: Any, name: str, run: Any) -> None:
     """Delete the versions that registrations killed before they finished left behind: those of this run (a
     rerun after a kill resumes its run), and those without an alias whose run ended KILLED (the runner marks a
     dead process's run so) or FAILED (a rollback that failed too). One registration, one version."""
-    dead = {r.info.run_id for status in ("KILLED", "FAILED") for r in client.search_runs(
-        [run.info.experiment_id], f"attributes.status = '{status}' and tags.`seedlm.stage` = 'register'",
-        max_results=1000)}
+    dead = {
+        r.info.run_id
+        for status in ("KILLED", "FAILED")
+        for r in client.search_runs(
+            [run.info.experiment_id],
+            f"attributes.status = '{status}' and tags.`seedlm.stage` = 'register'",
+            max_results=1000,
+        )
+    }
     aliased = set((registered_aliases(client, name) or {}).values())  # (search results carry no aliases)
     for mv in client.search_model_versions(f"name='{name}'"):
         owner = (mv.tags or {}).get("mlflow_run_id")
@@ -169,8 +186,15 @@ def drop_orphans(client: Any, name: str, run: Any) -> None:
 def _rollback(client: Any, name: str, ver: str | None, model_id: str, before: dict[str, str] | None) -> None:
     """Delete the half-registered version and restore the aliases as they were."""
     try:
-        versions = [ver] if ver else [mv.version for mv in client.search_model_versions(f"name='{name}'")
-                                      if getattr(mv, "model_id", None) == model_id]
+        versions = (
+            [ver]
+            if ver
+            else [
+                mv.version
+                for mv in client.search_model_versions(f"name='{name}'")
+                if getattr(mv, "model_id", None) == model_id
+            ]
+        )
         for v in versions:
             client.delete_model_version(name, v)
         if before is None:
@@ -193,23 +217,42 @@ def publish(r: Registration) -> dict[str, Any]:
 
     tags = {**r.tags, "gate.decision": gate["decision"], "gate.reasons": "; ".join(gate["reasons"])[:MAX_TAG]}
     report = json.dumps(gate, sort_keys=True, default=str)
-    tags["gate.report"] = report if len(report) <= MAX_TAG else json.dumps(
-        {"decision": gate["decision"], "see": "run artifact register/gate.json"})
+    tags["gate.report"] = (
+        report
+        if len(report) <= MAX_TAG
+        else json.dumps({"decision": gate["decision"], "see": "run artifact register/gate.json"})
+    )
     ver: str | None = None
     try:
         ver = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
         md = gate_markdown(name, ver, gate, r.metrics)
-        client.update_model_version(name, ver, description=(
-            f"seedlm model from MLflow run {run_link(run)}" + (f", parent run {r.parent}" if r.parent else "")
-            + f". Lineage: `python -m components.registry.lineage models:/{name}/{ver}`.\n\n" + md))
+        client.update_model_version(
+            name,
+            ver,
+            description=(
+                f"seedlm model from MLflow run {run_link(run)}"
+                + (f", parent run {r.parent}" if r.parent else "")
+                + f". Lineage: `python -m components.registry.lineage models:/{name}/{ver}`.\n\n"
+                + md
+            ),
+        )
         aliases = ["challenger", *(["champion"] if gate["passed"] else [])]
-        result = {"model_name": name, "version": int(ver), "promoted": gate["passed"],
-                  "gate_passed": gate["passed"], "decision": gate["decision"], "aliases": aliases,
-                  "model_uri": f"models:/{name}/{ver}", "champion_uri": f"models:/{name}@champion",
-                  "champion_version": int(ver) if gate["passed"] else (int(champ) if champ else None),
-                  "previous_champion": int(champ) if champ else None, "run_id": run.info.run_id,
-                  "logged_model_uri": info.model_uri, "model_size_mb": float(tags["model_size_mb"]),
-                  "model_format": tags["model_format"]}
+        result = {
+            "model_name": name,
+            "version": int(ver),
+            "promoted": gate["passed"],
+            "gate_passed": gate["passed"],
+            "decision": gate["decision"],
+            "aliases": aliases,
+            "model_uri": f"models:/{name}/{ver}",
+            "champion_uri": f"models:/{name}@champion",
+            "champion_version": int(ver) if gate["passed"] else (int(champ) if champ else None),
+            "previous_champion": int(champ) if champ else None,
+            "run_id": run.info.run_id,
+            "logged_model_uri": info.model_uri,
+            "model_size_mb": float(tags["model_size_mb"]),
+            "model_format": tags["model_format"],
+        }
         with atomic_dir(r.out_dir) as tmp:
             write_json(tmp / "registration.json", {**result, "gate": gate, "tags": tags})
             write_json(tmp / "gate.json", gate)
@@ -217,9 +260,18 @@ def publish(r: Registration) -> dict[str, Any]:
             (tmp / "params.yaml").write_text(yaml.safe_dump(r.pdata, sort_keys=False), encoding="utf-8")
             if (r.repo_root / "dvc.lock").is_file():
                 shutil.copy2(r.repo_root / "dvc.lock", tmp / "dvc.lock")
-            write_meta(tmp, "register", cfg.model_dump(mode="json"), result,
-                       {"model_dir": str(r.model_dir), "eval_metrics": str(r.eval_metrics_path),
-                        "model_sha256": tags["model_sha256"], "params_hash": tags["params_hash"]})
+            write_meta(
+                tmp,
+                "register",
+                cfg.model_dump(mode="json"),
+                result,
+                {
+                    "model_dir": str(r.model_dir),
+                    "eval_metrics": str(r.eval_metrics_path),
+                    "model_sha256": tags["model_sha256"],
+                    "params_hash": tags["params_hash"],
+                },
+            )
             mlflow.log_artifacts(str(tmp), "register")
             mlflow.log_dict(r.pdata, "register/params.json")
             r.ctx.log({"gate_passed": float(gate["passed"])}, None)
@@ -229,5 +281,3 @@ def publish(r: Registration) -> dict[str, Any]:
         _rollback(client, name, ver, info.model_id, r.before)
         raise
     return result
-
-

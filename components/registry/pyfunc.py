@@ -20,6 +20,7 @@ response string per prompt (special tokens removed), generation stopping at `<|e
 max_new_tokens (capped so prompt + answer fit the context; long prompts keep their tail),
 do_sample, temperature (used only when sampling; 0 means greedy). Runs on CUDA when available.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,12 +55,14 @@ def _prompts(model_input: Any) -> list[str]:
         return [value] if isinstance(value, str) else [str(x) for x in value]
     if isinstance(model_input, (list, tuple, pd.Series)):
         return [str(x) for x in model_input]
-    raise TypeError(f"unsupported input type {type(model_input).__name__}; pass a DataFrame with "
-                    "a 'prompt' column, a list of strings or a string")
+    raise TypeError(
+        f"unsupported input type {type(model_input).__name__}; pass a DataFrame with "
+        "a 'prompt' column, a list of strings or a string"
+    )
 
 
 def weights_sha256(folder: str | Path) -> str:
-    """Content hash of a model's *.safetensors + config.json (the same as components.registry.provenance.weights_sha256)."""
+    """Content hash of a model's *.safetensors + config.json (as components.registry.provenance.weights_sha256)."""
     root = Path(folder)
     h = hashlib.sha256()
     for p in sorted([*root.glob("*.safetensors"), root / "config.json"]):
@@ -81,12 +84,15 @@ def load_merged(adapter_dir: str, config: dict[str, Any]) -> Any:
     base, want = config.get("base_path"), config.get("base_sha256")
     hint = config.get("base_hint") or "restore the base model folder"
     if not base or not Path(base).is_dir():
-        raise FileNotFoundError(f"LoRA base model {base!r} not found; {hint}, or load with "
-                                "model_config={'base_path': '/path/to/base'}")
+        raise FileNotFoundError(
+            f"LoRA base model {base!r} not found; {hint}, or load with model_config={{'base_path': '/path/to/base'}}"
+        )
     got = weights_sha256(base)
     if want and got != want:
-        raise ValueError(f"{base}: weights hash {got[:16]}… is not the registered base {want[:16]}…: the base "
-                         f"changed since registration; {hint}")
+        raise ValueError(
+            f"{base}: weights hash {got[:16]}… is not the registered base {want[:16]}…: the base "
+            f"changed since registration; {hint}"
+        )
     model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
     return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
 
@@ -108,8 +114,11 @@ class SeedLMChatModel(PythonModel):
         if not self.tokenizer.chat_template:
             raise ValueError(f"{path}: tokenizer has no chat_template; re-run preprocess/sft")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = (load_merged(path, config) if adapter else AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32)).to(self.device)
+        self.model = (
+            load_merged(path, config)
+            if adapter
+            else AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        ).to(self.device)
         self.model.eval()
         self.defaults = {**DEFAULT_PARAMS, **{k: config[k] for k in DEFAULT_PARAMS if k in config}}
         self.batch_size = int(config.get("batch_size", 8))
@@ -127,9 +136,12 @@ class SeedLMChatModel(PythonModel):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
         max_new = min(max_new, self.context_length - 1)  # prompt + new tokens must fit the positions
         temperature = float(merged["temperature"])
-        gen = {"max_new_tokens": max_new, "eos_token_id": self.stop_ids,
-               "pad_token_id": self.tokenizer.pad_token_id,
-               "do_sample": bool(merged["do_sample"]) and temperature > 0}  # temperature 0 = greedy
+        gen = {
+            "max_new_tokens": max_new,
+            "eos_token_id": self.stop_ids,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "do_sample": bool(merged["do_sample"]) and temperature > 0,
+        }  # temperature 0 = greedy
         if gen["do_sample"]:
             gen["temperature"] = temperature
         return gen
@@ -144,14 +156,17 @@ class SeedLMChatModel(PythonModel):
         budget = self.context_length - gen["max_new_tokens"]  # prompt tokens kept (its tail)
         out: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                        add_generation_prompt=True, tokenize=False)
-                     for p in prompts[start:start + self.batch_size]]
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                )
+                for p in prompts[start : start + self.batch_size]
+            ]
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-budget:] for t in texts]
             batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 seqs = self.model.generate(**batch, **gen)
-            new = seqs[:, batch["input_ids"].shape[1]:]
+            new = seqs[:, batch["input_ids"].shape[1] :]
             out.extend(t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return out
 

@@ -1,4 +1,4 @@
-"""Send saved tracking backlogs: `python -m components.tracking.backlog replay [FILES]` (to MLFLOW_TRACKING_URI if set)."""
+"""Send saved tracking backlogs: `seedlm replay [FILES]` (to MLFLOW_TRACKING_URI if set)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def replay(path: Path) -> int:
         if op == "metrics":
             ms = [Metric(*m) for m in e["metrics"]]
             for i in range(0, len(ms), 1000):
-                call(client.log_batch, run_id, metrics=ms[i:i + 1000], what="log_batch")
+                call(client.log_batch, run_id, metrics=ms[i : i + 1000], what="log_batch")
         elif op == "terminate":
             call(client.set_terminated, run_id, e["status"], what="set_terminated")
         elif op in ("log_params", "set_tags"):
@@ -44,10 +44,16 @@ def replay(path: Path) -> int:
     return len(entries)
 
 
-def main(argv: list[str] | None = None, *, prog: str = "python -m components.tracking.backlog", example: str = "") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=f"example: {example}" if example else None)
+def main(
+    argv: list[str] | None = None, *, prog: str = "python -m components.tracking.backlog", example: str = ""
+) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.splitlines()[0], epilog=f"example: {example}" if example else None
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    rp = sub.add_parser("replay", help="send saved tracking backlogs", epilog=f"example: {example}" if example else None)
+    rp = sub.add_parser(
+        "replay", help="send saved tracking backlogs", epilog=f"example: {example}" if example else None
+    )
     rp.add_argument("files", nargs="*", type=Path, help=f"backlog files (default: {BACKLOG_DIR}/*.jsonl)")
     args = parser.parse_args(argv)
     files = args.files or sorted(BACKLOG_DIR.glob("*.jsonl"))
@@ -61,7 +67,6 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m components.tra
     return 1 if failed else 0
 
 
-
 def replay_main(argv: list[str], *, prog: str = "seedlm replay", example: str = "") -> int:
     """`seedlm replay [FILES]`: the `replay` subcommand of main."""
     return main(["replay", *argv], prog=prog.removesuffix(" replay"), example=example)
@@ -69,4 +74,3 @@ def replay_main(argv: list[str], *, prog: str = "seedlm replay", example: str = 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -10,8 +10,9 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from components.core.redact import redact
 from components.tracking.reaper import gone, identity
@@ -19,8 +20,20 @@ from components.tracking.retries import TrackingUnavailable, _short, budget, cal
 
 BACKLOG_DIR = Path(".seedlm") / "tracking-backlog"
 MAX_BUFFER = 100_000  # metric values kept in memory while the store is away; beyond, they go to the backlog
-RETRIED = {"get_experiment_by_name", "search_runs", "get_run", "set_experiment", "set_tag", "set_tags",
-           "log_param", "log_params", "log_artifact", "log_artifacts", "log_table", "log_dict"}
+RETRIED = {
+    "get_experiment_by_name",
+    "search_runs",
+    "get_run",
+    "set_experiment",
+    "set_tag",
+    "set_tags",
+    "log_param",
+    "log_params",
+    "log_artifact",
+    "log_artifacts",
+    "log_table",
+    "log_dict",
+}
 DEFERRABLE = {"set_tag", "set_tags", "log_param", "log_params", "log_artifact", "log_table", "log_dict"}  # to backlog
 
 
@@ -58,12 +71,11 @@ class Tracking:
             self._save({"op": name, "args": _jsonable(args), "kwargs": _jsonable(kwargs)}, str(e))
 
     # -- runs
-    def start_run(self, **kwargs: Any) -> "_Run":
+    def start_run(self, **kwargs: Any) -> _Run:
         resume = kwargs.get("run_id")
         if not resume:
             kwargs["tags"] = {**(kwargs.get("tags") or {}), **identity()}
-        active = call(self._mlflow.start_run, what="start_run", budget_s=self.budget_s, on_retry=self._count,
-                      **kwargs)
+        active = call(self._mlflow.start_run, what="start_run", budget_s=self.budget_s, on_retry=self._count, **kwargs)
         self.run_id = active.info.run_id
         if resume:
             self.set_tags(identity())
@@ -75,19 +87,34 @@ class Tracking:
         """Mark RUNNING runs of `stage` whose process on this host is gone as KILLED."""
         if not stage:
             return
-        query = (f"attributes.status = 'RUNNING' and tags.`seedlm.stage` = '{stage}' and "
-                 f"tags.`seedlm.host` = '{socket.gethostname()}'")
+        query = (
+            f"attributes.status = 'RUNNING' and tags.`seedlm.stage` = '{stage}' and "
+            f"tags.`seedlm.host` = '{socket.gethostname()}'"
+        )
         try:
             client = self._mlflow.MlflowClient()
-            runs = call(client.search_runs, [active.info.experiment_id], query, max_results=200, what="search_runs",
-                        budget_s=min(self.budget_s, 30.0))
+            runs = call(
+                client.search_runs,
+                [active.info.experiment_id],
+                query,
+                max_results=200,
+                what="search_runs",
+                budget_s=min(self.budget_s, 30.0),
+            )
             for r in runs:
                 if r.info.run_id != active.info.run_id and gone(r.data.tags):
-                    client.set_tag(r.info.run_id, "seedlm.reaped", f"process {r.data.tags.get('seedlm.pid')} is "
-                                   f"gone (killed); marked KILLED by run {active.info.run_id}")
+                    client.set_tag(
+                        r.info.run_id,
+                        "seedlm.reaped",
+                        f"process {r.data.tags.get('seedlm.pid')} is "
+                        f"gone (killed); marked KILLED by run {active.info.run_id}",
+                    )
                     client.set_terminated(r.info.run_id, "KILLED")
-                    log.warning("tracking: run %s of %s was left RUNNING by a killed process; marked KILLED",
-                                r.info.run_id, stage)
+                    log.warning(
+                        "tracking: run %s of %s was left RUNNING by a killed process; marked KILLED",
+                        r.info.run_id,
+                        stage,
+                    )
         except Exception as e:  # noqa: BLE001 - housekeeping must never fail a stage
             log.warning("tracking: could not check for runs left RUNNING by killed processes (%s)", _short(e))
 
@@ -112,8 +139,10 @@ class Tracking:
         from mlflow.entities import Metric
 
         client, batch = self._mlflow.MlflowClient(), self._buffer
-        send = lambda: [client.log_batch(self.run_id, metrics=[Metric(*m) for m in batch[i:i + 1000]])  # noqa: E731
-                        for i in range(0, len(batch), 1000)]
+        send = lambda: [
+            client.log_batch(self.run_id, metrics=[Metric(*m) for m in batch[i : i + 1000]])  # noqa: E731
+            for i in range(0, len(batch), 1000)
+        ]
         try:
             if final:
                 call(send, what=f"log {len(batch)} metric value(s)", budget_s=self.budget_s, on_retry=self._count)
@@ -125,8 +154,12 @@ class Tracking:
                 self._streak, wait = self._streak + 1, delay(self._streak + 1)
                 self._next_try = time.monotonic() + wait
                 self._count()
-                log.warning("tracking: metrics not sent (%s); %d value(s) buffered, training goes on; next try in "
-                            "%.1f s", _short(e), len(batch), wait)
+                log.warning(
+                    "tracking: metrics not sent (%s); %d value(s) buffered, training goes on; next try in %.1f s",
+                    _short(e),
+                    len(batch),
+                    wait,
+                )
                 return False
             if isinstance(e, TrackingUnavailable) or is_transient(e):
                 self._save({"op": "metrics", "metrics": batch}, _short(e))
@@ -143,11 +176,23 @@ class Tracking:
         self.flush(final=True)
         with contextlib.suppress(Exception):  # the retries, recorded on the run itself when it can be
             if self.failed_attempts:
-                call(self._mlflow.MlflowClient().set_tag, self.run_id, "seedlm.tracking.failed_attempts",
-                     str(self.failed_attempts), what="set_tag", budget_s=min(self.budget_s, 10.0))
+                call(
+                    self._mlflow.MlflowClient().set_tag,
+                    self.run_id,
+                    "seedlm.tracking.failed_attempts",
+                    str(self.failed_attempts),
+                    what="set_tag",
+                    budget_s=min(self.budget_s, 10.0),
+                )
         try:
-            call(self._mlflow.MlflowClient().set_terminated, self.run_id, status, what=f"end run ({status})",
-                 budget_s=self.budget_s, on_retry=self._count)
+            call(
+                self._mlflow.MlflowClient().set_terminated,
+                self.run_id,
+                status,
+                what=f"end run ({status})",
+                budget_s=self.budget_s,
+                on_retry=self._count,
+            )
         except TrackingUnavailable as e:
             self._save({"op": "terminate", "status": status}, str(e))
         self.report()
@@ -166,12 +211,17 @@ class Tracking:
     def report(self) -> None:
         """One line on stderr when anything needed a retry (and the replay command when something is saved)."""
         if self.undelivered:
-            print(f"seedlm tracking: WARNING: {self.undelivered} tracking item(s) of run {self.run_id} could not be "
-                  f"delivered ({self.failed_attempts} failed attempts); the stage's outputs are complete. Send them "
-                  f"with `python -m components.tracking.backlog replay {self.backlog}`", file=sys.stderr)
+            print(
+                f"seedlm tracking: WARNING: {self.undelivered} tracking item(s) of run {self.run_id} could not be "
+                f"delivered ({self.failed_attempts} failed attempts); the stage's outputs are complete. Send them "
+                f"with `python -m components.tracking.backlog replay {self.backlog}`",
+                file=sys.stderr,
+            )
         elif self.failed_attempts:
-            print(f"seedlm tracking: {self.failed_attempts} failed attempt(s) retried; everything was delivered",
-                  file=sys.stderr)
+            print(
+                f"seedlm tracking: {self.failed_attempts} failed attempt(s) retried; everything was delivered",
+                file=sys.stderr,
+            )
 
 
 class _Run:
@@ -202,4 +252,3 @@ class _Run:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-

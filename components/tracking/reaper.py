@@ -10,6 +10,7 @@ import socket
 # ---------------------------------------------------------------- process identity (reaping)
 def _start_time(pid: int) -> str | None:
     import psutil
+
     try:
         return f"{psutil.Process(pid).create_time():.2f}"
     except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
@@ -17,8 +18,11 @@ def _start_time(pid: int) -> str | None:
 
 
 def identity() -> dict[str, str]:
-    return {"seedlm.host": socket.gethostname(), "seedlm.pid": str(os.getpid()),
-            "seedlm.pid_start": _start_time(os.getpid()) or ""}
+    return {
+        "seedlm.host": socket.gethostname(),
+        "seedlm.pid": str(os.getpid()),
+        "seedlm.pid_start": _start_time(os.getpid()) or "",
+    }
 
 
 def gone(tags: dict[str, str]) -> bool:
@@ -27,4 +31,3 @@ def gone(tags: dict[str, str]) -> bool:
         return False
     started = _start_time(int(tags["seedlm.pid"]))
     return started is None or (bool(tags.get("seedlm.pid_start")) and started != tags["seedlm.pid_start"])
-

@@ -15,7 +15,8 @@ import logging
 import os
 import random
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from components.core.context import StageError
 from components.core.redact import redact
@@ -25,10 +26,28 @@ log = logging.getLogger("seedlm.tracking")
 BUDGET_ENV = "SEEDLM_TRACKING_RETRY_S"
 DEFAULT_BUDGET_S = 300.0
 MAX_DELAY_S = 30.0
-TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED",
-                   "ABORTED", "UNAVAILABLE"}
-TRANSIENT_TEXT = ("database is locked", "connection", "max retries exceeded", "timed out", "timeout", "temporarily",
-                  "error code 5", "error code 429", "broken pipe", "reset by peer", "remote end closed", "unable to open")
+TRANSIENT_CODES = {
+    "INTERNAL_ERROR",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "DEADLINE_EXCEEDED",
+    "ABORTED",
+    "UNAVAILABLE",
+}
+TRANSIENT_TEXT = (
+    "database is locked",
+    "connection",
+    "max retries exceeded",
+    "timed out",
+    "timeout",
+    "temporarily",
+    "error code 5",
+    "error code 429",
+    "broken pipe",
+    "reset by peer",
+    "remote end closed",
+    "unable to open",
+)
 
 
 class TrackingUnavailable(StageError):
@@ -46,6 +65,7 @@ def is_transient(e: BaseException, also: tuple[str, ...] = ()) -> bool:
         return True
     with contextlib.suppress(ImportError):
         import requests
+
         if isinstance(e, (requests.ConnectionError, requests.Timeout)):
             return True
     text, code = str(e).lower(), getattr(e, "error_code", None)
@@ -53,8 +73,11 @@ def is_transient(e: BaseException, also: tuple[str, ...] = ()) -> bool:
         return True
     if "database is locked" in text or (type(e).__name__ == "OperationalError" and "already exists" in text):
         return True  # sqlite busy, or a concurrent first run creating the same store tables
-    return (code is None or code in TRANSIENT_CODES) and any(t in text for t in TRANSIENT_TEXT) \
+    return (
+        (code is None or code in TRANSIENT_CODES)
+        and any(t in text for t in TRANSIENT_TEXT)
         and type(e).__name__ in ("MlflowException", "RestException", "OperationalError", "OSError")
+    )
 
 
 def delay(attempt: int) -> float:
@@ -64,6 +87,7 @@ def delay(attempt: int) -> float:
 
 def _uri() -> str:
     import mlflow
+
     return redact(mlflow.get_tracking_uri())
 
 
@@ -84,8 +108,15 @@ def fail_fast() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
-def call(fn: Callable[..., Any], *args: Any, what: str, budget_s: float | None = None,
-         on_retry: Callable[[], None] | None = None, also: tuple[str, ...] = (), **kwargs: Any) -> Any:
+def call(
+    fn: Callable[..., Any],
+    *args: Any,
+    what: str,
+    budget_s: float | None = None,
+    on_retry: Callable[[], None] | None = None,
+    also: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> Any:
     """fn(*args, **kwargs), retried with backoff on transient errors for up to `budget_s` seconds."""
     deadline = time.monotonic() + (budget() if budget_s is None else budget_s)
     attempt = 0
@@ -104,9 +135,10 @@ def call(fn: Callable[..., Any], *args: Any, what: str, budget_s: float | None =
                 on_retry()
             wait = delay(attempt)
             if time.monotonic() + wait > deadline:
-                raise TrackingUnavailable(f"tracking store {_uri()}: {what} failed {attempt} time(s) "
-                                          f"({_short(e)}); start the tracking server (or unset "
-                                          f"MLFLOW_TRACKING_URI), or raise {BUDGET_ENV}") from e
+                raise TrackingUnavailable(
+                    f"tracking store {_uri()}: {what} failed {attempt} time(s) "
+                    f"({_short(e)}); start the tracking server (or unset "
+                    f"MLFLOW_TRACKING_URI), or raise {BUDGET_ENV}"
+                ) from e
             log.warning("tracking: %s failed (%s); retry %d in %.1f s", what, _short(e), attempt, wait)
             time.sleep(wait)
-

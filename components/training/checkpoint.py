@@ -8,6 +8,7 @@ previous checkpoint or the new one, never a torn folder that looks valid. Leftov
 ignored and removed. Model and optimizer states go through torch.distributed.checkpoint's state-dict API,
 so the same files serve one process, DDP and FSDP (full, unsharded tensors keyed by parameter name).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ import random
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,11 +34,17 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 def rng_state() -> dict[str, Any]:
     """This process's python, numpy, torch (and CUDA) generator states."""
     np_state = np.random.get_state(legacy=False)
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                      "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                      "gauss": float(np_state["gauss"])}}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+    }
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
@@ -45,8 +53,14 @@ def set_rng_state(s: dict[str, Any]) -> None:
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
     n = s["numpy"]
-    np.random.set_state({"bit_generator": "MT19937", "has_gauss": n["has_gauss"], "gauss": n["gauss"],
-                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]}})
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        }
+    )
 
 
 def _copy(tree: Any) -> Any:
@@ -60,8 +74,9 @@ def _copy(tree: Any) -> Any:
     return tree
 
 
-def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer, trainable: set[str], *,
-             collective: bool, main: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+def snapshot(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, trainable: set[str], *, collective: bool, main: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """Full (unsharded) CPU copies of the trainable weights and the optimizer state, on the main rank.
 
     `collective`: every rank must take part (FSDP gathers the shards); otherwise only the main rank works."""
@@ -75,13 +90,24 @@ def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer, trainable: set[
     return (_copy(weights), _copy(optim)) if on_cpu else (weights, optim)
 
 
-def restore(model: torch.nn.Module, opt: torch.optim.Optimizer, trainable: set[str],
-            weights: dict[str, torch.Tensor], optim: dict[str, Any]) -> None:
+def restore(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    trainable: set[str],
+    weights: dict[str, torch.Tensor],
+    optim: dict[str, Any],
+) -> None:
     if set(weights) != trainable:
-        raise StageError("checkpoint weights do not match the model's trainable parameters; "
-                         "delete the checkpoint folder and rerun")
-    set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=optim,
-                   options=StateDictOptions(full_state_dict=True, strict=False))
+        raise StageError(
+            "checkpoint weights do not match the model's trainable parameters; delete the checkpoint folder and rerun"
+        )
+    set_state_dict(
+        model,
+        opt,
+        model_state_dict=weights,
+        optim_state_dict=optim,
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
 
 
 def _fsync(path: Path) -> None:
@@ -96,8 +122,9 @@ def step_dirs(ckpt_dir: Path) -> list[Path]:
     return sorted((d for d in ckpt_dir.glob("step-*") if d.is_dir()), key=lambda d: d.name)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2
+) -> Path:
     """Atomically write step-NNNNNN/ (weights + state.pt), point `latest` at it, keep the last `keep`."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
@@ -128,8 +155,9 @@ def clean_partial(ckpt_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def find_checkpoint(ckpt_dir: Path, chash: str, say: Callable[[str], None],
-                    only: str | None = None) -> tuple[str, dict, dict] | None:
+def find_checkpoint(
+    ckpt_dir: Path, chash: str, say: Callable[[str], None], only: str | None = None
+) -> tuple[str, dict, dict] | None:
     """(folder name, state, weights) of the newest readable checkpoint made with config hash `chash`.
 
     `only`: read exactly this folder (the one the main rank chose). A checkpoint of other settings means
@@ -147,12 +175,14 @@ def find_checkpoint(ckpt_dir: Path, chash: str, say: Callable[[str], None],
         try:
             state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
             weights = load_file(d / "model.safetensors")
-        except Exception as e:  # a torn or foreign folder: try the next one
+        except Exception as e:  # noqa: BLE001 - a torn or foreign folder: try the next one
             say(f"ignoring unreadable checkpoint {d} ({type(e).__name__}: {e})")
             continue
         if state.get("config_hash") != chash:
-            say(f"ignoring checkpoint {d}: it was made with different settings "
-                f"(config hash {state.get('config_hash')} != {chash}); starting from step 0")
+            say(
+                f"ignoring checkpoint {d}: it was made with different settings "
+                f"(config hash {state.get('config_hash')} != {chash}); starting from step 0"
+            )
             return None
         return d.name, state, weights
     return None
@@ -171,13 +201,14 @@ class AsyncWriter:
     def _write(self, step: int, weights: dict, state: dict) -> None:
         try:
             save_checkpoint(self.ckpt_dir, step, weights, state, self.keep)
-        except BaseException as e:  # re-raised in the training thread by wait()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
             self._error = e
 
     def submit(self, step: int, weights: dict, state: dict) -> None:
         self.wait()
-        self._thread = threading.Thread(target=self._write, args=(step, weights, state), daemon=True,
-                                        name=f"checkpoint-{step}")
+        self._thread = threading.Thread(
+            target=self._write, args=(step, weights, state), daemon=True, name=f"checkpoint-{step}"
+        )
         self._thread.start()
 
     def wait(self) -> None:
@@ -186,13 +217,16 @@ class AsyncWriter:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
-            raise StageError(f"{self.ckpt_dir}: writing a checkpoint failed ({type(err).__name__}: {err}); "
-                             "check free disk space and permissions of paths.checkpoints") from err
+            raise StageError(
+                f"{self.ckpt_dir}: writing a checkpoint failed ({type(err).__name__}: {err}); "
+                "check free disk space and permissions of paths.checkpoints"
+            ) from err
 
 
 def full_weights(model: torch.nn.Module, main: bool) -> dict[str, torch.Tensor] | None:
     """The whole model's state dict, unsharded, on the main rank's CPU (a collective under FSDP)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     weights = get_model_state_dict(model, options=FULL)
     return weights if main else None
 

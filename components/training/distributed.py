@@ -7,6 +7,7 @@ tracking run. Under torchrun (WORLD_SIZE set) the processes already exist: `laun
 in place. For a cluster, start every node with
 `torchrun --nnodes M --nproc-per-node G ... -m components.training.distributed <stage>` (rank 0 tracks the run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ import sys
 import tempfile
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -99,16 +101,20 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device, key: str) 
     """DDP, or FSDP2 (`fully_shard` on every transformer block, then the root); returns the module to call."""
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
+
         blocks = _block_classes(model)
         if not blocks:
-            raise StageError(f"{key}.strategy: fsdp needs the model's block class (_no_split_modules) to shard; "
-                             f"{type(model).__name__} has none; use ddp")
+            raise StageError(
+                f"{key}.strategy: fsdp needs the model's block class (_no_split_modules) to shard; "
+                f"{type(model).__name__} has none; use ddp"
+            )
         for m in list(model.modules()):
             if type(m).__name__ in blocks:
                 fully_shard(m)
         fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
+
     return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
 
 
@@ -127,6 +133,7 @@ def _die_with_parent() -> None:
     fork server, which exits once no process holds its "alive" pipe; workers let go of theirs, so the
     launcher's death ends the server and with it the workers."""
     from multiprocessing import forkserver
+
     server = getattr(forkserver, "_forkserver", None)
     if getattr(server, "_forkserver_alive_fd", None) is not None:
         os.close(server._forkserver_alive_fd)
@@ -135,10 +142,12 @@ def _die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
+
         def watch() -> None:
             while os.getppid() == parent:
                 threading.Event().wait(1.0)
             os._exit(1)
+
         threading.Thread(target=watch, daemon=True).start()
     if os.getppid() != parent or parent == 1:
         os._exit(1)
@@ -146,22 +155,34 @@ def _die_with_parent() -> None:
 
 def _resolve(target: str) -> Callable[..., dict]:
     import importlib
+
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
-def _worker(rank: int, world: int, store: str, target: str, kwargs: dict, msgs: Any, threads: int,
-            run_id: str | None, parent_run_id: str | None, progress: bool, extra: dict) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    store: str,
+    target: str,
+    kwargs: dict,
+    msgs: Any,
+    threads: int,
+    run_id: str | None,
+    parent_run_id: str | None,
+    progress: bool,
+    extra: dict,
+) -> None:
     _die_with_parent()
     torch.set_num_threads(threads)
     _bind_device(rank)
     RUN_ID.set(run_id)
     try:
-        dist.init_process_group(_backend(), init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=TIMEOUT)
+        dist.init_process_group(_backend(), init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
         log_fn = (lambda m, s=None: msgs.put(("log", m, s))) if rank == 0 else (lambda m, s=None: None)
-        ctx = StageContext(log=log_fn, run_id=run_id, parent_run_id=parent_run_id,
-                           progress=progress and rank == 0, extra=extra)
+        ctx = StageContext(
+            log=log_fn, run_id=run_id, parent_run_id=parent_run_id, progress=progress and rank == 0, extra=extra
+        )
         result = _resolve(target)(**kwargs, ctx=ctx)
         if rank == 0:
             msgs.put(("result", result))
@@ -187,8 +208,9 @@ def launch(target: str, kwargs: dict[str, Any], *, devices: int, ctx: StageConte
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         world = int(os.environ["WORLD_SIZE"])
         if world != devices:
-            raise StageError(f"{key}.devices: {devices}, but torchrun started {world} processes; "
-                             f"set -S {key}.devices={world}")
+            raise StageError(
+                f"{key}.devices: {devices}, but torchrun started {world} processes; set -S {key}.devices={world}"
+            )
         _bind_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(_backend(), timeout=TIMEOUT)
         try:
@@ -198,8 +220,9 @@ def launch(target: str, kwargs: dict[str, Any], *, devices: int, ctx: StageConte
         finally:
             dist.destroy_process_group()
     if torch.cuda.is_available() and torch.cuda.device_count() < devices:
-        raise StageError(f"{key}.devices: {devices}, but only {torch.cuda.device_count()} GPUs are visible; "
-                         f"lower {key}.devices")
+        raise StageError(
+            f"{key}.devices: {devices}, but only {torch.cuda.device_count()} GPUs are visible; lower {key}.devices"
+        )
     # a fork server (started once per launching process, with the stage modules imported) forks the workers:
     # no fork of this possibly threaded/CUDA-initialised process, and no re-import per launch
     mp = torch.multiprocessing.get_context("forkserver")
@@ -208,10 +231,27 @@ def launch(target: str, kwargs: dict[str, Any], *, devices: int, ctx: StageConte
     threads = max(1, torch.get_num_threads() // devices)
     with tempfile.TemporaryDirectory(prefix="seedlm-dist-") as tmp:
         store = str(Path(tmp) / "store")
-        procs = [mp.Process(target=_worker, daemon=False, name=f"seedlm-{key}-rank{r}",
-                            args=(r, devices, store, target, kwargs, msgs, threads, ctx.run_id,
-                                  ctx.parent_run_id, ctx.progress, dict(ctx.extra)))
-                 for r in range(devices)]
+        procs = [
+            mp.Process(
+                target=_worker,
+                daemon=False,
+                name=f"seedlm-{key}-rank{r}",
+                args=(
+                    r,
+                    devices,
+                    store,
+                    target,
+                    kwargs,
+                    msgs,
+                    threads,
+                    ctx.run_id,
+                    ctx.parent_run_id,
+                    ctx.progress,
+                    dict(ctx.extra),
+                ),
+            )
+            for r in range(devices)
+        ]
         for p in procs:
             p.start()
         try:
@@ -231,8 +271,10 @@ def _collect(procs: list, msgs: Any, ctx: StageContext, key: str) -> dict:
                 try:  # a worker that failed said why just before it exited
                     msg = msgs.get(timeout=1.0)
                 except queue.Empty:
-                    raise RuntimeError(f"{key}: worker rank {dead[0][0]} died (exit code {dead[0][1]}); the run "
-                                       "resumes from its last checkpoint when started again") from None
+                    raise RuntimeError(
+                        f"{key}: worker rank {dead[0][0]} died (exit code {dead[0][1]}); the run "
+                        "resumes from its last checkpoint when started again"
+                    ) from None
             else:
                 if result is not None and all(p.exitcode == 0 for p in procs):
                     return result
@@ -256,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.core.config import load_params
     from components.core.params import ConfigError, parse_overrides
     from components.core.runner import run_stage, stage_resume_key
+
     parser = argparse.ArgumentParser(prog="python -m components.training.distributed")
     parser.add_argument("stage", choices=["pretrain", "sft"])
     parser.add_argument("--params", default="params.yaml")

@@ -7,6 +7,7 @@ Checkpoints (components/training/checkpoint.py) hold the trainable weights, opti
 states and the loss history; they are written on a background thread. Batches are built one step ahead
 on a background thread too, so data loading, logging and checkpointing stay off the critical path.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,9 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import psutil
@@ -66,8 +68,10 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW, decay on matrices only; the fused kernel (one pass over all tensors) on CUDA and on CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     sharded = any(type(p).__name__ == "DTensor" for p in params)
     extra = {"foreach": True} if sharded and device.type == "cpu" else {"fused": True}
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
@@ -81,7 +85,7 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
 def _shard(x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> Batch:
     """This rank's rows of a global batch (an all-ignored stand-in row when there are too few rows)."""
     b = -(-x.shape[0] // world)
-    xs, ys = x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]
+    xs, ys = x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b]
     if xs.shape[0] == 0:  # every rank must run the same forwards (FSDP); this one scores nothing
         xs, ys = x[:1], torch.full_like(y[:1], -100)
     return xs, ys
@@ -121,7 +125,7 @@ class PeakMemory:
 
     A block nested in another (train() inside a stage) shares the outer sampler: one thread, one reset."""
 
-    _outer: "PeakMemory | None" = None
+    _outer: PeakMemory | None = None
 
     def __init__(self, every: float = 0.1) -> None:
         self.every, self.rss_mb, self.cuda_mb = every, 0.0, 0.0
@@ -138,7 +142,7 @@ class PeakMemory:
         while not self._stop.wait(self.every):
             self._sample()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if PeakMemory._outer is None:
             PeakMemory._outer = self
             if torch.cuda.is_available():
@@ -165,8 +169,9 @@ class PeakMemory:
         return {"peak_mem_mb": cuda if torch.cuda.is_available() else rss, "peak_rss_mb": rss, "peak_cuda_mb": cuda}
 
 
-def _prefetch(batches: BatchSource, start: int, stop: int, accum: int, rank: int, world: int,
-              pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+def _prefetch(
+    batches: BatchSource, start: int, stop: int, accum: int, rank: int, world: int, pin: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """(x, y, global target count) for every micro-step from `start`, built one step ahead on a thread."""
     q: queue.Queue = queue.Queue(maxsize=max(2, accum))
     done = threading.Event()
@@ -181,7 +186,7 @@ def _prefetch(batches: BatchSource, start: int, stop: int, accum: int, rank: int
                     q.put((x.pin_memory(), y.pin_memory(), n) if pin else (x, y, n))  # blocks: no polling
                     if done.is_set():
                         return
-        except BaseException as e:  # re-raised in the training thread
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
             q.put(e)
 
     thread = threading.Thread(target=produce, daemon=True, name="batches")
@@ -201,9 +206,19 @@ def _prefetch(batches: BatchSource, start: int, stop: int, accum: int, rank: int
 
 
 # ---------------------------------------------------------------- the loop
-def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Callable[[], Iterable[Batch]],
-          ckpt_dir: Path, seed: int, ctx: StageContext | None = None, desc: str = "train",
-          fingerprint: Any = None, key: str = "pretrain") -> TrainResult:
+def train(
+    model,
+    cfg: TrainConfig,
+    batches: BatchSource,
+    *,
+    eval_batches_fn: Callable[[], Iterable[Batch]],
+    ckpt_dir: Path,
+    seed: int,
+    ctx: StageContext | None = None,
+    desc: str = "train",
+    fingerprint: Any = None,
+    key: str = "pretrain",
+) -> TrainResult:
     """Train `model` in place for cfg.max_steps optimizer steps, resuming from ckpt_dir when possible.
 
     `batches(step, micro)` must return the global micro-batch (cfg.batch_size rows per process). `key`
@@ -218,8 +233,10 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
     rank, world = dd.info()
     main = rank == 0
     if cfg.devices != world:
-        raise StageError(f"{key}.devices: {cfg.devices}, but this trainer runs in {world} process(es); "
-                         "start the stage normally (it launches the processes) or match torchrun's size")
+        raise StageError(
+            f"{key}.devices: {cfg.devices}, but this trainer runs in {world} process(es); "
+            "start the stage normally (it launches the processes) or match torchrun's size"
+        )
     device, amp_dtype = device_and_precision(cfg.precision, key=f"{key}.precision")
     fsdp = cfg.strategy == "fsdp" and world > 1
 
@@ -243,10 +260,12 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
     scaler = None
     if amp_dtype == torch.float16:
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
         scaler = ShardedGradScaler("cuda") if fsdp else torch.amp.GradScaler("cuda")
     fwd = torch.compile(wrapped) if cfg.compile else wrapped
-    chash = config_hash({"train": cfg.model_dump(mode="json"), "seed": seed, "fingerprint": fingerprint,
-                         "trainable": n_trainable})
+    chash = config_hash(
+        {"train": cfg.model_dump(mode="json"), "seed": seed, "fingerprint": fingerprint, "trainable": n_trainable}
+    )
 
     # resume: rank 0 picks the checkpoint, every rank reads that one (paths.checkpoints must be shared)
     chosen = ck.find_checkpoint(ckpt_dir, chash, say) if main else None
@@ -254,8 +273,10 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
     if name is not None and not main:
         chosen = ck.find_checkpoint(ckpt_dir, chash, say, only=name)
         if chosen is None:
-            raise StageError(f"{ckpt_dir / name}: rank {rank} cannot read the checkpoint rank 0 resumes from; "
-                             "paths.checkpoints must be on a filesystem every process shares")
+            raise StageError(
+                f"{ckpt_dir / name}: rank {rank} cannot read the checkpoint rank 0 resumes from; "
+                "paths.checkpoints must be on a filesystem every process shares"
+            )
     dd.barrier()
     start, history, tokens, win_sum, win_n = 0, [], 0, 0.0, 0
     last_train, last_val = None, None
@@ -294,8 +315,14 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
     t_mark = t_start  # last log; t_excl = eval/checkpoint seconds since then (not training time)
     step_loss = torch.zeros((), device=device)
     scale = world / cfg.grad_accum  # DDP/FSDP average gradients over ranks; each rank adds its share of the mean
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, unit="step", disable=not (ctx.progress and main),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start,
+        desc=desc,
+        unit="step",
+        disable=not (ctx.progress and main),
+        dynamic_ncols=True,
+    )
     feed = _prefetch(batches, start, cfg.max_steps, cfg.grad_accum, rank, world, device.type == "cuda")
     mem = PeakMemory().__enter__()
     try:
@@ -305,7 +332,7 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
                 x, y, n_tok = next(feed)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 last = micro == cfg.grad_accum - 1
-                sync = (wrapped.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext())
+                sync = wrapped.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext()
                 if fsdp:
                     wrapped.set_requires_gradient_sync(last)
                 with sync:
@@ -314,7 +341,9 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
                     share = token_loss(logits, y, "sum") / max(n_tok, 1)  # this rank's part of the global mean
                     loss = share * scale
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                step_loss = share.detach() / cfg.grad_accum if micro == 0 else step_loss + share.detach() / cfg.grad_accum
+                step_loss = (
+                    share.detach() / cfg.grad_accum if micro == 0 else step_loss + share.detach() / cfg.grad_accum
+                )
                 step_tokens += x.shape[0] * x.shape[1] * world
             if scaler is not None:
                 scaler.unscale_(opt)
@@ -349,8 +378,15 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
                 tps = log_tokens / dt
                 t_mark, t_excl = now, 0.0
                 if main:
-                    ctx.log({"train_loss": last_train, "lr": lr_now, "tokens_per_s": tps,
-                             "grad_norm": float(gn.item()) if gn is not None else 0.0}, s)
+                    ctx.log(
+                        {
+                            "train_loss": last_train,
+                            "lr": lr_now,
+                            "tokens_per_s": tps,
+                            "grad_norm": float(gn.item()) if gn is not None else 0.0,
+                        },
+                        s,
+                    )
                 bar.set_postfix(loss=f"{last_train:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
                 entry = {"step": s, "train_loss": last_train, "val_loss": None, "lr": lr_now}
                 win_t.zero_()
@@ -368,11 +404,24 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
                 rngs = dd.gather(ck.rng_state())
                 win_total = float(dd.all_reduce(win_t.clone()).item())
                 if main:
-                    writer.submit(s, snap[0], {
-                        "config_hash": chash, "step": s, "history": history, "tokens": tokens,
-                        "win_sum": win_total, "win_n": win_n, "last_train": last_train, "last_val": last_val,
-                        "optimizer": snap[1], "scheduler": sched.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None, "rng": rngs})
+                    writer.submit(
+                        s,
+                        snap[0],
+                        {
+                            "config_hash": chash,
+                            "step": s,
+                            "history": history,
+                            "tokens": tokens,
+                            "win_sum": win_total,
+                            "win_n": win_n,
+                            "last_train": last_train,
+                            "last_val": last_val,
+                            "optimizer": snap[1],
+                            "scheduler": sched.state_dict(),
+                            "scaler": scaler.state_dict() if scaler is not None else None,
+                            "rng": rngs,
+                        },
+                    )
             t_excl += time.perf_counter() - t_aside
     finally:
         feed.close()
@@ -385,10 +434,19 @@ def train(model, cfg: TrainConfig, batches: BatchSource, *, eval_batches_fn: Cal
     training_attention(model, device, amp_dtype, restore=attn_before)
     model.eval()
     seconds = time.perf_counter() - t_start
-    out = {"steps": cfg.max_steps, "final_train_loss": last_train, "val_loss": last_val,
-           "val_ppl": _ppl(last_val), "tokens": tokens,
-           "tokens_per_s": sess_tokens / t_train if t_train > 0 else 0.0, "seconds": seconds,
-           "history": history, "resumed_from": start, "devices": world, **mem.report()}
+    out = {
+        "steps": cfg.max_steps,
+        "final_train_loss": last_train,
+        "val_loss": last_val,
+        "val_ppl": _ppl(last_val),
+        "tokens": tokens,
+        "tokens_per_s": sess_tokens / t_train if t_train > 0 else 0.0,
+        "seconds": seconds,
+        "history": history,
+        "resumed_from": start,
+        "devices": world,
+        **mem.report(),
+    }
     if fsdp:
         out["state_dict"] = full_state
     return out

@@ -1,4 +1,5 @@
 """Model construction, loading and saving (HF causal LMs, safetensors only), and device/precision choice."""
+
 from __future__ import annotations
 
 import contextlib
@@ -34,15 +35,29 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
     ids = _token_ids(tokenizer)
     common = dict(vocab_size=len(tokenizer), tie_word_embeddings=True, **ids)
     if cfg.arch == "gpt2":
-        conf = GPT2Config(n_positions=cfg.context_length, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, activation_function="gelu", resid_pdrop=cfg.dropout,
-                          embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **common)
+        conf = GPT2Config(
+            n_positions=cfg.context_length,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            activation_function="gelu",
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            **common,
+        )
     else:
-        conf = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=llama_intermediate(cfg.n_embd),
-                           num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                           num_key_value_heads=cfg.n_kv_head or cfg.n_head,
-                           max_position_embeddings=cfg.context_length, attention_dropout=cfg.dropout,
-                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
+        conf = LlamaConfig(
+            hidden_size=cfg.n_embd,
+            intermediate_size=llama_intermediate(cfg.n_embd),
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+            max_position_embeddings=cfg.context_length,
+            attention_dropout=cfg.dropout,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            **common,
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa", dtype=torch.float32)
@@ -51,34 +66,43 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
 
 def max_positions(model: PreTrainedModel) -> int:
     conf = model.config
-    return int(getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions"))
+    return int(getattr(conf, "max_position_embeddings", None) or conf.n_positions)
 
 
-def load_model(path: str | Path, *, what: str = "model.init_from", tokenizer=None,
-               context_length: int | None = None) -> PreTrainedModel:
+def load_model(
+    path: str | Path, *, what: str = "model.init_from", tokenizer=None, context_length: int | None = None
+) -> PreTrainedModel:
     """Load a local HF checkpoint (safetensors only) in fp32; checks vocab and position limits."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise StageError(f"{what}: {path}: not a model folder (no config.json); "
-                         "point it at a local HF checkpoint folder saved with save_pretrained")
+        raise StageError(
+            f"{what}: {path}: not a model folder (no config.json); "
+            "point it at a local HF checkpoint folder saved with save_pretrained"
+        )
     if not any(path.glob("*.safetensors")):
         has_bin = any(path.glob("*.bin")) or any(path.glob("*.pt"))
         why = "has only pickle weights (.bin), which are refused" if has_bin else "has no *.safetensors weights"
-        raise StageError(f"{what}: {path}: {why}; convert once with "
-                         "`AutoModelForCausalLM.from_pretrained(p).save_pretrained(p)` (writes safetensors)")
+        raise StageError(
+            f"{what}: {path}: {why}; convert once with "
+            "`AutoModelForCausalLM.from_pretrained(p).save_pretrained(p)` (writes safetensors)"
+        )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                                     dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, dtype=torch.float32, attn_implementation="sdpa"
+        )
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StageError(f"{what}: {path}: cannot load as a causal LM ({first}); "
-                         "use a complete local HF causal-LM checkpoint folder") from None
+        raise StageError(
+            f"{what}: {path}: cannot load as a causal LM ({first}); use a complete local HF causal-LM checkpoint folder"
+        ) from None
     if tokenizer is not None:
         vocab = model.get_input_embeddings().weight.shape[0]
         if tokenizer.vocab_size > vocab:
-            raise StageError(f"{what}: {path}: the model's vocabulary ({vocab}) is smaller than the tokenizer's "
-                             f"({tokenizer.vocab_size}): the tokenizer does not belong to this model; rerun "
-                             "preprocess with model.init_from set to this folder so it reuses its tokenizer")
+            raise StageError(
+                f"{what}: {path}: the model's vocabulary ({vocab}) is smaller than the tokenizer's "
+                f"({tokenizer.vocab_size}): the tokenizer does not belong to this model; rerun "
+                "preprocess with model.init_from set to this folder so it reuses its tokenizer"
+            )
         if len(tokenizer) > vocab:  # special tokens added on top of the base tokenizer
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
@@ -86,8 +110,10 @@ def load_model(path: str | Path, *, what: str = "model.init_from", tokenizer=Non
         ids = _token_ids(tokenizer)
         model.config.pad_token_id = ids["pad_token_id"]
     if context_length is not None and context_length > max_positions(model):
-        raise StageError(f"model.context_length: {context_length} exceeds the position limit "
-                         f"({max_positions(model)}) of {path}; lower model.context_length")
+        raise StageError(
+            f"model.context_length: {context_length} exceeds the position limit "
+            f"({max_positions(model)}) of {path}; lower model.context_length"
+        )
     return model
 
 
@@ -97,8 +123,9 @@ def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> None:
     ids = _token_ids(tokenizer)
     end = tokenizer.convert_tokens_to_ids(END_TOKEN)
     eos = [i for i in (end, ids["eos_token_id"]) if i is not None and i != tokenizer.unk_token_id]
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=ids["pad_token_id"],
-                                               bos_token_id=ids["bos_token_id"], max_new_tokens=32)
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos, pad_token_id=ids["pad_token_id"], bos_token_id=ids["bos_token_id"], max_new_tokens=32
+    )
     model.config.pad_token_id = ids["pad_token_id"]
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -136,8 +163,9 @@ def cpu_has_fast_bf16() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
 
 
-def training_attention(model: PreTrainedModel, device: torch.device, dtype: torch.dtype | None, *,
-                       restore: str | None = None) -> str | None:
+def training_attention(
+    model: PreTrainedModel, device: torch.device, dtype: torch.dtype | None, *, restore: str | None = None
+) -> str | None:
     """Pick the faster attention kernel for training; returns the one to put back afterwards (None: unchanged).
 
     On CPU with bf16 autocast, eager attention (plain bf16 matmuls + softmax) beats SDPA, whose CPU

@@ -1,5 +1,6 @@
 """Helpers of the reliability suite (not a test module): a micro seedlm repo (git + DVC), running stages
 as `python -m components.<stage>` (subprocess or in-process), and reading what MLflow and the disk hold."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,9 @@ import shutil
 import sqlite3
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import repos
 from repos import BIN, ROOT, commit  # noqa: F401 (the suite uses them as h.<name>)
@@ -21,16 +23,35 @@ from components.core.stages import STAGES, TABLE  # noqa: E402,F401 (the suite u
 OUTPUTS = {s.name: s.default_path for s in TABLE}
 
 MICRO = {  # seconds per stage on 2 cores, most of it interpreter start-up
-    "ingest.synthetic.entities": 6, "ingest.synthetic.paraphrases": 2,
+    "ingest.synthetic.entities": 6,
+    "ingest.synthetic.paraphrases": 2,
     "preprocess.vocab_size": 300,
-    "model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.context_length": 32,
-    "pretrain.max_steps": 24, "pretrain.warmup_steps": 2, "pretrain.eval_every": 8, "pretrain.checkpoint_every": 4,
-    "pretrain.batch_size": 4, "pretrain.eval_batches": 2, "pretrain.precision": "fp32",
-    "sft.max_steps": 16, "sft.warmup_steps": 1, "sft.eval_every": 8, "sft.checkpoint_every": 4, "sft.batch_size": 4,
-    "sft.eval_batches": 2, "sft.precision": "fp32",
-    "evaluate.bootstrap": 20, "evaluate.max_new_tokens": 4, "evaluate.max_examples": 8, "evaluate.ppl_batches": 2,
-    "evaluate.batch_size": 8, "evaluate.num_samples": 4,
-    "register.gate.min": {"exact_match": 0.0}, "register.max_new_tokens": 4,
+    "model.n_layer": 1,
+    "model.n_embd": 32,
+    "model.n_head": 2,
+    "model.context_length": 32,
+    "pretrain.max_steps": 24,
+    "pretrain.warmup_steps": 2,
+    "pretrain.eval_every": 8,
+    "pretrain.checkpoint_every": 4,
+    "pretrain.batch_size": 4,
+    "pretrain.eval_batches": 2,
+    "pretrain.precision": "fp32",
+    "sft.max_steps": 16,
+    "sft.warmup_steps": 1,
+    "sft.eval_every": 8,
+    "sft.checkpoint_every": 4,
+    "sft.batch_size": 4,
+    "sft.eval_batches": 2,
+    "sft.precision": "fp32",
+    "evaluate.bootstrap": 20,
+    "evaluate.max_new_tokens": 4,
+    "evaluate.max_examples": 8,
+    "evaluate.ppl_batches": 2,
+    "evaluate.batch_size": 8,
+    "evaluate.num_samples": 4,
+    "register.gate.min": {"exact_match": 0.0},
+    "register.max_new_tokens": 4,
 }
 
 
@@ -40,11 +61,22 @@ def make_repo(dest: Path, overrides: dict[str, Any] | None = None, git: bool = T
 
 
 def env(repo: Path | None = None, **extra: str) -> dict[str, str]:
-    out = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
+    out = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "PYTHONPATH"):
         out.pop(key, None)
     if repo is not None:
@@ -53,10 +85,12 @@ def env(repo: Path | None = None, **extra: str) -> dict[str, str]:
     return out
 
 
-def run(repo: Path, *args: str, timeout: float = 300, environ: dict[str, str] | None = None,
-        **kw: Any) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), cwd=repo, env=environ or env(repo), capture_output=True, text=True,
-                          timeout=timeout, **kw)
+def run(
+    repo: Path, *args: str, timeout: float = 300, environ: dict[str, str] | None = None, **kw: Any
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        list(args), cwd=repo, env=environ or env(repo), capture_output=True, text=True, timeout=timeout, **kw
+    )
 
 
 def stage_cli(repo: Path, stage: str, *args: str, **kw: Any) -> subprocess.CompletedProcess:
@@ -112,8 +146,9 @@ def runs(db: Path) -> list[tuple[str, str]]:
 
 def versions(db: Path) -> list[tuple[str, int]]:
     """Live versions (MLflow keeps a deleted version's row, marked Deleted_Internal)."""
-    return query(db, "select name, version from model_versions where current_stage != 'Deleted_Internal' "
-                     "order by version")
+    return query(
+        db, "select name, version from model_versions where current_stage != 'Deleted_Internal' order by version"
+    )
 
 
 def version_tags(db: Path, key: str) -> dict[int, str]:
@@ -148,8 +183,11 @@ def leftovers(root: Path) -> list[str]:
 
 def tree(folder: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under folder."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def read(path: Path) -> Any:
@@ -269,17 +307,28 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120) -> "MlflowServer":
+    def start(self, timeout: float = 120) -> MlflowServer:
         import time
 
         import requests
 
-        e = env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_BACKEND_STORE_URI=f"sqlite:///{self.folder}/mlflow.db",
-                MLFLOW_ARTIFACTS_DESTINATION=str(self.folder / "artifacts"), MLFLOW_HOST="127.0.0.1",
-                MLFLOW_PORT=str(self.port), MLFLOW_WORKERS="1")
+        e = env(
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+            MLFLOW_BACKEND_STORE_URI=f"sqlite:///{self.folder}/mlflow.db",
+            MLFLOW_ARTIFACTS_DESTINATION=str(self.folder / "artifacts"),
+            MLFLOW_HOST="127.0.0.1",
+            MLFLOW_PORT=str(self.port),
+            MLFLOW_WORKERS="1",
+        )
         log = open(self.folder / "server.log", "ab")
-        self.proc = subprocess.Popen([str(BIN / "mlflow"), "server"], env=e, cwd=self.folder, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server"],
+            env=e,
+            cwd=self.folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

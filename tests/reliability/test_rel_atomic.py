@@ -1,6 +1,7 @@
 """Atomic outputs: a kill at every single write of `atomic_dir` / `write_json` leaves the old output or the new
 one, never a mix, and the next write sweeps what the kill left. A full disk or a read-only output folder
 is one clear error, the previous output untouched. Plus an audit of every write in components/."""
+
 from __future__ import annotations
 
 import ast
@@ -56,7 +57,9 @@ def _killed_at(out: Path, version: int, at: int, exchange: bool) -> bool:
                     if count[0] == at:
                         os.kill(os.getpid(), signal.SIGKILL)
                     return real(*a, **k)
+
                 setattr(os, name, f)
+
             for name in ("replace", "rename", "fsync", "mkdir", "unlink", "rmdir", "open"):
                 hook(name)
             _write(out, version)
@@ -115,8 +118,11 @@ def test_a_live_writers_temp_folder_is_left_alone(tmp_path):
 # ---------------------------------------------------------------- full and read-only disks
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    return h.make_repo(tmp_path_factory.mktemp("disk") / "repo", {"ingest.synthetic.entities": 4,
-                                                                    "ingest.synthetic.paraphrases": 1}, git=False)
+    return h.make_repo(
+        tmp_path_factory.mktemp("disk") / "repo",
+        {"ingest.synthetic.entities": 4, "ingest.synthetic.paraphrases": 1},
+        git=False,
+    )
 
 
 def _ingest(capsys, repo: Path, disk: Path, *args: str) -> tuple[int, str]:
@@ -130,14 +136,18 @@ def test_disk_full(repo, capsys, tmp_path, monkeypatch):
         assert rc == 0, err
         before = h.tree(disk / "raw")
         if real:
-            (disk / "filler").write_bytes(b"\0" * (256 * 1024 - sum((disk / "raw" / f).stat().st_size for f in before)
-                                                   - 16 * 1024))
+            (disk / "filler").write_bytes(
+                b"\0" * (256 * 1024 - sum((disk / "raw" / f).stat().st_size for f in before) - 16 * 1024)
+            )
         else:  # no mount possible here (not root): the disk fills up while the output is written
+
             def full(root: Path) -> None:
                 raise OSError(errno.ENOSPC, "No space left on device", str(root / "pretrain/shard-00000.jsonl"))
+
             monkeypatch.setattr(io, "_fsync_tree", full)
-        rc, err = _ingest(capsys, repo, disk, "-S", "ingest.synthetic.entities=200", "-S",
-                          "ingest.synthetic.paraphrases=4")
+        rc, err = _ingest(
+            capsys, repo, disk, "-S", "ingest.synthetic.entities=200", "-S", "ingest.synthetic.paraphrases=4"
+        )
         monkeypatch.undo()
         line = [x for x in err.splitlines() if x.startswith("seedlm ingest: error:")]
         assert rc == 2 and line and "Traceback" not in err, err
@@ -161,6 +171,7 @@ def test_read_only_output_folder(repo, capsys, tmp_path, monkeypatch):
                 if str(self).startswith(str(disk)) and ".raw.tmp-" in self.name:
                     raise OSError(errno.EROFS, "Read-only file system", str(self))
                 return real_mkdir(self, *a, **k)
+
             monkeypatch.setattr(Path, "mkdir", ro)
         rc, err = _ingest(capsys, repo, disk, "-S", "seed=7")
         monkeypatch.undo()
@@ -182,8 +193,20 @@ def test_metrics_on_a_full_disk(tmp_path):
 
 
 # ---------------------------------------------------------------- the audit
-WRITERS = {"write_text", "write_bytes", "save_pretrained", "save_to_disk", "tofile", "savefig", "save_file", "save",
-           "to_csv", "to_parquet", "write_table", "dump"}
+WRITERS = {
+    "write_text",
+    "write_bytes",
+    "save_pretrained",
+    "save_to_disk",
+    "tofile",
+    "savefig",
+    "save_file",
+    "save",
+    "to_csv",
+    "to_parquet",
+    "write_table",
+    "dump",
+}
 
 
 def _writes(tree: ast.AST) -> list[tuple[int, str]]:
@@ -194,11 +217,19 @@ def _writes(tree: ast.AST) -> list[tuple[int, str]]:
             continue
         f = node.func
         name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
-        if name == "open" and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) \
-                and any(c in str(node.args[1].value) for c in "wax"):
+        if (
+            name == "open"
+            and len(node.args) > 1
+            and isinstance(node.args[1], ast.Constant)
+            and any(c in str(node.args[1].value) for c in "wax")
+        ):
             out.append((node.lineno, "open"))
-        elif name in WRITERS and not (name == "dump" and isinstance(f, ast.Attribute) and
-                                      getattr(f.value, "id", "") in ("json", "yaml") and len(node.args) < 2):
+        elif name in WRITERS and not (
+            name == "dump"
+            and isinstance(f, ast.Attribute)
+            and getattr(f.value, "id", "") in ("json", "yaml")
+            and len(node.args) < 2
+        ):
             out.append((node.lineno, name))
     return out
 
@@ -236,8 +267,18 @@ def _safe_lines(tree: ast.AST) -> set[int]:
     return safe
 
 
-MINE = ("core/io.py", "core/config.py", "ingest.py", "data/fetch.py", "preprocess.py", "data/chat.py", "data/synthetic.py",
-        "tracking/client.py", "tracking/retries.py", "tracking/backlog.py")
+MINE = (
+    "core/io.py",
+    "core/config.py",
+    "ingest.py",
+    "data/fetch.py",
+    "preprocess.py",
+    "data/chat.py",
+    "data/synthetic.py",
+    "tracking/client.py",
+    "tracking/retries.py",
+    "tracking/backlog.py",
+)
 WORK_FILES = {("client.py", "open")}
 """Writes that are not outputs: retry appends to its backlog (each line fsynced; the replay skips a torn last line)."""
 
@@ -245,8 +286,11 @@ WORK_FILES = {("client.py", "open")}
 def _unsafe(name: str) -> list[str]:
     tree = ast.parse((h.ROOT / name).read_text())
     safe = _safe_lines(tree)
-    return [f"{name}:{line} {call}" for line, call in _writes(tree)
-            if line not in safe and (Path(name).name, call) not in WORK_FILES]
+    return [
+        f"{name}:{line} {call}"
+        for line, call in _writes(tree)
+        if line not in safe and (Path(name).name, call) not in WORK_FILES
+    ]
 
 
 def test_every_write_in_my_components_is_atomic():
@@ -276,8 +320,14 @@ def test_the_audit_tells_safe_writes_from_unsafe_ones():
     safe = _safe_lines(tree)
     flagged = [line for line, _ in _writes(tree) if line not in safe]
     assert flagged == [3], flagged
-    others = sorted(str(p.relative_to(h.ROOT)) for pattern in ("components/**/*.py", "flows/*.py")
-                    for p in h.ROOT.glob(pattern) if str(p.relative_to(h.ROOT)).removeprefix('components/') not in MINE)
+    others = sorted(
+        str(p.relative_to(h.ROOT))
+        for pattern in ("components/**/*.py", "flows/*.py")
+        for p in h.ROOT.glob(pattern)
+        if str(p.relative_to(h.ROOT)).removeprefix("components/") not in MINE
+    )
     found = [u for n in others for u in _unsafe(n)]
-    print("\nwrites outside atomic_dir / temp+fsync+rename (helpers called from another module's atomic_dir "
-          "show up too):\n  " + "\n  ".join(found or ["none"]))
+    print(
+        "\nwrites outside atomic_dir / temp+fsync+rename (helpers called from another module's atomic_dir "
+        "show up too):\n  " + "\n  ".join(found or ["none"])
+    )

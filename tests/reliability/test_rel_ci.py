@@ -1,5 +1,6 @@
 """The CI's known-vulnerability audit (.ci/audit.py): how it judges pip-audit's report against the allow-list,
 and that .ci/run runs it. (The live audit needs PyPI's JSON API or OSV; CI runs it, these tests do not.)"""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -19,8 +20,12 @@ TODAY = dt.date(2026, 11, 21)
 
 def report(*vulns, skipped: int = 0, clean: int = 3) -> dict:
     deps = [{"name": f"ok{i}", "version": "1.0", "vulns": []} for i in range(clean)]
-    deps += [{"name": f"skip{i}", "version": "1.0", "skip_reason": "Dependency not found on PyPI"} for i in range(skipped)]
-    deps += [{"name": n, "version": v, "vulns": [{"id": i, "fix_versions": ["9.9"], "aliases": a}]} for n, v, i, a in vulns]
+    deps += [
+        {"name": f"skip{i}", "version": "1.0", "skip_reason": "Dependency not found on PyPI"} for i in range(skipped)
+    ]
+    deps += [
+        {"name": n, "version": v, "vulns": [{"id": i, "fix_versions": ["9.9"], "aliases": a}]} for n, v, i, a in vulns
+    ]
     return {"dependencies": deps, "fixes": []}
 
 
@@ -52,8 +57,9 @@ def test_an_unreachable_service_is_loud_but_not_a_failure():
 def test_the_allow_list_is_strict_about_its_format(tmp_path):
     f = tmp_path / "allow.txt"
     f.write_text("# comment\n\nGHSA-abcd requests 2027-01-31  # only in tests, never reached\n")
-    assert audit.read_allow(f) == [audit.Allowance("GHSA-ABCD", "requests", dt.date(2027, 1, 31),
-                                                   "only in tests, never reached")]
+    assert audit.read_allow(f) == [
+        audit.Allowance("GHSA-ABCD", "requests", dt.date(2027, 1, 31), "only in tests, never reached")
+    ]
     for bad in ("GHSA-abcd requests 2027-01-31\n", "GHSA-abcd 2027-01-31 # why\n", "GHSA-abcd requests soon # why\n"):
         f.write_text(bad)
         with pytest.raises(SystemExit):

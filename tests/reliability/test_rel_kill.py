@@ -8,6 +8,7 @@ random write of the stage (the kill hook in _harness), or, for pretrain, at a ra
 first checkpoint (the whole `dvc repro` process group). The sources include a url whose credentials
 come from the environment: they must never reach MLflow, outputs or logs.
 """
+
 from __future__ import annotations
 
 import base64
@@ -29,10 +30,28 @@ import pytest
 TOKEN = "tok-" + hashlib.sha256(b"seedlm-reliability").hexdigest()[:20]
 CORPUS = b"The ferry crosses the lake twice a day.\n\nLanterns are lit along the bridge at dusk.\n"
 SEED = int(os.environ.get("SEEDLM_FAULT_SEED", random.randrange(10_000)))
-VOLATILE = {"created", "mlflow_run_id", "run_id", "logged_model_uri", "tokens_per_s", "seconds", "peak_mem_mb",
-            "peak_rss_mb", "peak_accel_mb", "gen_tokens_per_s", "resumed_from", "eval_seconds", "docs_per_s",
-            "_fingerprint", "parent_run_id", "prefect_flow_run_id", "git_dirty", "timestamp", "wall_s",
-            "model_sha256"}
+VOLATILE = {
+    "created",
+    "mlflow_run_id",
+    "run_id",
+    "logged_model_uri",
+    "tokens_per_s",
+    "seconds",
+    "peak_mem_mb",
+    "peak_rss_mb",
+    "peak_accel_mb",
+    "gen_tokens_per_s",
+    "resumed_from",
+    "eval_seconds",
+    "docs_per_s",
+    "_fingerprint",
+    "parent_run_id",
+    "prefect_flow_run_id",
+    "git_dirty",
+    "timestamp",
+    "wall_s",
+    "model_sha256",
+}
 """Fields that name a run or measure time: everything else must be identical between the two repos."""
 
 
@@ -51,9 +70,15 @@ class _Auth(http.server.BaseHTTPRequestHandler):
 def _scrub(data, path: tuple = ()):
     """JSON without the fields that name runs, measure time or hash folders holding those (seedlm.json)."""
     if isinstance(data, dict):
-        return {k: _scrub(v, (*path, k)) for k, v in data.items() if k not in VOLATILE and not k.endswith("_per_s")
-                and not (k == "sha256" and "models" in path) and not (path[-1:] == ("result",) and k == "tags")
-                and not (path == () and k == "tags")}
+        return {
+            k: _scrub(v, (*path, k))
+            for k, v in data.items()
+            if k not in VOLATILE
+            and not k.endswith("_per_s")
+            and not (k == "sha256" and "models" in path)
+            and not (path[-1:] == ("result",) and k == "tags")
+            and not (path == () and k == "tags")
+        }
     if isinstance(data, list):
         return [_scrub(v, path) for v in data]
     return data
@@ -81,14 +106,27 @@ class Pipeline:
         self.root, self.env, self.logs = root, environ, []
 
     def repro(self, *targets: str, extra: dict[str, str] | None = None, timeout: float = 400) -> int:
-        res = subprocess.run([str(h.BIN / "dvc"), "repro", *targets], cwd=self.root, env={**self.env, **(extra or {})},
-                             capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(
+            [str(h.BIN / "dvc"), "repro", *targets],
+            cwd=self.root,
+            env={**self.env, **(extra or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         self.logs.append(res.stdout + res.stderr)
         return res.returncode
 
     def popen(self, *targets: str) -> subprocess.Popen:
-        return subprocess.Popen([str(h.BIN / "dvc"), "repro", *targets], cwd=self.root, env=self.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.Popen(
+            [str(h.BIN / "dvc"), "repro", *targets],
+            cwd=self.root,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
 
 def _kill_log(tmp: Path) -> list[dict]:
@@ -107,8 +145,11 @@ REGISTERED = ".register.tmp-"
 def _stage_writes(stage: str, trace: list, root: Path) -> list[int]:
     """1-based indices of the writes a stage makes to its repo (not caches it touches while importing).
     register: only those before its registry version exists (a kill after it: test_register_killed_...)."""
-    picks = [i for i, (kind, path) in enumerate(trace, 1)
-             if kind == "fsync" or str(path).startswith(str(root)) or not os.path.isabs(str(path))]
+    picks = [
+        i
+        for i, (kind, path) in enumerate(trace, 1)
+        if kind == "fsync" or str(path).startswith(str(root)) or not os.path.isabs(str(path))
+    ]
     if stage == "register":
         cut = next(i for i, (_, path) in enumerate(trace, 1) if REGISTERED in str(path))
         picks = [i for i in picks if i < cut - 1]
@@ -123,8 +164,13 @@ def faults(tmp_path_factory):
     url = f"http://{{env:SEEDLM_REL_USER}}:{{env:SEEDLM_REL_TOKEN}}@127.0.0.1:{httpd.server_address[1]}/corpus.txt"
     sources = [{"synthetic": True}, {"url": url, "sha256": hashlib.sha256(CORPUS).hexdigest()}]
     hook = h.install_hook(tmp / "hook")
-    extra = {"SEEDLM_REL_USER": "reader", "SEEDLM_REL_TOKEN": TOKEN, "PYTHONPATH": str(hook),
-             "NO_PROXY": "127.0.0.1", "SEEDLM_KILL_LOG": str(tmp / "kills.jsonl")}
+    extra = {
+        "SEEDLM_REL_USER": "reader",
+        "SEEDLM_REL_TOKEN": TOKEN,
+        "PYTHONPATH": str(hook),
+        "NO_PROXY": "127.0.0.1",
+        "SEEDLM_KILL_LOG": str(tmp / "kills.jsonl"),
+    }
     ref = Pipeline(h.make_repo(tmp / "ref", {"ingest.pretrain_sources": sources}), {})
     ref.env = h.env(ref.root, SEEDLM_TRACE_DIR=str(tmp / "trace"), **extra)
     fault = Pipeline(h.make_repo(tmp / "fault", {"ingest.pretrain_sources": sources}), {})
@@ -157,9 +203,15 @@ def faults(tmp_path_factory):
             at = rng.choice(_stage_writes(stage, trace, ref.root))
             seen = _kill_log(tmp)
             rc = fault.repro(stage, extra={"SEEDLM_KILL_STAGE": stage, "SEEDLM_KILL_AT": str(at)})
-            hit = [k for k in _kill_log(tmp)[len(seen):] if k["stage"] == stage]
-            kills.append({"stage": stage, "how": f"SIGKILL before write {at}/{len(trace)}",
-                          "delivered": bool(hit), "at": hit[-1] if hit else None})
+            hit = [k for k in _kill_log(tmp)[len(seen) :] if k["stage"] == stage]
+            kills.append(
+                {
+                    "stage": stage,
+                    "how": f"SIGKILL before write {at}/{len(trace)}",
+                    "delivered": bool(hit),
+                    "at": hit[-1] if hit else None,
+                }
+            )
             assert not hit or rc != 0, "dvc repro reported success for a killed stage"
         # what the kill left: earlier stages' outputs untouched, no half-written output anywhere
         for prev, snap in done.items():
@@ -183,8 +235,10 @@ def faults(tmp_path_factory):
 
 def test_every_stage_was_killed(faults):
     delivered = [k for k in faults["kills"] if k["delivered"]]
-    print(f"\nfault seed {SEED}: " + "; ".join(f"{k['stage']}: {k['how']} ({'hit' if k['delivered'] else 'missed'})"
-                                               for k in faults["kills"]))
+    print(
+        f"\nfault seed {SEED}: "
+        + "; ".join(f"{k['stage']}: {k['how']} ({'hit' if k['delivered'] else 'missed'})" for k in faults["kills"])
+    )
     assert len(faults["kills"]) == 6
     assert len(delivered) >= 5, faults["kills"]  # at most one may miss (a stage finishing before its kill point)
 
@@ -249,12 +303,16 @@ def _register_scenario(ref: Pipeline, copy: Path, out: dict) -> None:
     import shutil
 
     shutil.copytree(ref.root, copy, symlinks=True)
-    p = Pipeline(copy, {**ref.env, "MLFLOW_TRACKING_URI": f"sqlite:///{copy}/mlflow.db",
-                        "SEEDLM_KILL_LOG": str(copy / "kills.jsonl")})
+    p = Pipeline(
+        copy,
+        {**ref.env, "MLFLOW_TRACKING_URI": f"sqlite:///{copy}/mlflow.db", "SEEDLM_KILL_LOG": str(copy / "kills.jsonl")},
+    )
     p.env.pop("SEEDLM_TRACE_DIR", None)
     db = copy / "mlflow.db"
     out["before"] = len(h.versions(db))
-    out["killed_rc"] = p.repro("-f", "register", extra={"SEEDLM_KILL_STAGE": "register", "SEEDLM_KILL_MATCH": REGISTERED})
+    out["killed_rc"] = p.repro(
+        "-f", "register", extra={"SEEDLM_KILL_STAGE": "register", "SEEDLM_KILL_MATCH": REGISTERED}
+    )
     out["after_kill"] = len(h.versions(db))
     out["rerun_rc"] = p.repro("register")
     out["after_rerun"] = len(h.versions(db))

@@ -2,6 +2,7 @@
 tokenizer that does not belong to the model, a context longer than the model's positions, a registry
 URI that does not exist. Each: exit 2 with one line naming the input and the fix, the stage's previous
 output untouched, its MLflow run FAILED, no registry version, and no pickle ever executed."""
+
 from __future__ import annotations
 
 import os
@@ -38,6 +39,7 @@ class _NoCapture:
     def readouterr(self):
         class R:
             err = ""
+
         return R()
 
 
@@ -46,8 +48,9 @@ def _model(folder: Path, vocab: int = 300, positions: int = 64, tokenizer: Path 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=32, n_layer=1, n_head=2)
-                    ).save_pretrained(folder)
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=32, n_layer=1, n_head=2)
+    ).save_pretrained(folder)
     if tokenizer is not None:
         for f in tokenizer.iterdir():
             shutil.copy(f, folder / f.name)
@@ -58,7 +61,7 @@ def _fresh(trained, tmp_path: Path, upto: str = "raw") -> Path:
     """A copy of the trained repo that holds the outputs up to `upto` (so failures there hurt nothing)."""
     repo, _ = trained
     new = h.make_repo(tmp_path / "repo", git=False)
-    for stage, out in h.OUTPUTS.items():
+    for out in h.OUTPUTS.values():
         if (repo / out).exists():
             shutil.copytree(repo / out, new / out)
         if out.endswith(upto):
@@ -87,13 +90,21 @@ def test_init_from_folder_without_a_tokenizer(trained, capsys, tmp_path):
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "README.txt").write_text("not a model")
-    _fails(capsys, repo, trained[1], "preprocess", [f"model.init_from: {junk} is not a folder with a tokenizer",
-                                                    "set it to null"], "-S", f"model.init_from={junk}")
+    _fails(
+        capsys,
+        repo,
+        trained[1],
+        "preprocess",
+        [f"model.init_from: {junk} is not a folder with a tokenizer", "set it to null"],
+        "-S",
+        f"model.init_from={junk}",
+    )
     assert not (repo / "data/processed").exists()
 
 
-@pytest.mark.parametrize("case", ["tokenizer_only", "pickle_only", "corrupt_safetensors", "short_positions",
-                                  "foreign_tokenizer"])
+@pytest.mark.parametrize(
+    "case", ["tokenizer_only", "pickle_only", "corrupt_safetensors", "short_positions", "foreign_tokenizer"]
+)
 def test_init_from_checkpoint_that_cannot_serve(trained, capsys, tmp_path, case):
     """preprocess takes the folder's tokenizer; pretrain must then refuse the folder with the reason."""
     repo, db = _fresh(trained, tmp_path), trained[1]
@@ -131,8 +142,15 @@ def test_sft_refuses_a_base_whose_vocabulary_the_tokenizer_outgrew(trained, caps
     repo, db = _fresh(trained, tmp_path, upto="pretrain"), trained[1]
     rc, err = h.cli(capsys, repo, "preprocess", "-S", "preprocess.vocab_size=400", tracking=db)
     assert rc == 0, err
-    _fails(capsys, repo, db, "sft", ["paths.pretrain", "smaller than the tokenizer's", "does not belong"],
-           "-S", "preprocess.vocab_size=400")
+    _fails(
+        capsys,
+        repo,
+        db,
+        "sft",
+        ["paths.pretrain", "smaller than the tokenizer's", "does not belong"],
+        "-S",
+        "preprocess.vocab_size=400",
+    )
 
 
 def test_sft_on_a_folder_that_is_not_a_pretrain_output(trained, capsys, tmp_path):
@@ -140,20 +158,39 @@ def test_sft_on_a_folder_that_is_not_a_pretrain_output(trained, capsys, tmp_path
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "config.json").write_text("{}")
-    _fails(capsys, repo, db, "sft", [f"{fake}/seedlm.json: missing", "dvc repro pretrain"], "-S",
-           f"paths.pretrain={fake}")
+    _fails(
+        capsys, repo, db, "sft", [f"{fake}/seedlm.json: missing", "dvc repro pretrain"], "-S", f"paths.pretrain={fake}"
+    )
 
 
 def test_evaluate_refuses_missing_registry_versions_and_pickle_models(trained, capsys, tmp_path):
     repo, db = trained
-    _fails(capsys, repo, db, "evaluate", ["models:/nope/7", "not found", "pass a local model folder"],
-           "-S", "evaluate.models={other: 'models:/nope/7'}", "-S", "evaluate.champion=false")
+    _fails(
+        capsys,
+        repo,
+        db,
+        "evaluate",
+        ["models:/nope/7", "not found", "pass a local model folder"],
+        "-S",
+        "evaluate.models={other: 'models:/nope/7'}",
+        "-S",
+        "evaluate.champion=false",
+    )
     folder = tmp_path / "pickled"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "gpt2"}')
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload()))
-    _fails(capsys, repo, db, "evaluate", [str(folder), "is not a model", "*.safetensors"],
-           "-S", f"evaluate.models={{other: '{folder}'}}", "-S", "evaluate.champion=false")
+    _fails(
+        capsys,
+        repo,
+        db,
+        "evaluate",
+        [str(folder), "is not a model", "*.safetensors"],
+        "-S",
+        f"evaluate.models={{other: '{folder}'}}",
+        "-S",
+        "evaluate.champion=false",
+    )
     assert not (repo / "reports/evaluate").exists()
 
 

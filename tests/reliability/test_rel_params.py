@@ -1,6 +1,7 @@
 """Bad settings: every one fails before any work with one clear line naming the key and the fix, exit 2,
 no outputs, no MLflow run, no registry version — through `python -m components.<stage>` and the flow CLI.
 Plus property tests of the validation itself (hypothesis)."""
+
 from __future__ import annotations
 
 import difflib
@@ -21,8 +22,10 @@ BAD = {
     "unknown_key": (["pretrain.max_step=3"], ["pretrain.max_step: unknown key; did you mean 'max_steps'?"]),
     "unknown_section": (["pretrian.lr=0.1"], ["pretrian: unknown key; did you mean 'pretrain'?"]),
     "unknown_nested": (["model.n_heads=4"], ["model.n_heads: unknown key; did you mean 'n_head'?"]),
-    "unknown_in_source": (["ingest.pretrain_sources=[{pth: data/sources}]"],
-                          ["ingest.pretrain_sources.0.pth: unknown key; did you mean 'path'?"]),
+    "unknown_in_source": (
+        ["ingest.pretrain_sources=[{pth: data/sources}]"],
+        ["ingest.pretrain_sources.0.pth: unknown key; did you mean 'path'?"],
+    ),
     "type_number": (["pretrain.lr=fast"], ["pretrain.lr", "valid number", "'fast'"]),
     "type_integer": (["model.n_layer=2.5"], ["model.n_layer", "integer"]),
     "type_list": (["ingest.pretrain_sources=data/sources"], ["ingest.pretrain_sources", "list"]),
@@ -38,21 +41,34 @@ BAD = {
     "huge_line_limit": (["ingest.max_line_mb=1e300"], ["ingest.max_line_mb", "less than or equal to 1024"]),
     "heads_width": (["model.n_embd=100", "model.n_head=3"], ["model", "n_head (3) must divide n_embd (100)"]),
     "kv_heads_gpt2": (["model.n_kv_head=1"], ["n_kv_head is only used by arch: llama"]),
-    "kv_heads_divide": (["model.arch=llama", "model.n_head=4", "model.n_embd=64", "model.n_kv_head=3"],
-                        ["n_kv_head (3) must divide n_head (4)"]),
+    "kv_heads_divide": (
+        ["model.arch=llama", "model.n_head=4", "model.n_embd=64", "model.n_kv_head=3"],
+        ["n_kv_head (3) must divide n_head (4)"],
+    ),
     "context_limit": (["model.context_length=200000"], ["model.context_length", "less than or equal to 131072"]),
-    "warmup": (["pretrain.warmup_steps=50", "pretrain.max_steps=10"], ["warmup_steps (50) must be below max_steps (10)"]),
+    "warmup": (
+        ["pretrain.warmup_steps=50", "pretrain.max_steps=10"],
+        ["warmup_steps (50) must be below max_steps (10)"],
+    ),
     "lora_on_noise": (["sft.method=lora", "pretrain.enabled=false"], ["lora", "enable pretrain"]),
-    "min_above_max": (["preprocess.min_chars=500", "preprocess.max_chars=100"],
-                      ["min_chars (500) is above max_chars (100)"]),
+    "min_above_max": (
+        ["preprocess.min_chars=500", "preprocess.max_chars=100"],
+        ["min_chars (500) is above max_chars (100)"],
+    ),
     "vocab_too_small": (["preprocess.vocab_size=100"], ["preprocess.vocab_size (100) is below 262", "raise it"]),
-    "two_kinds_of_source": (["ingest.pretrain_sources=[{path: a, url: 'https://x.org/y.txt'}]"],
-                            ["exactly one of synthetic/path/url/hf"]),
+    "two_kinds_of_source": (
+        ["ingest.pretrain_sources=[{path: a, url: 'https://x.org/y.txt'}]"],
+        ["exactly one of synthetic/path/url/hf"],
+    ),
     "url_without_sha": (["ingest.sft_sources=[{url: 'https://x.org/y.jsonl'}]"], ["sha256", "sha256sum"]),
-    "url_not_http": (["ingest.pretrain_sources=[{url: 'file:///etc/passwd', sha256: '" + "0" * 64 + "'}]"],
-                     ["url must be http(s)"]),
-    "bad_sha_format": (["ingest.pretrain_sources=[{url: 'https://x.org/y.txt', sha256: xyz}]"],
-                       ["ingest.pretrain_sources.0.sha256", "pattern"]),
+    "url_not_http": (
+        ["ingest.pretrain_sources=[{url: 'file:///etc/passwd', sha256: '" + "0" * 64 + "'}]"],
+        ["url must be http(s)"],
+    ),
+    "bad_sha_format": (
+        ["ingest.pretrain_sources=[{url: 'https://x.org/y.txt', sha256: xyz}]"],
+        ["ingest.pretrain_sources.0.sha256", "pattern"],
+    ),
     "no_sources": (["ingest.sft_sources=[]"], ["ingest.sft_sources", "at least 1"]),
     "gate_metric": (["register.gate.min={exactmatch: 0.1}"], ["register.gate: unknown metric 'exactmatch'"]),
     "model_name": (["register.model_name=my model"], ["register.model_name", "pattern"]),
@@ -151,6 +167,7 @@ def _get(data, path):
 
 def _set(data, path, value):
     import copy
+
     data = copy.deepcopy(data)
     node = data
     for p in path[:-1]:
@@ -159,12 +176,25 @@ def _set(data, path, value):
     return data
 
 
-SECTIONS = sorted({p[:i] for p in LEAVES for i in range(1, len(p))  # sections, not dict-valued settings
-                   if model_at(Params, p[:i]) is not None
-                   and set(_get(DEFAULTS, p[:i])) == set(model_at(Params, p[:i]).model_fields)})
-values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.integers(min_value=10**15),
-                   st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-                   st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+SECTIONS = sorted(
+    {
+        p[:i]
+        for p in LEAVES
+        for i in range(1, len(p))  # sections, not dict-valued settings
+        if model_at(Params, p[:i]) is not None
+        and set(_get(DEFAULTS, p[:i])) == set(model_at(Params, p[:i]).model_fields)
+    }
+)
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.integers(min_value=10**15),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 
 
 def _floats(data):
@@ -216,7 +246,7 @@ def test_a_typo_suggests_the_closest_key(path, data):
     close to the typo as the intended one (usually the intended one)."""
     key = path[-1]
     i = data.draw(st.integers(0, len(key) - 2))
-    typo = data.draw(st.sampled_from([key[:i] + key[i + 1:], key[:i] + key[i + 1] + key[i] + key[i + 2:]]))
+    typo = data.draw(st.sampled_from([key[:i] + key[i + 1 :], key[:i] + key[i + 1] + key[i] + key[i + 2 :]]))
     parent = _get(DEFAULTS, path[:-1])
     if typo in parent or typo == key:
         return
@@ -231,11 +261,18 @@ def test_a_typo_suggests_the_closest_key(path, data):
 
 
 @settings(max_examples=100, deadline=None)
-@given(max_steps=st.integers(1, 10_000), warm=st.integers(0, 10_000), lr=st.floats(1e-8, 1.0),
-       heads=st.integers(1, 16), per_head=st.integers(1, 64))
+@given(
+    max_steps=st.integers(1, 10_000),
+    warm=st.integers(0, 10_000),
+    lr=st.floats(1e-8, 1.0),
+    heads=st.integers(1, 16),
+    per_head=st.integers(1, 64),
+)
 def test_valid_training_settings_are_accepted(max_steps, warm, lr, heads, per_head):
-    data = {"pretrain": {"max_steps": max_steps, "warmup_steps": warm, "lr": lr},
-            "model": {"n_head": heads, "n_embd": heads * max(per_head, math.ceil(8 / heads))}}
+    data = {
+        "pretrain": {"max_steps": max_steps, "warmup_steps": warm, "lr": lr},
+        "model": {"n_head": heads, "n_embd": heads * max(per_head, math.ceil(8 / heads))},
+    }
     if warm >= max_steps:
         with pytest.raises(ConfigError, match="warmup_steps"):
             parse_params(data)

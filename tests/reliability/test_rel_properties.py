@@ -1,6 +1,7 @@
 """Property tests (hypothesis) beyond those of test_chat/test_preprocess/test_config: how ingest normalizes
 any instruction row, that training and generation see the same chat format, that labels never teach the
 format's own tokens, and that preprocess accounts for every document of any small corpus."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,12 @@ from components.data import chat
 from components.ingest import _Malformed, _sft_row, ingest
 from components.preprocess import clean_text, preprocess, train_tokenizer
 
-CORPUS = ["Where does Bram live? Bram lives in Kelmar.", "The ferry crosses the lake twice a day.",
-          "Is blue the colour of the sea? Yes.", "Lanterns are lit along the bridge at dusk. Ünïcödé ✓ 漢字"] * 5
+CORPUS = [
+    "Where does Bram live? Bram lives in Kelmar.",
+    "The ferry crosses the lake twice a day.",
+    "Is blue the colour of the sea? Yes.",
+    "Lanterns are lit along the bridge at dusk. Ünïcödé ✓ 漢字",
+] * 5
 ROLES = st.sampled_from(["system", "user", "assistant"])
 texts = st.text(st.characters(blacklist_categories=["Cs"]), max_size=30)
 plain = texts.map(clean_text).filter(lambda t: not any(s in t for s in chat.SPECIAL_TOKENS))
@@ -31,14 +36,36 @@ def tok():
 
 
 # ---------------------------------------------------------------- ingest's normalization of instruction rows
-anything = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-                        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
-                        max_leaves=6)
-alpaca = st.fixed_dictionaries({}, optional={"instruction": st.one_of(texts, anything), "input": st.one_of(texts, anything),
-                                             "output": st.one_of(texts, anything), "split": anything, "task": anything})
-chatrow = st.fixed_dictionaries({"messages": st.one_of(anything, st.lists(st.one_of(anything, st.fixed_dictionaries(
-    {"role": st.one_of(ROLES, texts), "content": st.one_of(texts, anything)})), max_size=4))},
-    optional={"split": st.sampled_from(["train", "val", "test", None, "dev"]), "task": st.one_of(texts, anything)})
+anything = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=6,
+)
+alpaca = st.fixed_dictionaries(
+    {},
+    optional={
+        "instruction": st.one_of(texts, anything),
+        "input": st.one_of(texts, anything),
+        "output": st.one_of(texts, anything),
+        "split": anything,
+        "task": anything,
+    },
+)
+chatrow = st.fixed_dictionaries(
+    {
+        "messages": st.one_of(
+            anything,
+            st.lists(
+                st.one_of(
+                    anything,
+                    st.fixed_dictionaries({"role": st.one_of(ROLES, texts), "content": st.one_of(texts, anything)}),
+                ),
+                max_size=4,
+            ),
+        )
+    },
+    optional={"split": st.sampled_from(["train", "val", "test", None, "dev"]), "task": st.one_of(texts, anything)},
+)
 
 
 @settings(max_examples=400, deadline=None)
@@ -50,14 +77,17 @@ def test_an_instruction_row_is_normalized_exactly_or_refused(row):
     except _Malformed:
         return
     msgs = out["messages"]
-    assert msgs and all(m["role"] in chat.ROLES and isinstance(m["content"], str) and m["content"].strip()
-                        for m in msgs)
+    assert msgs and all(
+        m["role"] in chat.ROLES and isinstance(m["content"], str) and m["content"].strip() for m in msgs
+    )
     assert any(m["role"] == "assistant" for m in msgs) and out["split"] in ("train", "val", "test", None)
     assert out["task"] is None or isinstance(out["task"], str)
     if "messages" not in row:  # Alpaca: user = instruction (+ blank line + input), assistant = output
         extra = row.get("input") or ""
-        assert msgs == [{"role": "user", "content": row["instruction"] + ("\n\n" + extra if extra.strip() else "")},
-                        {"role": "assistant", "content": row["output"]}]
+        assert msgs == [
+            {"role": "user", "content": row["instruction"] + ("\n\n" + extra if extra.strip() else "")},
+            {"role": "assistant", "content": row["output"]},
+        ]
     chat.render(msgs)  # what preprocess will do with it
 
 
@@ -76,7 +106,7 @@ def test_every_reply_is_trained_in_the_context_generation_gives_it(tok, convo):
         if m["role"] != "assistant":
             continue
         served = tok(chat.prompt_text(tok, msgs[:k]) + m["content"] + chat.END_TOKEN, add_special_tokens=False)
-        assert ids[:len(served["input_ids"])] == served["input_ids"], k
+        assert ids[: len(served["input_ids"])] == served["input_ids"], k
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -114,7 +144,9 @@ def test_unknown_roles_are_refused_everywhere(tok, role):
 
 
 # ---------------------------------------------------------------- preprocess accounts for every document
-docs = st.lists(st.one_of(st.sampled_from(CORPUS), texts, st.text(" \n\t\x00\x1b", max_size=5)), min_size=1, max_size=12)
+docs = st.lists(
+    st.one_of(st.sampled_from(CORPUS), texts, st.text(" \n\t\x00\x1b", max_size=5)), min_size=1, max_size=12
+)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
@@ -124,10 +156,14 @@ def test_preprocess_keeps_or_drops_every_document_with_a_reason(pretrain, qa):
     d = Path(tempfile.mkdtemp())
     try:
         (d / "p.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in pretrain))
-        (d / "s.jsonl").write_text("".join(json.dumps({"instruction": q or "?", "output": a or "!"}) + "\n"
-                                           for q, a in qa))
-        cfg = IngestConfig(pretrain_sources=[{"path": str(d / "p.jsonl")}], sft_sources=[{"path": str(d / "s.jsonl")}],
-                           skip_malformed=True)
+        (d / "s.jsonl").write_text(
+            "".join(json.dumps({"instruction": q or "?", "output": a or "!"}) + "\n" for q, a in qa)
+        )
+        cfg = IngestConfig(
+            pretrain_sources=[{"path": str(d / "p.jsonl")}],
+            sft_sources=[{"path": str(d / "s.jsonl")}],
+            skip_malformed=True,
+        )
         try:
             ingest(cfg, d / "raw", seed=0, sources_root=d, cache_dir=d / "cache")
         except StageError:
@@ -141,8 +177,11 @@ def test_preprocess_keeps_or_drops_every_document_with_a_reason(pretrain, qa):
         pre, sft = rep["pretrain"], rep["sft"]
         assert pre["kept"] + sum(pre["dropped"].values()) == pre["docs_in"]
         assert pre["train_docs"] + pre["val_docs"] == pre["kept"] and pre["val_docs"] >= 1
-        assert sft["kept"] + sum(sft["dropped"].values()) == sft["rows_in"] == res["sft_train"] + res["sft_val"] \
-            + res["sft_test"] + sum(sft["dropped"].values())
+        assert (
+            sft["kept"] + sum(sft["dropped"].values())
+            == sft["rows_in"]
+            == res["sft_train"] + res["sft_val"] + res["sft_test"] + sum(sft["dropped"].values())
+        )
     finally:
         shutil.rmtree(d)
 
@@ -150,11 +189,20 @@ def test_preprocess_keeps_or_drops_every_document_with_a_reason(pretrain, qa):
 def test_a_reply_without_a_prompt_is_dropped_not_passed_on(tmp_path):
     """A row that is only an assistant turn would give evaluate an empty conversation to prompt with
     (transformers refuses it): preprocess drops it with a reason."""
-    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"messages": [{"role": "assistant", "content": "Hello, I am here."}]},
-        *({"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(8))]))
-    cfg = IngestConfig(pretrain_sources=[{"synthetic": True}], sft_sources=[{"path": str(tmp_path / "s.jsonl")}],
-                       synthetic={"entities": 4, "paraphrases": 1})
+    (tmp_path / "s.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"messages": [{"role": "assistant", "content": "Hello, I am here."}]},
+                *({"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(8)),
+            ]
+        )
+    )
+    cfg = IngestConfig(
+        pretrain_sources=[{"synthetic": True}],
+        sft_sources=[{"path": str(tmp_path / "s.jsonl")}],
+        synthetic={"entities": 4, "paraphrases": 1},
+    )
     ingest(cfg, tmp_path / "raw", seed=0, sources_root=tmp_path, cache_dir=tmp_path / "cache")
     preprocess(PreprocessConfig(vocab_size=300), tmp_path / "raw", tmp_path / "out", tmp_path / "m.json", seed=0)
     rep = json.loads((tmp_path / "m.json").read_text())["sft"]

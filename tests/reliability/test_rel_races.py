@@ -7,6 +7,7 @@ To stay cheap the shared upstream (ingest, preprocess, pretrain) is committed fi
 pipeline test_rel_kill finished, when it ran in this session); three runs reuse it, and the Prefect run
 changes pretrain.max_steps so it retrains from there.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,13 @@ def concurrent(tmp_path_factory):
         if name.startswith("exp-"):
             res = run(str(h.BIN / "dvc"), "exp", "run", "--queue", "-n", name, *_sets(overrides))
             assert res.returncode == 0, res.stderr[-3000:]
-    flow = subprocess.Popen([str(h.BIN / "python"), "-m", "flows.pipeline", *_sets(RUNS["prefect"])], cwd=repo, env=e,
-                            stdout=open(tmp / "prefect.log", "w"), stderr=subprocess.STDOUT)
+    flow = subprocess.Popen(
+        [str(h.BIN / "python"), "-m", "flows.pipeline", *_sets(RUNS["prefect"])],
+        cwd=repo,
+        env=e,
+        stdout=open(tmp / "prefect.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     res = run(str(h.BIN / "dvc"), "queue", "start", "-j", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     deadline = time.monotonic() + 600
@@ -80,14 +86,20 @@ def concurrent(tmp_path_factory):
         time.sleep(2)
     flow.wait(timeout=max(10, deadline - time.monotonic()))
     logs = {n: _failure(run(str(h.BIN / "dvc"), "queue", "logs", n).stdout) for n in RUNS if n.startswith("exp-")}
-    return {"repo": repo, "status": status, "flow_rc": flow.returncode, "logs": logs,
-            "flow_log": _failure((tmp / "prefect.log").read_text()), "env": e}
+    return {
+        "repo": repo,
+        "status": status,
+        "flow_rc": flow.returncode,
+        "logs": logs,
+        "flow_log": _failure((tmp / "prefect.log").read_text()),
+        "env": e,
+    }
 
 
 def _failure(log: str) -> str:
     """The part of a run's log that explains a failure: its first traceback and the end."""
     i = log.find("Traceback")
-    return (log[i:i + 3000] + "\n...\n" if i >= 0 else "") + log[-1500:]
+    return (log[i : i + 3000] + "\n...\n" if i >= 0 else "") + log[-1500:]
 
 
 def test_all_four_runs_completed(concurrent):

@@ -1,6 +1,7 @@
 """Security: only safetensors weights, torch.load only with weights_only=True, no unsafe deserialization
 anywhere in the code; ingestion writes nowhere but its folders and downloads only http(s), within size
 limits; credentials (in urls, or secret environment variables) never reach MLflow, outputs or logs."""
+
 from __future__ import annotations
 
 import ast
@@ -40,29 +41,48 @@ def test_torch_load_is_always_weights_only():
     assert bad == [] and found >= 1, bad  # there is at least the checkpoint loader
 
 
-UNSAFE = {"pickle.load", "pickle.loads", "cloudpickle.load", "cloudpickle.loads", "dill.load", "dill.loads",
-          "joblib.load", "pd.read_pickle", "pandas.read_pickle", "marshal.loads", "shelve.open", "eval", "exec",
-          "yaml.unsafe_load", "yaml.full_load"}
+UNSAFE = {
+    "pickle.load",
+    "pickle.loads",
+    "cloudpickle.load",
+    "cloudpickle.loads",
+    "dill.load",
+    "dill.loads",
+    "joblib.load",
+    "pd.read_pickle",
+    "pandas.read_pickle",
+    "marshal.loads",
+    "shelve.open",
+    "eval",
+    "exec",
+    "yaml.unsafe_load",
+    "yaml.full_load",
+}
 
 
 def test_no_unsafe_deserialization_or_remote_code():
     bad = []
     for path in SOURCES:
-        where = lambda n: f"{path.relative_to(h.ROOT)}:{n.lineno} {ast.unparse(n)[:80]}"  # noqa: E731
+        where = lambda n, path=path: f"{path.relative_to(h.ROOT)}:{n.lineno} {ast.unparse(n)[:80]}"
         for node, name, kw in _calls(path):
             if name in UNSAFE:
                 bad.append(where(node))
-            if _true(kw.get("trust_remote_code")) or _true(kw.get("allow_pickle")) or \
-                    (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is False) or \
-                    (isinstance(kw.get("use_safetensors"), ast.Constant) and kw["use_safetensors"].value is False):
+            if (
+                _true(kw.get("trust_remote_code"))
+                or _true(kw.get("allow_pickle"))
+                or (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is False)
+                or (isinstance(kw.get("use_safetensors"), ast.Constant) and kw["use_safetensors"].value is False)
+            ):
                 bad.append(where(node))
             if name == "yaml.load" and not ast.unparse(kw.get("Loader", ast.Constant(""))).endswith(
-                    ("SafeLoader", "CSafeLoader", "_StrictLoader")):
+                ("SafeLoader", "CSafeLoader", "_StrictLoader")
+            ):
                 bad.append(where(node))
     assert bad == [], bad
     import yaml
 
     from components.core.params import _StrictLoader
+
     assert issubclass(_StrictLoader, yaml.SafeLoader)
 
 
@@ -70,13 +90,20 @@ def test_model_loading_paths_report():
     """Where a model folder is loaded without use_safetensors=True (report; transformers then loads .bin files
     through torch.load(weights_only=True), so no pickle code runs — the pickle tests of test_rel_models prove
     the stages refuse such folders before that)."""
-    loose = [f"{p.relative_to(h.ROOT)}:{n.lineno}" for p in SOURCES for n, name, kw in _calls(p)
-             if name.endswith("from_pretrained") and "Tokenizer" not in name and "Config" not in name
-             and not _true(kw.get("use_safetensors"))]
+    loose = [
+        f"{p.relative_to(h.ROOT)}:{n.lineno}"
+        for p in SOURCES
+        for n, name, kw in _calls(p)
+        if name.endswith("from_pretrained")
+        and "Tokenizer" not in name
+        and "Config" not in name
+        and not _true(kw.get("use_safetensors"))
+    ]
     print("\nfrom_pretrained without use_safetensors=True: " + (", ".join(loose) or "none"))
     import inspect
 
     from transformers import modeling_utils
+
     assert inspect.signature(modeling_utils.load_state_dict).parameters["weights_only"].default is True
 
 
@@ -148,23 +175,32 @@ def test_ingestion_writes_only_into_its_folders(tmp_path, server, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
     before = _everything(tmp_path)
-    cases = [([{"path": str(src / "corpus.tar")}], "unsupported file type"),
-             ([{"path": str(src / "corpus.zip")}], "unsupported file type"),
-             ([{"url": f"{server}/a/..", "sha256": sha}], "cannot tell the file type"),
-             ([{"url": f"{server}/redirect-file/c.txt", "sha256": sha}], "could not download"),
-             ([{"url": f"{server}/loop/c.txt", "sha256": sha}], "could not download"),
-             ([{"url": f"{server}/chunked/c.txt", "sha256": sha}], "larger than max_download_mb (2)")]
+    cases = [
+        ([{"path": str(src / "corpus.tar")}], "unsupported file type"),
+        ([{"path": str(src / "corpus.zip")}], "unsupported file type"),
+        ([{"url": f"{server}/a/..", "sha256": sha}], "cannot tell the file type"),
+        ([{"url": f"{server}/redirect-file/c.txt", "sha256": sha}], "could not download"),
+        ([{"url": f"{server}/loop/c.txt", "sha256": sha}], "could not download"),
+        ([{"url": f"{server}/chunked/c.txt", "sha256": sha}], "larger than max_download_mb (2)"),
+    ]
     for sources, expect in cases:
         cfg = IngestConfig(pretrain_sources=sources, sft_sources=[{"synthetic": True}], max_download_mb=2)
         with pytest.raises(StageError, match=expect.replace("(", r"\(").replace(")", r"\)")):
             ingest(cfg, repo / "data/raw", seed=0, sources_root=src, cache_dir=repo / ".seedlm/downloads")
     for name in ("%2e%2e%2f%2e%2e%2fescaped.txt", "a/../../../up.txt"):
-        cfg = IngestConfig(pretrain_sources=[{"url": f"{server}/{name}", "sha256": sha}], sft_sources=[{"synthetic": True}],
-                           synthetic={"entities": 4, "paraphrases": 1})
+        cfg = IngestConfig(
+            pretrain_sources=[{"url": f"{server}/{name}", "sha256": sha}],
+            sft_sources=[{"synthetic": True}],
+            synthetic={"entities": 4, "paraphrases": 1},
+        )
         ingest(cfg, repo / "data/raw", seed=0, sources_root=src, cache_dir=repo / ".seedlm/downloads")
     new = _everything(tmp_path) - before
-    outside = sorted(p for p in new if not p.startswith((str(repo / "data/raw"), str(repo / ".seedlm/downloads")))
-                     and p not in (str(repo / "data"), str(repo / ".seedlm")))
+    outside = sorted(
+        p
+        for p in new
+        if not p.startswith((str(repo / "data/raw"), str(repo / ".seedlm/downloads")))
+        and p not in (str(repo / "data"), str(repo / ".seedlm"))
+    )
     assert outside == [], outside
     assert not any("evil" in p for p in _everything(tmp_path) - before)
     assert not Path("/tmp/evil-abs.txt").exists()
@@ -177,8 +213,10 @@ def test_redact_hides_every_form_of_credential(monkeypatch):
     monkeypatch.setenv("SEEDLM_API_TOKEN", "tok_0123456789abcdef")
     monkeypatch.setenv("SOME_PASSWORD", "hunter2hunter2")
     monkeypatch.setenv("SEEDLM_PLAIN", "not-a-secret-value")
-    text = ("https://alice:pw0rd@host/x?token=abc&sig=zz&page=2 https://ghp_abc@github.com/r "
-            "auth tok_0123456789abcdef and hunter2hunter2; not-a-secret-value")
+    text = (
+        "https://alice:pw0rd@host/x?token=abc&sig=zz&page=2 https://ghp_abc@github.com/r "
+        "auth tok_0123456789abcdef and hunter2hunter2; not-a-secret-value"
+    )
     out = redact({"a": [text], "n": 3})
     s = out["a"][0]
     for secret in ("pw0rd", "alice", "token=abc", "sig=zz", "ghp_abc", "tok_0123456789abcdef", "hunter2hunter2"):
@@ -196,8 +234,10 @@ def test_no_credentials_reach_mlflow_outputs_or_logs(tmp_path, server, capsys, m
     repo = h.make_repo(tmp_path / "repo", git=False)
     sha = __import__("hashlib").sha256(b"doc one\n\ndoc two\n").hexdigest()
     host = server.split("//")[1]
-    sources = [{"url": f"http://alice:Pa55word-lit@{host}/a.txt", "sha256": sha},
-               {"url": f"http://{host}/b.txt?token={{env:CORPUS_TOKEN}}", "sha256": sha}]
+    sources = [
+        {"url": f"http://alice:Pa55word-lit@{host}/a.txt", "sha256": sha},
+        {"url": f"http://{host}/b.txt?token={{env:CORPUS_TOKEN}}", "sha256": sha},
+    ]
     rc, err = h.cli(capsys, repo, "ingest", "-S", f"ingest.pretrain_sources={json.dumps(sources)}")
     assert rc == 0, err
     for secret in ("Pa55word-lit", token):

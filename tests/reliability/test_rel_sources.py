@@ -2,6 +2,7 @@
 file (and line) and the fix, exit 2, no partial output, the MLflow run FAILED (not RUNNING), no registry
 version. Then urls, unreadable files, multi-MB lines, a corpus too small to train on, and a fuzz of
 ingest with arbitrary bytes (hypothesis): it either succeeds or raises StageError, nothing else."""
+
 from __future__ import annotations
 
 import base64
@@ -49,28 +50,61 @@ BAD = {  # name: (kind, file name, content, expected parts of the message beside
     "binary": ("pretrain", "b.txt", bytes(range(256)) * 4, ["looks binary", "UTF-8 text or parquet"]),
     "non_utf8": ("pretrain", "l.txt", "fine\ncaf\xe9\n".encode("latin-1"), [":2:", "not valid UTF-8", "iconv"]),
     "gz_not_gzip": ("pretrain", "n.txt.gz", b"plain text", ["named .gz but not gzip data"]),
-    "gz_truncated": ("pretrain", "t.jsonl.gz", gzip.compress(jsonl([{"text": str(i) * 50} for i in range(400)]))[:700],
-                     ["corrupt gzip"]),
-    "csv_no_column": ("pretrain", "c.csv", b"id,body\n1,hello\n", ["no column 'text'", "columns found: id, body",
-                                                                     "text_field"]),
+    "gz_truncated": (
+        "pretrain",
+        "t.jsonl.gz",
+        gzip.compress(jsonl([{"text": str(i) * 50} for i in range(400)]))[:700],
+        ["corrupt gzip"],
+    ),
+    "csv_no_column": (
+        "pretrain",
+        "c.csv",
+        b"id,body\n1,hello\n",
+        ["no column 'text'", "columns found: id, body", "text_field"],
+    ),
     "parquet_no_column": ("pretrain", "p.parquet", parquet({"body": ["x"]}), ["no column 'text'", "body"]),
     "parquet_garbage": ("pretrain", "g.parquet", b"PAR1" + os.urandom(64), ["not a readable parquet file"]),
-    "jsonl_malformed": ("pretrain", "j.jsonl", b'{"text": "ok"}\n{"text": "no end\n', [":2:", "not valid JSON",
-                                                                                          "skip_malformed"]),
+    "jsonl_malformed": (
+        "pretrain",
+        "j.jsonl",
+        b'{"text": "ok"}\n{"text": "no end\n',
+        [":2:", "not valid JSON", "skip_malformed"],
+    ),
     "jsonl_not_object": ("sft", "o.jsonl", b"[1, 2]\n", [":1:", "expected a JSON object"]),
     "jsonl_deep": ("pretrain", "d.jsonl", b"[" * 100_000 + b"\n", [":1:", "nested too deeply"]),
     "jsonl_lone_surrogate": ("pretrain", "s.jsonl", b'{"text": "abc \\ud800 def"}\n', [":1:", "lone surrogate"]),
     "jsonl_text_not_string": ("pretrain", "n.jsonl", b'{"text": NaN}\n', [":1:", "'text' missing or not text"]),
-    "alpaca_no_output": ("sft", "a.jsonl", jsonl([{"instruction": "q", "output": "a"}, {"instruction": "q"}]),
-                         [":2:", "missing or empty 'output'"]),
+    "alpaca_no_output": (
+        "sft",
+        "a.jsonl",
+        jsonl([{"instruction": "q", "output": "a"}, {"instruction": "q"}]),
+        [":2:", "missing or empty 'output'"],
+    ),
     "alpaca_output_not_text": ("sft", "a.jsonl", jsonl([{"instruction": "q", "output": 3}]), [":1:", "'output'"]),
-    "chat_unknown_role": ("sft", "r.jsonl", jsonl([msgs(("user", "q"), ("bot", "a"))]),
-                          [":1:", "messages[1]: role 'bot' is not one of system, user, assistant"]),
-    "chat_empty_content": ("sft", "r.jsonl", jsonl([msgs(("user", "q"), ("assistant", "  "))]),
-                           [":1:", "messages[1]: content must be a non-empty string"]),
-    "chat_no_assistant": ("sft", "r.jsonl", jsonl([msgs(("system", "s"), ("user", "q"))]), [":1:", "no assistant turn"]),
-    "chat_bad_split": ("sft", "r.jsonl", jsonl([{**msgs(("user", "q"), ("assistant", "a")), "split": "dev"}]),
-                       [":1:", "split must be train/val/test/null"]),
+    "chat_unknown_role": (
+        "sft",
+        "r.jsonl",
+        jsonl([msgs(("user", "q"), ("bot", "a"))]),
+        [":1:", "messages[1]: role 'bot' is not one of system, user, assistant"],
+    ),
+    "chat_empty_content": (
+        "sft",
+        "r.jsonl",
+        jsonl([msgs(("user", "q"), ("assistant", "  "))]),
+        [":1:", "messages[1]: content must be a non-empty string"],
+    ),
+    "chat_no_assistant": (
+        "sft",
+        "r.jsonl",
+        jsonl([msgs(("system", "s"), ("user", "q"))]),
+        [":1:", "no assistant turn"],
+    ),
+    "chat_bad_split": (
+        "sft",
+        "r.jsonl",
+        jsonl([{**msgs(("user", "q"), ("assistant", "a")), "split": "dev"}]),
+        [":1:", "split must be train/val/test/null"],
+    ),
     "sft_csv_columns": ("sft", "q.csv", b"question,answer\nq,a\n", ["no column 'instruction', 'output'"]),
     "txt_as_sft": ("sft", "s.txt", b"some text\n", ["unsupported file type for sft sources"]),
     "pickle": ("pretrain", "model.pkl", b"\x80\x04\x95", ["unsupported file type"]),
@@ -159,8 +193,10 @@ def test_unreadable_file_for_real(repo, tmp_path):
     cmd = [str(h.BIN / "python"), "-m", "components.ingest", "--no-progress", *sources("pretrain", [{"path": str(f)}])]
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
-            pytest.skip("running as root (permissions are not enforced) and setpriv is not available to drop "
-                        "CAP_DAC_OVERRIDE; test_unreadable_file_simulated covers the code path")
+            pytest.skip(
+                "running as root (permissions are not enforced) and setpriv is not available to drop "
+                "CAP_DAC_OVERRIDE; test_unreadable_file_simulated covers the code path"
+            )
         cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *cmd]
     res = subprocess.run(cmd, cwd=repo, env=h.env(repo), capture_output=True, text=True, timeout=120)
     if os.geteuid() == 0 and "Operation not permitted" in res.stderr and "setpriv" in res.stderr:
@@ -178,8 +214,16 @@ def test_multi_megabyte_lines(repo, capsys, tmp_path):
     f.write_bytes(jsonl([{"text": "short one"}, {"text": "y" * (3 * 2**20)}, {"text": "after it"}]))
     rc, err = h.cli(capsys, repo, "ingest", *sources("pretrain", [{"path": str(f)}]), "-S", "ingest.max_line_mb=2")
     expect_clean_failure(repo, rc, err, [f"{f}:2:", "3.00 MiB is above max_line_mb (2)"])
-    rc, err = h.cli(capsys, repo, "ingest", *sources("pretrain", [{"path": str(f)}]), "-S", "ingest.max_line_mb=2",
-                    "-S", "ingest.skip_malformed=true")
+    rc, err = h.cli(
+        capsys,
+        repo,
+        "ingest",
+        *sources("pretrain", [{"path": str(f)}]),
+        "-S",
+        "ingest.max_line_mb=2",
+        "-S",
+        "ingest.skip_malformed=true",
+    )
     assert rc == 0, err
     man = h.read(repo / "data/raw/manifest.json")["pretrain"][0]
     assert (man["rows"], man["skipped"]) == (2, 1)
@@ -224,8 +268,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Length", str(10 * 2**30))
             self.end_headers()
-        elif parts[1] == "auth" and self.headers.get("Authorization") != \
-                "Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode():
+        elif (
+            parts[1] == "auth"
+            and self.headers.get("Authorization") != "Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode()
+        ):
             self.send_response(401)
             self.end_headers()
         else:
@@ -248,6 +294,7 @@ def server():
 
 def _sha(data: bytes) -> str:
     import hashlib
+
     return hashlib.sha256(data).hexdigest()
 
 
@@ -263,12 +310,21 @@ def test_url_failures_are_clear_and_leave_nothing(repo, capsys, server):
         (f"{server}/files/c.txt", "0" * 64, ["sha256 mismatch", good, "fix `sha256:`"]),
         (f"{server}/files/c.pdf", good, ["cannot tell the file type from the url"]),
         (f"http://alice:{SECRET}@{server.split('//')[1]}/status/500/c.txt", good, ["http://***@127.0.0.1", "HTTP 500"]),
-        (f"http://{{env:SEEDLM_NOT_SET}}@{server.split('//')[1]}/files/c.txt", good,
-         ["environment variable SEEDLM_NOT_SET is not set"]),
+        (
+            f"http://{{env:SEEDLM_NOT_SET}}@{server.split('//')[1]}/files/c.txt",
+            good,
+            ["environment variable SEEDLM_NOT_SET is not set"],
+        ),
     ]
     for url, sha, parts in cases:
-        rc, err = h.cli(capsys, repo, "ingest", *sources("pretrain", [{"url": url, "sha256": sha}]),
-                        "-S", "ingest.max_download_mb=1")
+        rc, err = h.cli(
+            capsys,
+            repo,
+            "ingest",
+            *sources("pretrain", [{"url": url, "sha256": sha}]),
+            "-S",
+            "ingest.max_download_mb=1",
+        )
         expect_clean_failure(repo, rc, err, parts)
         assert SECRET not in err
         downloads = repo / ".seedlm/downloads"
@@ -294,28 +350,40 @@ def test_url_with_credentials_downloads_and_never_shows_them(repo, capsys, serve
 # ---------------------------------------------------------------- fuzz
 NAMES = ["a.txt", "a.md", "a.jsonl", "a.csv", "a.parquet", "a.txt.gz", "a.jsonl.gz", "a.csv.gz"]
 KEYS = ["text", "instruction", "input", "output", "messages", "role", "content", "split", "task"]
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(KEYS), c, max_size=4),
-                           max_leaves=10)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(KEYS), c, max_size=4),
+    max_leaves=10,
+)
 contents = st.one_of(
     st.binary(max_size=300),
     st.lists(json_values.map(json.dumps), max_size=5).map(lambda rows: "\n".join(rows).encode()),
     st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")),
     st.lists(st.lists(st.text(max_size=8), min_size=1, max_size=3), max_size=4).map(
-        lambda rows: "\n".join(",".join(r) for r in [["text", "instruction", "output"], *rows]).encode()))
+        lambda rows: "\n".join(",".join(r) for r in [["text", "instruction", "output"], *rows]).encode()
+    ),
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(name=st.sampled_from(NAMES), kind=st.sampled_from(["pretrain", "sft"]), data=contents, gz=st.booleans(),
-       skip=st.booleans())
+@given(
+    name=st.sampled_from(NAMES),
+    kind=st.sampled_from(["pretrain", "sft"]),
+    data=contents,
+    gz=st.booleans(),
+    skip=st.booleans(),
+)
 def test_fuzz_any_bytes_give_rows_or_a_stage_error(name, kind, data, gz, skip):
     d = Path(tempfile.mkdtemp())
     try:
         (d / name).write_bytes(gzip.compress(data) if name.endswith(".gz") and gz else data)
         src = [{"path": str(d / name)}]
-        cfg = IngestConfig(pretrain_sources=src if kind == "pretrain" else [{"synthetic": True}],
-                           sft_sources=src if kind == "sft" else [{"synthetic": True}], skip_malformed=skip,
-                           synthetic={"entities": 4, "paraphrases": 1})
+        cfg = IngestConfig(
+            pretrain_sources=src if kind == "pretrain" else [{"synthetic": True}],
+            sft_sources=src if kind == "sft" else [{"synthetic": True}],
+            skip_malformed=skip,
+            synthetic={"entities": 4, "paraphrases": 1},
+        )
         try:
             res = ingest(cfg, d / "out", seed=1, sources_root=d, cache_dir=d / "cache")
         except StageError as e:

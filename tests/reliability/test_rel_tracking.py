@@ -1,6 +1,7 @@
 """A tracking store that fails or goes away: calls are retried with backoff and reported, metrics are
 buffered so training goes on, and what cannot be delivered is saved and replayed — never dropped.
 A real `mlflow server` is SIGKILLed in the middle of a pretraining run (and restarted, or not)."""
+
 from __future__ import annotations
 
 import csv
@@ -32,6 +33,7 @@ class _Flaky:
 
 def _mlflow_error(msg: str, code: str = "INTERNAL_ERROR"):
     from mlflow.exceptions import MlflowException
+
     return MlflowException(msg, error_code=code)
 
 
@@ -43,11 +45,13 @@ def fast(monkeypatch):
 def test_transient_errors_are_retried_and_reported(fast, caplog):
     import sqlalchemy.exc
 
-    errors = [requests.ConnectionError("refused"),
-              _mlflow_error("API request to http://x/api failed with exception Max retries exceeded"),
-              _mlflow_error("API request failed with error code 503 != 200"),
-              sqlalchemy.exc.OperationalError("insert", {}, Exception("database is locked")),
-              sqlalchemy.exc.OperationalError("create", {}, Exception("table runs already exists"))]
+    errors = [
+        requests.ConnectionError("refused"),
+        _mlflow_error("API request to http://x/api failed with exception Max retries exceeded"),
+        _mlflow_error("API request failed with error code 503 != 200"),
+        sqlalchemy.exc.OperationalError("insert", {}, Exception("database is locked")),
+        sqlalchemy.exc.OperationalError("create", {}, Exception("table runs already exists")),
+    ]
     fn = _Flaky(errors)
     counted = []
     with caplog.at_level(logging.WARNING, logger="seedlm.tracking"):
@@ -108,8 +112,17 @@ def test_four_first_runs_create_one_sqlite_store_together(tmp_path):
     one creates and migrates the store while the others wait, and all four log their run."""
     env = h.env(None, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", PYTHONPATH=str(h.ROOT))
     start = f"{time.time() + 4:.3f}"
-    procs = [subprocess.Popen([str(h.BIN / "python"), "-c", OPEN, start], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [str(h.BIN / "python"), "-c", OPEN, start],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [e[-1500:] for _, e in outs]
     assert h.runs(tmp_path / "mlflow.db") == [("x", "FINISHED")] * 4
@@ -144,7 +157,9 @@ def test_runs_of_killed_processes_are_marked_killed(tmp_path, monkeypatch):
     exp = mlflow.get_experiment_by_name("seedlm").experiment_id
     orphan = client.create_run(exp, tags={"seedlm.stage": "ingest", **reaper.identity(), "seedlm.pid": str(dead.pid)})
     alive = client.create_run(exp, tags={"seedlm.stage": "ingest", **reaper.identity()})  # this process: alive
-    other = client.create_run(exp, tags={"seedlm.stage": "preprocess", **reaper.identity(), "seedlm.pid": str(dead.pid)})
+    other = client.create_run(
+        exp, tags={"seedlm.stage": "preprocess", **reaper.identity(), "seedlm.pid": str(dead.pid)}
+    )
     with Tracking(mlflow, budget_s=5).start_run(run_name="ingest", tags={"seedlm.stage": "ingest"}) as run:
         pass
     status = {r: client.get_run(r.info.run_id).info.status for r in (orphan, alive, other)}
@@ -163,9 +178,11 @@ def data_repo(tmp_path_factory):
     from components.ingest import ingest
     from components.preprocess import preprocess
 
-    repo = h.make_repo(tmp_path_factory.mktemp("tracking") / "repo", {
-        "pretrain.max_steps": 80, "pretrain.log_every": 1, "pretrain.eval_every": 20,
-        "pretrain.checkpoint_every": 20}, git=False)
+    repo = h.make_repo(
+        tmp_path_factory.mktemp("tracking") / "repo",
+        {"pretrain.max_steps": 80, "pretrain.log_every": 1, "pretrain.eval_every": 20, "pretrain.checkpoint_every": 20},
+        git=False,
+    )
     p = load_params(repo / "params.yaml")
     ingest(p.ingest, repo / "data/raw", seed=p.seed, sources_root=repo / "data/sources", cache_dir=repo / ".cache")
     preprocess(p.preprocess, repo / "data/raw", repo / "data/processed", repo / "metrics/preprocess.json", seed=p.seed)
@@ -186,8 +203,14 @@ def _pretrain(repo: Path, server: h.MlflowServer, budget_s: float) -> subprocess
     for out in ("models/pretrain", "metrics/pretrain.json", "plots/pretrain_loss.csv", ".seedlm"):
         shutil.rmtree(repo / out, ignore_errors=True) if (repo / out).is_dir() else (repo / out).unlink(missing_ok=True)
     e = h.env(None, MLFLOW_TRACKING_URI=server.url, SEEDLM_TRACKING_RETRY_S=str(budget_s), NO_PROXY="127.0.0.1")
-    return subprocess.Popen([str(h.BIN / "python"), "-m", "components.pretrain", "--no-progress"], cwd=repo, env=e,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [str(h.BIN / "python"), "-m", "components.pretrain", "--no-progress"],
+        cwd=repo,
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_metrics(server: h.MlflowServer, proc: subprocess.Popen, timeout: float = 120):
@@ -223,8 +246,14 @@ def test_server_down_at_start_fails_clearly_before_any_work(data_repo, server):
     before = h.tree(data_repo / "data/raw")
     assert server.proc is None  # not started yet
     e = h.env(None, MLFLOW_TRACKING_URI=server.url, SEEDLM_TRACKING_RETRY_S="2", NO_PROXY="127.0.0.1")
-    res = subprocess.run([str(h.BIN / "python"), "-m", "components.ingest", "--no-progress"], cwd=data_repo, env=e,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(h.BIN / "python"), "-m", "components.ingest", "--no-progress"],
+        cwd=data_repo,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     line = [x for x in res.stderr.splitlines() if x.startswith("seedlm ingest: error:")]
     assert line and "tracking store" in line[0] and "start the tracking server" in line[0], res.stderr[-3000:]
@@ -257,14 +286,18 @@ def test_server_gone_for_good_saves_a_backlog_that_replays(data_repo, server, tm
     assert backlog.is_file() and f"python -m components.tracking.backlog replay {backlog}" in err, err[-3000:]
     assert "could not be delivered" in err and "the stage's outputs are complete" in err
     server.start()
-    res = subprocess.run([str(h.BIN / "python"), "-m", "components.tracking.backlog", "replay"], cwd=data_repo,
-                         env=h.env(None, MLFLOW_TRACKING_URI=server.url, NO_PROXY="127.0.0.1"),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(h.BIN / "python"), "-m", "components.tracking.backlog", "replay"],
+        cwd=data_repo,
+        env=h.env(None, MLFLOW_TRACKING_URI=server.url, NO_PROXY="127.0.0.1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and "item(s) sent" in res.stdout, res.stderr[-3000:]
     assert not backlog.exists()
     _check_complete(data_repo, server, run_id)
     import mlflow
+
     arts = [a.path for a in mlflow.MlflowClient(server.url).list_artifacts(run_id)]
     assert "pretrain_loss.csv" in arts, arts
-
-

@@ -3,6 +3,7 @@
 `load_metric(name)` prefers the local module (offline) and only falls back to the Hugging Face hub
 (`evaluate.load(name)`, needs the network) when no local module of that name exists.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,7 @@ def local_path(name: str) -> Path | None:
     return folder if (folder / f"{name}.py").is_file() else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_metric(name: str, **kwargs: Any) -> Any:
     """An `evaluate` metric: the local module when there is one, else the hub's (needs the network).
 

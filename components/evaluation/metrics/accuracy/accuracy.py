@@ -4,6 +4,7 @@ Labels are compared after normalization (casefold, punctuation removed, whitespa
 With `labels` (e.g. ["yes", "no"]) an answer counts as the label it starts with, so
 "Yes, it is." is "yes". Unlike the hub's `accuracy`, inputs are strings, not class ids.
 """
+
 import unicodedata
 
 import datasets
@@ -50,10 +51,12 @@ class Accuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": datasets.Value("string", id="sequence"),
-                "references": datasets.Value("string", id="sequence"),
-            }),
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string", id="sequence"),
+                    "references": datasets.Value("string", id="sequence"),
+                }
+            ),
         )
 
     def item_stats(self, predictions, references, labels=None):

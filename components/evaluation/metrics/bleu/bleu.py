@@ -5,6 +5,7 @@ exponential smoothing, 4-grams, one reference per item, and `effective_order=Tru
 that no prediction has are left out, so a corpus of answers shorter than 4 tokens does not score
 0 (sacrebleu's corpus_bleu only differs from this when a whole corpus lacks some order).
 """
+
 import functools
 
 import datasets
@@ -36,8 +37,9 @@ _CITATION = """Post, Matt. A Call for Clarity in Reporting BLEU Scores. WMT 2018
 
 @functools.lru_cache(maxsize=16)
 def _scorer(lowercase=False, tokenize="13a", smooth_method="exp", effective_order=True):
-    return sacrebleu.BLEU(lowercase=lowercase, tokenize=tokenize, smooth_method=smooth_method,
-                          effective_order=effective_order, force=True)
+    return sacrebleu.BLEU(
+        lowercase=lowercase, tokenize=tokenize, smooth_method=smooth_method, effective_order=effective_order, force=True
+    )
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -47,10 +49,12 @@ class Bleu(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": datasets.Value("string", id="sequence"),
-                "references": datasets.Value("string", id="sequence"),
-            }),
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string", id="sequence"),
+                    "references": datasets.Value("string", id="sequence"),
+                }
+            ),
             reference_urls=["https://github.com/mjpost/sacrebleu"],
         )
 
@@ -59,7 +63,8 @@ class Bleu(evaluate.Metric):
         if not predictions:
             return []
         stats = _scorer(lowercase, tokenize, smooth_method)._extract_corpus_statistics(
-            [str(p) for p in predictions], [[str(r) for r in references]])
+            [str(p) for p in predictions], [[str(r) for r in references]]
+        )
         return [[float(v) for v in row] for row in stats]
 
     def score_from_stats(self, stats, smooth_method="exp", effective_order=True):
@@ -70,8 +75,16 @@ class Bleu(evaluate.Metric):
         score = scorer._compute_score_from_stats([int(round(v)) for v in stats])
         return {"bleu": min(1.0, float(score.score) / 100.0)}
 
-    def _compute(self, predictions, references, lowercase=False, tokenize="13a", smooth_method="exp",
-                 effective_order=True, return_stats=False):
+    def _compute(
+        self,
+        predictions,
+        references,
+        lowercase=False,
+        tokenize="13a",
+        smooth_method="exp",
+        effective_order=True,
+        return_stats=False,
+    ):
         rows = self.item_stats(predictions, references, lowercase, tokenize, smooth_method)
         sums = [sum(col) for col in zip(*rows)] if rows else []
         out = self.score_from_stats(sums, smooth_method, effective_order)

@@ -3,6 +3,7 @@
 Scaled to [0, 1] (sacrebleu's 0-100 score divided by 100). Defaults: character 6-grams, no word
 n-grams (chrF; `word_order=2` gives chrF++), beta 2.
 """
+
 import functools
 
 import datasets
@@ -44,10 +45,12 @@ class Chrf(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": datasets.Value("string", id="sequence"),
-                "references": datasets.Value("string", id="sequence"),
-            }),
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string", id="sequence"),
+                    "references": datasets.Value("string", id="sequence"),
+                }
+            ),
             reference_urls=["https://github.com/mjpost/sacrebleu"],
         )
 
@@ -56,7 +59,8 @@ class Chrf(evaluate.Metric):
         if not predictions:
             return []
         stats = _scorer(char_order, word_order, beta, lowercase)._extract_corpus_statistics(
-            [str(p) for p in predictions], [[str(r) for r in references]])
+            [str(p) for p in predictions], [[str(r) for r in references]]
+        )
         return [[float(v) for v in row] for row in stats]
 
     def score_from_stats(self, stats, char_order=6, word_order=0, beta=2):
@@ -66,8 +70,9 @@ class Chrf(evaluate.Metric):
         score = _scorer(char_order, word_order, beta)._compute_f_score([int(round(v)) for v in stats])
         return {"chrf": min(1.0, float(score) / 100.0)}
 
-    def _compute(self, predictions, references, char_order=6, word_order=0, beta=2, lowercase=False,
-                 return_stats=False):
+    def _compute(
+        self, predictions, references, char_order=6, word_order=0, beta=2, lowercase=False, return_stats=False
+    ):
         rows = self.item_stats(predictions, references, char_order, word_order, beta, lowercase)
         sums = [sum(col) for col in zip(*rows)] if rows else []
         out = self.score_from_stats(sums, char_order, word_order, beta)

@@ -3,6 +3,7 @@
 Both strings are stripped and their whitespace collapsed to single spaces; optionally compared
 case-insensitively and without punctuation. Returns the fraction of equal pairs, in [0, 1].
 """
+
 import unicodedata
 
 import datasets
@@ -47,16 +48,20 @@ class ExactMatch(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": datasets.Value("string", id="sequence"),
-                "references": datasets.Value("string", id="sequence"),
-            }),
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string", id="sequence"),
+                    "references": datasets.Value("string", id="sequence"),
+                }
+            ),
         )
 
     def item_stats(self, predictions, references, ignore_case=False, ignore_punctuation=False):
         """One [match (0/1), 1] row per item; rows add up across items."""
-        norm = [(normalize(p, ignore_case, ignore_punctuation), normalize(r, ignore_case, ignore_punctuation))
-                for p, r in zip(predictions, references)]
+        norm = [
+            (normalize(p, ignore_case, ignore_punctuation), normalize(r, ignore_case, ignore_punctuation))
+            for p, r in zip(predictions, references)
+        ]
         return [[float(p == r), 1.0] for p, r in norm]
 
     def score_from_stats(self, stats):

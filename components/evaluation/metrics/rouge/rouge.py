@@ -2,6 +2,7 @@
 
 The corpus score is the mean of the per-item F-measures (no random aggregation), each in [0, 1].
 """
+
 import re
 
 import datasets
@@ -47,10 +48,12 @@ class Rouge(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": datasets.Value("string", id="sequence"),
-                "references": datasets.Value("string", id="sequence"),
-            }),
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string", id="sequence"),
+                    "references": datasets.Value("string", id="sequence"),
+                }
+            ),
             reference_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
         )
 
@@ -72,8 +75,9 @@ class Rouge(evaluate.Metric):
         n = stats[-1]
         return {t: float(stats[i] / n) if n else 0.0 for i, t in enumerate(rouge_types)}
 
-    def _compute(self, predictions, references, rouge_types=TYPES, tokenizer="unicode", use_stemmer=False,
-                 return_stats=False):
+    def _compute(
+        self, predictions, references, rouge_types=TYPES, tokenizer="unicode", use_stemmer=False, return_stats=False
+    ):
         rouge_types = tuple(rouge_types)
         rows = self.item_stats(predictions, references, rouge_types, tokenizer, use_stemmer)
         sums = [sum(col) for col in zip(*rows)] if rows else [0.0] * (len(rouge_types) + 1)
