@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export DO_NOT_TRACK = true
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup browser run test bench bench-serve ui clean prefect-server mlflow-server pools worker remote deploy trigger push
+.PHONY: setup browser run test bench bench-serve screenshot ui clean prefect-server mlflow-server pools worker remote deploy trigger push
 
 # torch first: `pip install torch==2.13.0` takes the local CPU build; installed later it would pull CUDA.
 $(STAMP): pyproject.toml constraints.txt
@@ -47,6 +47,17 @@ browser:
 bench: setup
 	$(BIN)/python bench/train_bench.py $(BENCH_ARGS)
 
+# Serving: `seedlm serve` under 1, 4 and 16 streaming clients vs bare model.generate, on the champion of
+# `make run` (or BENCH_ARGS="--model DIR_OR_URI"). Prints the goal ratios; the last line is one JSON object.
+bench-serve: setup
+	$(BIN)/python bench/serve_bench.py $(BENCH_ARGS)
+
+# docs/chat-page.png: the web chat page in headless Chromium, answering with WEB_MODEL (default: the champion).
+WEB_MODEL ?= models:/seedlm@champion
+screenshot: setup browser
+	SEEDLM_WEB_MODEL=$(WEB_MODEL) SEEDLM_SCREENSHOT=$(CURDIR)/docs/chat-page.png \
+	$(BIN)/python -m pytest -q tests/serving/test_web.py -k streams
+
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
@@ -63,12 +74,17 @@ POOL            ?= cpu
 SCHEDULE        ?= nightly
 PREFECT_ENV      = PREFECT_API_URL=$(PREFECT_API_URL)
 
-prefect-server: setup   ## Prefect server + UI on 127.0.0.1:$(PREFECT_PORT) (state in ~/.prefect)
-	PREFECT_UI_URL=http://127.0.0.1:$(PREFECT_PORT) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+# Recipes that start a long-running process `exec` it: a SIGTERM to make then reaches it (make forwards the
+# signal to its child, which would otherwise be the shell, leaving the process running).
+prefect-server: setup   ## Prefect server + UI on 127.0.0.1:$(PREFECT_PORT), run logs streamed to `--watch` (state in ~/.prefect)
+	exec env PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$(PREFECT_PORT) \
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_UI_URL=http://127.0.0.1:$(PREFECT_PORT) \
+	PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED=true PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED=true \
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 mlflow-server: setup    ## MLflow tracking server, configured by environment only (sqlite + artifact root)
 	mkdir -p .seedlm/mlflow-server
-	MLFLOW_BACKEND_STORE_URI=sqlite:///$(CURDIR)/.seedlm/mlflow-server/mlflow.db \
+	exec env MLFLOW_BACKEND_STORE_URI=sqlite:///$(CURDIR)/.seedlm/mlflow-server/mlflow.db \
 	MLFLOW_ARTIFACTS_DESTINATION=$(CURDIR)/.seedlm/mlflow-server/artifacts \
 	MLFLOW_HOST=127.0.0.1 MLFLOW_PORT=$(MLFLOW_PORT) MLFLOW_WORKERS=1 \
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server
@@ -77,8 +93,9 @@ pools: setup            ## the cpu and gpu process work pools
 	$(PREFECT_ENV) $(BIN)/prefect work-pool create cpu --type process --overwrite
 	$(PREFECT_ENV) $(BIN)/prefect work-pool create gpu --type process --overwrite
 
-worker: setup           ## a worker for POOL (run one per pool, on the machine that pool stands for)
-	$(PREFECT_ENV) $(BIN)/prefect worker start --pool $(POOL) --type process
+worker: setup           ## a worker for POOL in its own clone of this checkout, .seedlm/workers/POOL, at HEAD
+	dir=$$($(BIN)/python -m flows.deploy --worker-clone $(POOL)) && cd "$$dir" && \
+	exec env $(PREFECT_ENV) $(abspath $(BIN))/prefect worker start --pool $(POOL) --type process
 
 remote:                 ## the DVC remote stages share data through (commit .dvc/config afterwards)
 	$(BIN)/dvc remote add -d -f seedlm $(DVC_REMOTE)

@@ -9,6 +9,7 @@ none of the packages, the audit is reported as NOT DONE in a loud banner and doe
 (set SEEDLM_AUDIT_STRICT=1 to fail instead). Nothing here can hang: every step has a timeout.
 pip-audit runs from its own virtualenv under .seedlm/ so it never changes the locked set it audits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PIP_AUDIT = "pip-audit==2.10.1"
 VENV = ROOT / ".seedlm" / "audit-venv"
-UNREACHABLE = re.compile(r"NameResolutionError|ConnectionError|Max retries exceeded|Temporary failure in name "
-                         r"resolution|timed out|ConnectTimeout|ReadTimeout|Network is unreachable", re.I)
+UNREACHABLE = re.compile(
+    r"NameResolutionError|ConnectionError|Max retries exceeded|Temporary failure in name "
+    r"resolution|timed out|ConnectTimeout|ReadTimeout|Network is unreachable",
+    re.I,
+)
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,14 @@ def judge(report: dict, allow: list[Allowance], today: dt.date, strict: bool = F
     skipped = [d for d in deps if d.get("skip_reason")]
     audited = [d for d in deps if not d.get("skip_reason")]
     if not audited:
-        msg = banner(["SECURITY AUDIT NOT DONE: the vulnerability service answered for none of the "
-                      f"{len(deps)} pinned packages", "(offline, or a registry mirror without PyPI's JSON API).",
-                      "Run `python .ci/audit.py` where pypi.org or api.osv.dev is reachable."])
+        msg = banner(
+            [
+                "SECURITY AUDIT NOT DONE: the vulnerability service answered for none of the "
+                f"{len(deps)} pinned packages",
+                "(offline, or a registry mirror without PyPI's JSON API).",
+                "Run `python .ci/audit.py` where pypi.org or api.osv.dev is reachable.",
+            ]
+        )
         return (1 if strict else 0), msg
     bad, allowed, expired = [], [], []
     for d in audited:
@@ -83,13 +92,18 @@ def judge(report: dict, allow: list[Allowance], today: dt.date, strict: bool = F
                 bad.append(line)
     lines = [f"pip-audit: {len(audited)} of {len(deps)} pinned packages audited"]
     if skipped:
-        lines.append(f"  {len(skipped)} not audited (no answer from the service): "
-                     + ", ".join(d["name"] for d in skipped[:15]) + (" ..." if len(skipped) > 15 else ""))
+        lines.append(
+            f"  {len(skipped)} not audited (no answer from the service): "
+            + ", ".join(d["name"] for d in skipped[:15])
+            + (" ..." if len(skipped) > 15 else "")
+        )
     lines += [f"  allowed: {x}" for x in allowed]
     lines += [f"  VULNERABLE: {x}" for x in bad + expired]
     if bad or expired:
-        lines.append("Upgrade the package in constraints.txt (and pyproject.toml), or add a dated allowance with "
-                     "its reason to .ci/pip-audit-allow.txt.")
+        lines.append(
+            "Upgrade the package in constraints.txt (and pyproject.toml), or add a dated allowance with "
+            "its reason to .ci/pip-audit-allow.txt."
+        )
         return 1, "\n".join(lines)
     lines.append("  no known vulnerabilities" + (" (others allowed above)" if allowed else ""))
     return 0, "\n".join(lines)
@@ -101,8 +115,12 @@ def pip_audit_bin(timeout: float) -> Path | None:
         return exe
     try:
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=timeout, capture_output=True)
-        subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "install", "-q", PIP_AUDIT], check=True,
-                       timeout=timeout, capture_output=True)
+        subprocess.run(
+            [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q", PIP_AUDIT],
+            check=True,
+            timeout=timeout,
+            capture_output=True,
+        )
     except (subprocess.SubprocessError, OSError) as e:
         print(f"pip-audit: cannot install {PIP_AUDIT} ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
         return None
@@ -126,19 +144,38 @@ def main(argv: list[str] | None = None) -> int:
     if exe is None:
         print(banner(["SECURITY AUDIT NOT DONE: pip-audit could not be installed (registry unreachable?)."]))
         return 1 if strict else 0
-    cmd = [str(exe), "-r", str(args.requirements), "--no-deps", "--disable-pip", "--format", "json",
-           "--progress-spinner", "off", "--timeout", "15"]
+    cmd = [
+        str(exe),
+        "-r",
+        str(args.requirements),
+        "--no-deps",
+        "--disable-pip",
+        "--format",
+        "json",
+        "--progress-spinner",
+        "off",
+        "--timeout",
+        "15",
+    ]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        print(banner([f"SECURITY AUDIT NOT DONE: pip-audit took more than {args.timeout:.0f} s (service unreachable?)."]))
+        print(
+            banner([f"SECURITY AUDIT NOT DONE: pip-audit took more than {args.timeout:.0f} s (service unreachable?)."])
+        )
         return 1 if strict else 0
     try:
         report = json.loads(res.stdout)
     except json.JSONDecodeError:
         if UNREACHABLE.search(res.stderr):
-            print(banner(["SECURITY AUDIT NOT DONE: the vulnerability service is unreachable:",
-                          UNREACHABLE.search(res.stderr).group(0)]))
+            print(
+                banner(
+                    [
+                        "SECURITY AUDIT NOT DONE: the vulnerability service is unreachable:",
+                        UNREACHABLE.search(res.stderr).group(0),
+                    ]
+                )
+            )
             return 1 if strict else 0
         print(f"pip-audit failed (exit {res.returncode}):\n{res.stderr[-3000:]}", file=sys.stderr)
         return 1

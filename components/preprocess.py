@@ -1,8 +1,11 @@
 """preprocess: raw shards -> clean, de-duplicated, split text; a tokenizer; packed token files; SFT examples.
 
-Pretraining text streams shard by shard through temp files: memory holds one batch of documents
-plus the de-dup sets (one 64-bit digest per kept document; `dedup: near` adds one per LSH band),
-never the corpus. Work files live in the output's temp folder and are deleted before it is swapped in.
+Pretraining text is processed in pieces of ingest's shards (components/data/corpus.py): cleaned and keyed,
+de-duplicated against fixed-size filters, tokenized in batches by the tokenizers library, and written by
+streaming, on `preprocess.workers` processes or a Dask cluster (`preprocess.engine`). Memory holds a few
+pieces and the filters, never the corpus; the outputs are the same for any number of workers. The tokenizer
+learns from the first `preprocess.tokenizer_sample_mb` of the train split. Work files live in the output's
+temp folder and are deleted before it is swapped in.
 """
 
 from __future__ import annotations
@@ -11,11 +14,8 @@ import json
 import re
 import shutil
 import time
-import unicodedata
-from array import array
 from collections import Counter
 from collections.abc import Container, Iterable, Iterator
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +26,13 @@ from components.core.config import Params, PreprocessConfig
 from components.core.context import StageContext, StageError
 from components.core.io import atomic_dir, read_meta, sha256_file, write_json, write_meta
 from components.data import chat, dedup
+from components.data import corpus as pretrain_text
+from components.data.clean import clean_text
+from components.data.engine import Runner
 
-BATCH_DOCS = 1000
-BATCH_CHARS = 1 << 21
-_RERUN = "run `dvc repro ingest` (or python -m components.ingest) first"
-
-# ---------------------------------------------------------------- cleaning
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufeff]")
-_SPACES = re.compile(r"[^\S\n\t]+")
-_TRAILING = re.compile(r"[ \t]+\n")
-_BLANKS = re.compile(r"\n{3,}")
+__all__ = ["clean_text", "preprocess", "run", "train_tokenizer", "load_base_tokenizer"]
+_RERUN = pretrain_text.RERUN
 _SPECIAL = re.compile("|".join(map(re.escape, chat.SPECIAL_TOKENS)))
-
-
-def clean_text(text: str, normalization: str = "NFKC") -> str:
-    """Unify line breaks, drop control characters (not \\n, \\t), normalize unicode, collapse
-    runs of spaces and of blank lines, strip. Idempotent."""
-    text = _CONTROL.sub("", "\n".join(text.splitlines()))
-    if normalization != "none":
-        text = unicodedata.normalize(normalization, text)
-    text = _BLANKS.sub("\n\n", _TRAILING.sub("\n", _SPACES.sub(" ", text)))
-    return text.strip()
 
 
 # ---------------------------------------------------------------- reading
@@ -74,125 +60,6 @@ def _lines(path: Path, skip: Container[int] = (), extra: Iterable[Any] = ()) -> 
             if i not in skip:
                 yield json.loads(line)
     yield from extra
-
-
-def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
-    batch, chars = [], 0
-    for d in docs:
-        batch.append(d)
-        chars += len(d)
-        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-# ---------------------------------------------------------------- pretraining text
-def _clean_pretrain(cfg: PreprocessConfig, shards: list[Path], work: Path, seed: int, progress: bool) -> dict:
-    """Pass 1: clean, filter, de-dup and split into work/{train,val}.jsonl. Returns stats and moves."""
-    dropped: Counter[str] = Counter()
-    seen: set[int] = set()
-    buckets: set[int] = set()
-    bands, rows = dedup.lsh_params(cfg.near_threshold) if cfg.dedup == "near" else (0, 0)
-    perms = dedup.perms(seed)
-    n_in, chars, count = 0, 0, {"train": 0, "val": 0}
-    edge: dict[str, tuple[float, int, str] | None] = {"train": None, "val": None}  # docs nearest the split line
-    files = {s: open(work / f"{s}.jsonl", "w", encoding="utf-8") for s in count}
-    t0 = time.perf_counter()
-    try:
-        with tqdm(desc="clean", unit="doc", disable=not progress) as bar:
-            for shard in shards:
-                for n, row in _read_jsonl(shard):
-                    n_in += 1
-                    bar.update()
-                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                        raise StageError(f'{shard}:{n}: expected {{"text": str}}; {_RERUN}')
-                    text = clean_text(row["text"], cfg.normalization)
-                    reason = (
-                        "empty"
-                        if not text
-                        else "too_short"
-                        if len(text) < cfg.min_chars
-                        else "too_long"
-                        if len(text) > cfg.max_chars
-                        else None
-                    )
-                    digest = dedup.digest(text) if reason is None else 0
-                    if reason is None and cfg.dedup != "none":
-                        reason = "duplicate" if digest in seen else None
-                        seen.add(digest)
-                    if reason is None and cfg.dedup == "near":
-                        keys = dedup.band_keys(dedup.minhash(text, perms), bands, rows)
-                        reason = "near_duplicate" if not buckets.isdisjoint(keys) else None
-                        buckets.update(keys if reason is None else ())
-                    if reason:
-                        dropped[reason] += 1
-                        continue
-                    u = dedup.unit(digest)
-                    split = "val" if u < cfg.val_fraction else "train"
-                    e = edge[split]
-                    if e is None or (u < e[0] if split == "train" else u > e[0]):
-                        edge[split] = (u, count[split], text)
-                    files[split].write(json.dumps(text, ensure_ascii=False) + "\n")
-                    count[split] += 1
-                    chars += len(text)
-    finally:
-        for f in files.values():
-            f.close()
-    kept = count["train"] + count["val"]
-    if kept < 2:
-        raise StageError(
-            f"{shards[0].parent}: {kept} pretraining document(s) left after cleaning and de-dup "
-            f"(of {n_in}; dropped {dict(dropped)}); need at least 2 for a train/val split: add text "
-            "to ingest.pretrain_sources or relax preprocess.min_chars/max_chars/dedup"
-        )
-    moves = {"train": ((), []), "val": ((), [])}  # split -> (lines to skip, docs to append)
-    for src, dst in (("train", "val"), ("val", "train")):
-        if count[dst] == 0:  # preprocess.val_fraction too small for this corpus: move the nearest doc
-            _, idx, text = edge[src]
-            moves[src], moves[dst] = ({idx}, []), ((), [text])
-            count[src], count[dst] = count[src] - 1, 1
-    return {
-        "docs_in": n_in,
-        "kept": kept,
-        "dropped": dict(dropped),
-        "train_docs": count["train"],
-        "val_docs": count["val"],
-        "chars_mean": chars / kept,
-        "moves": moves,
-        "docs_per_s": n_in / max(time.perf_counter() - t0, 1e-9),
-    }
-
-
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Plain-text ids: special-token strings inside a document stay text (eos only between docs)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    old, backend.encode_special_tokens = backend.encode_special_tokens, True
-    try:
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    finally:
-        backend.encode_special_tokens = old
-
-
-def _write_bin(path: Path, docs: Iterable[str], tokenizer: Any, dtype: type, progress: bool) -> array:
-    """Tokenize in batches and append ids (+ eos after each doc) to `path`; returns per-doc lengths."""
-    eos, lengths = tokenizer.eos_token_id, array("I")
-    with open(path, "wb") as f, tqdm(desc=path.name, unit="doc", disable=not progress) as bar:
-        for batch in _batches(docs):
-            ids = _encode(tokenizer, batch)
-            out = np.empty(sum(map(len, ids)) + len(ids), dtype)
-            pos = 0
-            for x in ids:
-                out[pos : pos + len(x)] = x
-                out[pos + len(x)] = eos
-                pos += len(x) + 1
-            out.tofile(f)
-            lengths.extend(map(len, ids))
-            bar.update(len(batch))
-    return lengths
 
 
 # ---------------------------------------------------------------- SFT rows
@@ -383,17 +250,48 @@ def load_base_tokenizer(init_from: Path) -> tuple[Any, int]:
     return tok, chat.ensure_chat_tokens(tok)
 
 
-def _stats(lengths: array) -> dict:
-    x = np.frombuffer(lengths, np.uint32) if len(lengths) else np.zeros(1, np.uint32)
-    return {
-        "mean": float(x.mean()),
-        "p50": float(np.percentile(x, 50)),
-        "p95": float(np.percentile(x, 95)),
-        "max": int(x.max()),
-    }
+def _tokenizer_texts(work: Path, pre: dict, sft: dict, cap_mb: float, used: dict) -> Iterator[list[str]]:
+    """The tokenizer's sample: the first `cap_mb` of the train split, then of the SFT train messages."""
+    cap = max(1, int(cap_mb * 2**20))
+    yield from pretrain_text.train_sample(work, pre["pieces"], cap, used)
+    size = 0
+    for row in _lines(work / "sft_train.jsonl", *sft["moves"]["train"]):
+        texts = [m["content"] for m in row["messages"]]
+        yield texts
+        size += sum(len(t.encode("utf-8")) for t in texts)
+        if size >= cap:
+            break
+    used["bytes"] += size
+
+
+def _tokenizer(cfg: PreprocessConfig, base: Any, work: Path, pre: dict, sft: dict) -> tuple[Any, dict]:
+    """The base checkpoint's tokenizer, or one trained on the bounded sample; + what the sample held."""
+    if base is not None:
+        return base, {"sample_mb": 0.0, "sample_docs": 0}
+    used: dict[str, int] = {}
+    tok = train_tokenizer(
+        _tokenizer_texts(work, pre, sft, cfg.tokenizer_sample_mb, used), cfg.vocab_size, cfg.min_frequency
+    )
+    return tok, {"sample_mb": round(used["bytes"] / 2**20, 3), "sample_docs": used["docs"]}
 
 
 # ---------------------------------------------------------------- the stage
+def _check_raw(raw_dir: Path) -> None:
+    if not raw_dir.is_dir():
+        raise StageError(f"{raw_dir}: missing; {_RERUN}")
+    if read_meta(raw_dir, "ingest").get("stage") != "ingest" or not (raw_dir / "manifest.json").is_file():
+        raise StageError(f"{raw_dir}: not an ingest output (seedlm.json, manifest.json); {_RERUN}")
+
+
+def _pretrain_pass(
+    cfg: PreprocessConfig, shards: list[Path], work: Path, seed: int, runner: Runner, ctx: StageContext
+) -> dict:
+    t0 = time.perf_counter()
+    pre = pretrain_text.clean_and_split(cfg, shards, work, seed, runner, ctx.progress)
+    ctx.log({"preprocess/docs_per_s": pre["docs_in"] / max(time.perf_counter() - t0, 1e-9)}, None)
+    return pre
+
+
 def preprocess(
     cfg: PreprocessConfig,
     raw_dir: Path,
@@ -404,57 +302,43 @@ def preprocess(
     init_from: Path | None = None,
     ctx: StageContext | None = None,
 ) -> dict:
-    """Ingest output -> tokenizer, train/val token files and SFT datasets (the contract in BRIEF.md)."""
+    """Ingest output -> tokenizer, train/val token files and SFT datasets."""
     ctx = ctx or StageContext()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    if not raw_dir.is_dir():
-        raise StageError(f"{raw_dir}: missing; {_RERUN}")
-    if read_meta(raw_dir, "ingest").get("stage") != "ingest" or not (raw_dir / "manifest.json").is_file():
-        raise StageError(f"{raw_dir}: not an ingest output (seedlm.json, manifest.json); {_RERUN}")
+    _check_raw(raw_dir)
     pre_shards, sft_shards = _shards(raw_dir, "pretrain"), _shards(raw_dir, "sft")
     base, added = load_base_tokenizer(Path(init_from)) if init_from is not None else (None, 0)
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, Runner(cfg.workers, cfg.engine, cfg.dask_address) as runner:
         work = tmp / "_work"
         work.mkdir()
-        pre = _clean_pretrain(cfg, pre_shards, work, seed, ctx.progress)
-        ctx.log({"preprocess/docs_per_s": pre["docs_per_s"]}, None)
+        pre = _pretrain_pass(cfg, pre_shards, work, seed, runner, ctx)
         sft = _clean_sft(cfg, sft_shards, work, ctx.progress)
-        moves = pre.pop("moves")
-        sft_train = _lines(work / "sft_train.jsonl", *sft["moves"]["train"])
-        texts = chain(
-            _lines(work / "train.jsonl", *moves["train"]),  # BPE learns from the train splits only
-            (m["content"] for r in sft_train for m in r["messages"]),
-        )
-        tokenizer = base if base is not None else train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
+        tokenizer, sample = _tokenizer(cfg, base, work, pre, sft)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
         t0 = time.perf_counter()
-        lens = {
-            s: _write_bin(tmp / f"{s}.bin", _lines(work / f"{s}.jsonl", *moves[s]), tokenizer, dtype, ctx.progress)
-            for s in ("train", "val")
-        }
-        n_tokens = {s: sum(lens[s]) + len(lens[s]) for s in lens}  # + one eos per document
-        ctx.log({"preprocess/tokens_per_s": sum(n_tokens.values()) / max(time.perf_counter() - t0, 1e-9)}, None)
+        tok = pretrain_text.tokenize_and_merge(
+            work, pre, tmp / "tokenizer", tokenizer.eos_token_id, dtype, tmp, runner, progress=ctx.progress
+        )
+        n_tokens = tok["train_tokens"] + tok["val_tokens"]
+        ctx.log({"preprocess/tokens_per_s": n_tokens / max(time.perf_counter() - t0, 1e-9)}, None)
         sft.update(_save_sft(work, tmp, sft, tokenizer, ctx.progress))
         sft.pop("moves")
+        for key in ("pieces", "moved_to"):
+            pre.pop(key)
         report = {
-            "pretrain": {
-                **{k: v for k, v in pre.items() if k != "docs_per_s"},
-                "train_tokens": n_tokens["train"],
-                "val_tokens": n_tokens["val"],
-                "tokens_per_doc": _stats(lens["train"] + lens["val"]),
-            },
+            "pretrain": {**pre, **tok},
             "sft": sft,
-            "tokenizer": {"vocab_size": len(tokenizer), "trained": base is None, "tokens_added": added},
+            "tokenizer": {"vocab_size": len(tokenizer), "trained": base is None, "tokens_added": added, **sample},
         }
         result = {
             "vocab_size": len(tokenizer),
             "dtype": np.dtype(dtype).name,
             "eos_id": tokenizer.eos_token_id,
             "pad_id": tokenizer.pad_token_id,
-            "train_tokens": n_tokens["train"],
-            "val_tokens": n_tokens["val"],
+            "train_tokens": tok["train_tokens"],
+            "val_tokens": tok["val_tokens"],
             "sft_train": sft["train"],
             "sft_val": sft["val"],
             "sft_test": sft["test"],

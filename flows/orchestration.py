@@ -4,6 +4,7 @@ params overrides, link a registered version to its runs, and say in one place ho
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,14 @@ def _artifact_url(uri: str, run_id: str, path: str) -> str:
     return f"runs:/{run_id}/{path}"
 
 
+LINKS = "**Links**"
+"""Heading of the links block in a version's description (written once, rewritten in place)."""
+
+
 def annotate_version(mlflow: Any, reg: dict[str, Any], flow_run_id: str | None) -> dict[str, str]:
-    """Make the version's description link its MLflow run, its Prefect flow run and its gate report
-    (adds only the links the register stage did not write); return the links."""
+    """Give the version's description one links block: its MLflow run, the Prefect flow run that registered
+    it and its gate report (only the links the register stage did not write). Idempotent: a later run that
+    finds register up to date leaves the description as it is. Returns the links."""
     from mlflow import MlflowClient
 
     if not reg.get("model_name") or not reg.get("version") or not reg.get("run_id"):
@@ -132,27 +138,36 @@ def annotate_version(mlflow: Any, reg: dict[str, Any], flow_run_id: str | None) 
         ),
         "Gate report": _artifact_url(uri, reg["run_id"], "register/gate.md"),
     }
+    flow_run_id = (mv.tags or {}).get("prefect_flow_run_id") or flow_run_id  # the run that registered it
     if url := prefect_run_url(flow_run_id):
         links["Prefect flow run"] = url
     elif flow_run_id:
         links["Prefect flow run"] = f"{flow_run_id} (ephemeral Prefect, no UI)"
-    description = mv.description or ""
-    missing = [f"- {label}: {url}" for label, url in links.items() if url not in description]
-    if missing:
-        client.update_model_version(
-            mv.name, mv.version, description=(description.rstrip() + "\n\n**Links**\n" + "\n".join(missing)).strip()
-        )
+    base = re.sub(r"\n*" + re.escape(LINKS) + r"\n(?:- [^\n]*(?:\n|$))*", "\n", mv.description or "").strip()
+    missing = [f"- {label}: {url}" for label, url in links.items() if url not in base]
+    description = (base + "\n\n" + LINKS + "\n" + "\n".join(missing)).strip() if missing else base
+    if description != (mv.description or "").strip():
+        client.update_model_version(mv.name, mv.version, description=description)
     for label, url in links.items():
         client.set_model_version_tag(mv.name, mv.version, "link." + label.lower().replace(" ", "_"), url)
     return links
 
 
 def outcome(mlflow: Any, reg: dict[str, Any], how: str) -> tuple[str, str]:
-    """("promoted" | "gated_out", why) for the register stage's result."""
+    """("promoted" | "gated_out" | "unchanged", why) for the register stage's result; "unchanged" when register
+    was up to date (nothing was registered: the version and the aliases stay as they are)."""
     name, ver = reg.get("model_name"), reg.get("version")
-    again = "" if how in ("ran", "forced") else " (unchanged: register was up to date)"
+    if how not in ("ran", "forced"):
+        champ = None
+        try:
+            champ = mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version
+        except Exception as e:  # noqa: BLE001 - the registry is optional for the message
+            log.debug("no champion of %s: %s", name, e)
+        standing = f"v{ver} is champion" if str(champ) == str(ver) else (
+            f"champion is v{champ}" if champ else "no champion")
+        return "unchanged", f"{name} v{ver} unchanged: register was up to date ({standing})"
     if reg.get("promoted"):
-        return "promoted", f"{name} v{ver} promoted to champion{again}"
+        return "promoted", f"{name} v{ver} promoted to champion"
     reasons = ""
     try:
         reasons = mlflow.MlflowClient().get_model_version(name, str(ver)).tags.get("gate.reasons", "")
@@ -162,5 +177,5 @@ def outcome(mlflow: Any, reg: dict[str, Any], how: str) -> tuple[str, str]:
     return "gated_out", (
         f"{name} v{ver} gated out, stays challenger"
         + (f" (champion stays v{champ})" if champ else "")
-        + f": {reasons or reg.get('decision', 'rejected')}{again}"
+        + f": {reasons or reg.get('decision', 'rejected')}"
     )

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.logging.handlers import APILogHandler
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 
-import flows  # noqa: F401  (quiet defaults for prefect/dvc/mlflow)
+import flows  # quiet defaults for prefect/dvc/mlflow; stage_logs
 from components.core.config import load_params
 from components.core.context import StageError
 from components.core.params import ConfigError, parse_overrides
@@ -104,13 +105,18 @@ def _stage(name: str, root: Path, ctx: dict[str, Any]) -> dict:
     return record
 
 
-@flow(name="seedlm", log_prints=True)
+# log_prints off (also against PREFECT_LOGGING_LOG_PRINTS): Prefect's print patch sends print(file=None) to the
+# run log even while a library has swapped sys.stdout to capture it. dill.detect.nestedglobals does that around
+# dis.dis() when `datasets` fingerprints an in-memory Arrow table (evaluate): 50-110 lines of bytecode in the
+# task log, and dill saw no globals. Stages report through `logging` (flows/__init__.py: stage_logs).
+@flow(name="seedlm", log_prints=False)
 def pipeline(
     root: str = ".", force: list[str] | None = None, overrides: dict[str, Any] | None = None, mode: str | None = None
 ) -> dict:
     """Run the six stages in order from the repo at `root`; `force` reruns the named stages; `overrides`
     changes params.yaml settings (dotted keys) first (a deployment's run starts from the committed
     params.yaml); `mode` overrides orchestration.mode."""
+    flows.stage_logs()
     root_path = Path(root).resolve()
     os.chdir(root_path)
     if deployment.id:  # a deployment runs the committed settings + its overrides, never last run's leftovers
@@ -156,6 +162,7 @@ def pipeline(
         mlflow.log_params({"model_name": params.register.model_name})
         annotate_version(mlflow, reg, run_id)
     get_run_logger().info("seedlm: %s", why)
+    APILogHandler().flush()  # that line reaches the server before the final state: `deployment run --watch` shows it
     return Completed(message=why, data={n: r["result"] for n, r in records.items()})
 
 
@@ -179,14 +186,17 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m flows.pipeline
         overrides = parse_overrides(args.set)
         load_params(Path(args.root) / "params.yaml", overrides)  # a bad setting fails before Prefect starts
         _check_force(args.force)
-        results = pipeline(root=args.root, force=args.force, overrides=overrides or None, mode=args.mode)
+        state = pipeline(
+            root=args.root, force=args.force, overrides=overrides or None, mode=args.mode, return_state=True
+        )
+        results = state.result()
     except (ConfigError, StageError, StageFailed) as e:
         print(f"seedlm: error: {e}", file=sys.stderr)
         return 2
     ev = results.get("evaluate", {}).get("sft", {})
     reg = results.get("register", {})
     print("seedlm: held-out " + ", ".join(f"{k}={v:.3f}" for k, v in ev.items() if isinstance(v, float)))
-    print(f"seedlm: registered {reg.get('model_uri')} (promoted to champion: {reg.get('promoted')})")
+    print(f"seedlm: {state.message} ({reg.get('model_uri')})")  # promoted / gated out / unchanged, and why
     return 0
 
 

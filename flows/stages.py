@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-import flows  # noqa: F401  (quiet defaults for prefect/dvc/mlflow)
+import flows  # quiet defaults for prefect/dvc/mlflow; stage_logs
 from components.core.config import load_params, stage_output
 from components.core.context import StageError
 from components.core.io import read_meta, write_text
@@ -134,7 +134,7 @@ def sync_workspace(root: Path, rev: str | None, params_yaml: str | None, lock: d
     dvcstage.set_lock_entries(root, lock or {})
 
 
-@flow(name="seedlm-stage", persist_result=False)
+@flow(name="seedlm-stage", persist_result=False, log_prints=False)  # why: see flows/pipeline.py
 def stage_flow(
     stage: str,
     key: str | None = None,
@@ -150,6 +150,7 @@ def stage_flow(
 ) -> dict:
     """Run one stage in this worker's workspace as the pipeline describes it (commit, params.yaml and the
     dvc.lock entries of the stages before it), then file its record for the pipeline."""
+    flows.stage_logs()
     root_path = Path(root).resolve()
     os.chdir(root_path)
     sync_workspace(root_path, rev, params_yaml, lock)

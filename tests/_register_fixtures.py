@@ -4,6 +4,7 @@ git repo's dvc.lock, registry shorthands. conftest.py builds the fixtures (store
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,33 @@ def build_sft_folder(out: Path) -> None:
     model.save_pretrained(out)
     fast.save_pretrained(out)
     write_meta(out, "sft", {"seed": 1, "sft": {"method": "full"}}, {"steps": 1}, {})
+
+
+def build_lora(root: Path) -> tuple[Path, Path]:
+    """A base model folder and an sft folder like the sft stage's LoRA output (merged weights + adapter/)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, sft = root / "pretrain", root / "sft"
+    build_sft_folder(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at 0 (no change): make the adapter matter
+        for n_, p in model.named_parameters():
+            if "lora_B" in n_:
+                p.normal_(0, 0.5)
+    model.save_pretrained(sft / "adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(sft)
+    for f in base.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "seedlm.json"):
+            shutil.copy2(f, sft / f.name)
+    write_meta(sft, "sft", {"seed": 1, "sft": {"method": "lora"}}, {"base_pretrained": True}, {"base": str(base)})
+    return base, sft
 
 
 def write_eval(path: Path, em: float, ci: float | None = 0.1, **extra: Any) -> Path:

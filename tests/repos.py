@@ -24,8 +24,9 @@ TRACKED = (
     ".dvc/.gitignore",
     ".dvcignore",
     ".gitignore",
+    "Makefile",
 )
-"""What a fresh clone holds that the stages need (items missing here are skipped)."""
+"""What a fresh clone holds that the stages (and `make worker`) need (items missing here are skipped)."""
 
 TINY = {  # seconds per stage on 2 cores; the whole pipeline end to end
     "ingest.synthetic.entities": 10,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,7 +26,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LEAKY = re.compile(
+    r"MLFLOW_(TRACKING_URI|EXPERIMENT_ID|EXPERIMENT_NAME|RUN_ID)|PREFECT_API_URL|PREFECT__.*|SEEDLM_.*|PYTEST_.*"
+)
+"""Per-run state earlier tests leave in os.environ (mlflow.set_tracking_uri and set_experiment write theirs there;
+a stage exports SEEDLM_PARENT_RUN_ID): never handed to the servers, workers and CLIs started here."""
+
+
 def base_env(**extra: str) -> dict[str, str]:
+    """os.environ without per-run state (LEAKY), quiet and offline, plus `extra`."""
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -37,7 +46,7 @@ def base_env(**extra: str) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
     }
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = {k: v for k, v in env.items() if not LEAKY.fullmatch(k)}
     env.update(extra)
     return env
 
@@ -122,8 +131,10 @@ def start_prefect(home: Path, wait: bool = True) -> tuple[Proc, str, dict[str, s
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
         PREFECT_SERVER_API_HOST="127.0.0.1",
         PREFECT_SERVER_API_PORT=str(port),
-        PREFECT_UI_URL=f"http://127.0.0.1:{port}",
-    )  # links in notifications
+        PREFECT_UI_URL=f"http://127.0.0.1:{port}",  # links in notifications
+        PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true",  # as `make prefect-server`: `--watch` shows the run's log
+        PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true",
+    )
     env.pop("PREFECT_API_URL", None)
     proc = Proc(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

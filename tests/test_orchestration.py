@@ -1,7 +1,8 @@
 """The pieces under scheduled runs, on a tiny stand-in DVC pipeline (seconds, no models):
 stage keys are DVC's run-cache keys, data moves between clones only through the DVC remote (metrics
-too), `dvc exp run` results are reused by another clone, a retry finds the run it continues, and
-params overrides / orchestration settings are checked before anything runs."""
+too), `dvc exp run` results are reused by another clone, a retry finds the run it continues, a registered
+version's links are written once and a run that registered nothing says so, and params overrides /
+orchestration settings are checked before anything runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import current_store
 from servers import BIN, base_env, commit
 
 from components.core.config import parse_params
@@ -140,13 +142,21 @@ def test_side_effect_stages_stay_out_of_the_run_cache(world):
     assert not (a / ".dvc/cache/runs" / dvcstage.stage_key(a, "c")[:2] / dvcstage.stage_key(a, "c")).exists()
 
 
-def test_a_retry_finds_the_unfinished_run_it_continues(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    """A sqlite tracking store with the seedlm experiment, current while this module runs."""
+    import mlflow
+
+    with current_store(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"):
+        mlflow.set_experiment("seedlm")
+        yield
+
+
+def test_a_retry_finds_the_unfinished_run_it_continues(mlflow_store):
     import mlflow
 
     from components.core.runner import RESUME_TAG, resumable_run
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("seedlm")
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name("seedlm").experiment_id
 
@@ -166,6 +176,41 @@ def test_a_retry_finds_the_unfinished_run_it_continues(tmp_path):
     assert resumable_run(mlflow, "pretrain", "pretrain:new", "p1") is None
     client.set_terminated(crashed, "FINISHED")
     assert resumable_run(mlflow, "pretrain", "pretrain:k", "p1") is None
+
+
+def test_a_version_gets_one_links_block_and_a_run_that_registered_nothing_says_unchanged(mlflow_store):
+    import mlflow
+
+    from flows.orchestration import annotate_version, outcome
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(mlflow.get_experiment_by_name("seedlm").experiment_id, run_name="register")
+    rid = run.info.run_id
+    client.create_registered_model("seedlm")
+    mv = client.create_model_version("seedlm", f"runs:/{rid}/model", run_id=rid, tags={"prefect_flow_run_id": "fr-1"})
+    client.update_model_version("seedlm", mv.version, description=f"seedlm model from MLflow run runs:/{rid}.")
+    client.set_registered_model_alias("seedlm", "champion", mv.version)
+    reg = {"model_name": "seedlm", "version": int(mv.version), "run_id": rid, "promoted": True}
+
+    def description() -> str:
+        return client.get_model_version("seedlm", mv.version).description
+
+    links = annotate_version(mlflow, reg, "fr-1")  # the run that registered it
+    once = description()
+    for later in ("fr-2", "fr-3"):  # later runs of the pipeline that found register up to date
+        assert annotate_version(mlflow, reg, later) == links
+    assert description() == once and once.count("**Links**") == 1
+    assert once.startswith(f"seedlm model from MLflow run runs:/{rid}.")  # what register wrote stays
+    assert f"- Gate report: runs:/{rid}/register/gate.md" in once and "fr-1" in once and "fr-2" not in once
+    client.update_model_version(  # a description that grew a block per run (before this was fixed): one again
+        "seedlm", mv.version, description=once + "\n\n**Links**\n- Prefect flow run: fr-2 (ephemeral Prefect, no UI)"
+    )
+    annotate_version(mlflow, reg, "fr-4")
+    assert description() == once
+
+    assert outcome(mlflow, reg, "ran") == ("promoted", "seedlm v1 promoted to champion")
+    unchanged = ("unchanged", "seedlm v1 unchanged: register was up to date (v1 is champion)")
+    assert outcome(mlflow, reg, "up-to-date") == outcome(mlflow, reg, "restored from DVC run-cache") == unchanged
 
 
 def test_overrides_are_validated_then_written_keeping_comments(tmp_path):

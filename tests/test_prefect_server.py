@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +34,21 @@ import psutil
 import pytest
 import requests
 import yaml
-from servers import BIN, TINY, commit, make_repo, prefect, start_mlflow, start_prefect, start_worker, wait_http
+from repos import ROOT
+from servers import (
+    BIN,
+    TINY,
+    Proc,
+    base_env,
+    commit,
+    free_port,
+    make_repo,
+    prefect,
+    start_mlflow,
+    start_prefect,
+    start_worker,
+    wait_http,
+)
 
 from components.core.stages import STAGES
 
@@ -86,18 +101,47 @@ def trigger(env: dict, name: str, *params: str, timeout: float = 420) -> dict:
     raise TimeoutError(f"{name}: flow run {run_id} not final after {timeout} s")
 
 
+def watch(env: dict, name: str, timeout: float = 420) -> tuple[dict, str]:
+    """`prefect deployment run NAME --watch`, as a user runs it: (the finished run, what the command printed)."""
+    out = prefect({**env, "COLUMNS": "1000"}, "deployment", "run", name, "--watch", timeout=timeout)
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+    return requests.get(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=30).json(), out
+
+
+def make_worker(env: dict, repo: Path, pool: str, log: Path) -> Proc:
+    """`make worker POOL=pool` in `repo` (the venv is this one; its set-up is taken as done)."""
+    return Proc(
+        ["make", "-s", "-o", ".venv/.installed", f"BIN={BIN}", "worker", f"POOL={pool}"], log, env=env, cwd=repo
+    )
+
+
+def stop_by_sigterm(proc: Proc, timeout: float = 120) -> list[str]:
+    """SIGTERM to the process alone (as a supervisor stops a service); what is still running after `timeout` s."""
+    tree = [proc.popen.pid] + [c.pid for c in psutil.Process(proc.popen.pid).children(recursive=True)]
+    proc.popen.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.popen.wait(timeout)
+    left = []
+    for pid in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                left.append(" ".join(p.cmdline()[:4]))
+    return left
+
+
 def dvc(repo: Path, *args: str) -> str:
     res = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return res.stdout
 
 
-def deploy(env: dict, cwd: Path, *args: str) -> str:
+def deploy(env: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     res = subprocess.run(
         [sys.executable, "-m", "flows.deploy", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return res.stdout
+    return res
 
 
 def logs(run: dict, *procs) -> str:
@@ -180,6 +224,9 @@ def solo(infra):
     repo = make_repo(infra.tmp / "main", solo_params)
     dvc(repo, "remote", "add", "-d", "shared", str(infra.tmp / "dvc-remote"))
     commit(repo, "shared DVC remote")
+    with open(repo / "params.yaml", "a") as f:  # the user's edit in progress: never deployed, never touched
+        f.write("# trying something, not committed\n")
+    params_before = (repo / "params.yaml").read_text()
     prefect(infra.env, "work-pool", "create", "solo", "--type", "process")
     block = (
         "from prefect.blocks.notifications import CustomWebhookNotificationBlock as B; "
@@ -187,7 +234,7 @@ def solo(infra):
         ".save('seedlm-alerts', overwrite=True)"
     )
     subprocess.run([sys.executable, "-c", block], env=infra.env, check=True, capture_output=True)
-    deploy(
+    deployed = deploy(
         infra.env,
         repo,
         "--env",
@@ -196,16 +243,26 @@ def solo(infra):
         "--notify",
         "custom-webhook/seedlm-alerts",
     )
-    (infra.tmp / "w-solo").mkdir()
-    worker = start_worker(infra.env, "solo", "solo-1", infra.tmp / "w-solo", infra.tmp / "worker-solo.log")
+    worker = make_worker(infra.env, repo, "solo", infra.tmp / "worker-solo.log")  # in .seedlm/workers/solo
     infra.workers.append(worker)
     bad = trigger(
         infra.env, "seedlm/nightly", 'overrides={"ingest.pretrain_sources": [{"path": "data/sources/nope.txt"}]}'
     )
-    run = trigger(infra.env, "seedlm/nightly")
+    run, watched = watch(infra.env, "seedlm/nightly")
+    left = stop_by_sigterm(worker)
     worker.stop()
     print(f"\none pool: {time.monotonic() - t0:.0f} s")
-    return SimpleNamespace(repo=repo, run=run, bad=bad, worker=worker)
+    return SimpleNamespace(
+        repo=repo,
+        clone=repo / ".seedlm" / "workers" / "solo",
+        params_before=params_before,
+        run=run,
+        bad=bad,
+        worker=worker,
+        deployed=deployed,
+        watched=watched,
+        left_after_sigterm=left,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -306,11 +363,48 @@ def test_nightly_deployment_runs_on_a_worker_and_registers_a_model(infra, solo):
     tags = {t["key"]: t["value"] for t in mv["tags"]}
     assert tags["prefect_flow_run_id"] == solo.run["id"]
     assert tags["link.prefect_flow_run"] == f"{infra.api.removesuffix('/api')}/runs/flow-run/{solo.run['id']}"
-    # the schedule's override reached params.yaml, DVC's record and the gate
-    lock = yaml.safe_load((solo.repo / "dvc.lock").read_text())
-    assert lock["stages"]["register"]["params"]["params.yaml"]["register.gate"]["min"] == {"exact_match": 1.5}
-    assert dvc(solo.repo, "status").strip() == "Data and pipelines are up to date."
-    assert not (solo.repo / "mlflow.db").exists() and not (solo.repo / "mlruns").exists()  # all on the server
+    # the schedule's override reached params.yaml, DVC's record and the gate, in the worker's clone
+    lock = yaml.safe_load((solo.clone / "dvc.lock").read_text())
+    assert lock["stages"]["register"]["params"]["params.yaml"]["register"]["gate"]["min"] == {"exact_match": 1.5}
+    assert dvc(solo.clone, "status").strip() == "Data and pipelines are up to date."
+    for ws in (solo.repo, solo.clone):
+        assert not (ws / "mlflow.db").exists() and not (ws / "mlruns").exists()  # all on the server
+
+
+def test_the_workers_clone_is_the_workspace_and_the_checkout_is_left_alone(infra, solo):
+    assert solo.run["state"]["type"] == "COMPLETED", logs(solo.run, solo.worker)
+    git = lambda ws, *a: subprocess.run(["git", *a], cwd=ws, capture_output=True, text=True, check=True).stdout
+    # the user's checkout: their uncommitted edit is there, byte for byte; the runs wrote nothing
+    assert (solo.repo / "params.yaml").read_text() == solo.params_before
+    assert git(solo.repo, "status", "--porcelain").splitlines() == [" M params.yaml"]
+    assert not any((solo.repo / p).exists() for p in ("dvc.lock", "data/raw", "models", "metrics"))
+    assert "uncommitted changes" in solo.deployed.stderr  # ... and not deployed: deploy says so
+    # the clone ran the checkout's last commit; what differs there is what the pipeline wrote: the schedule's
+    # overrides and its record
+    assert git(solo.clone, "rev-parse", "HEAD") == git(solo.repo, "rev-parse", "HEAD")
+    assert sorted(git(solo.clone, "status", "--porcelain").splitlines()) == [" M params.yaml", "?? dvc.lock"]
+    assert "trying something" not in (solo.clone / "params.yaml").read_text()
+    ran = [r for r in runs_of(infra.api, "seedlm/nightly") if r["id"] == solo.run["id"]]
+    assert ran and ran[0]["work_pool_name"] == "solo"
+
+
+def test_make_worker_stops_on_sigterm(solo):
+    assert solo.left_after_sigterm == [], f"still running after SIGTERM to make: {solo.left_after_sigterm}"
+
+
+def test_deploy_prints_one_summary(solo):
+    out = solo.deployed.stdout
+    assert "Looks like you're deploying" not in out and "Successfully created" not in out, out
+    names = ["seedlm/nightly", *(f"seedlm-stage/{s}" for s in STAGES)]
+    for name in names:  # one line each
+        assert len([line for line in out.splitlines() if line.split()[:1] == [name]]) == 1, out
+    assert f"code {solo.clone}" in out
+
+
+def test_watch_ends_with_the_outcome(solo):
+    """`prefect deployment run ... --watch` streams the run's log: its last line from the flow says how it ended."""
+    said = " ".join(solo.watched.split())
+    assert f"seedlm: {solo.run['state']['message']}"[:60] in said, solo.watched[-3000:]
 
 
 def test_a_gated_out_run_says_why(infra, solo):
@@ -410,7 +504,9 @@ def test_nothing_is_redone_by_the_next_scheduled_run_or_by_dvc_repro(infra, two_
     from dvc.repo import Repo
 
     assert two_pools.second["state"]["type"] == "COMPLETED", logs(two_pools.second, *two_pools.workers.values())
-    assert "unchanged" in two_pools.second["state"]["message"]
+    assert two_pools.second["state"]["message"] == "seedlm v2 unchanged: register was up to date (v2 is champion)"
+    run = pipeline_runs(infra, f"tags.`prefect_flow_run_id` = '{two_pools.second['id']}'")[0]
+    assert run["tags"]["seedlm.outcome"] == "unchanged"
     for stage in ("sft", "evaluate"):  # cached under their DVC keys: not submitted again
         assert len(runs_of(infra.api, f"seedlm-stage/{stage}")) == (2 if stage == "sft" else 1), stage
     assert len(runs_of(infra.api, "seedlm-stage/register")) == 2  # register always asks its workspace
@@ -431,3 +527,24 @@ def test_zombie_run_automation_exists(infra, two_pools):
     zombie = [a for a in autos if a["name"] == "seedlm: crash zombie flow runs"]
     assert len(zombie) == 1 and zombie[0]["trigger"]["posture"] == "Proactive"
     assert zombie[0]["actions"][0]["type"] == "change-flow-run-state"
+
+
+# ---------------------------------------------------------------- make prefect-server
+def test_make_prefect_server_points_its_ui_at_its_own_port(tmp_path):
+    """On a port other than 4200, even with a shell still holding a PREFECT_API_URL for 4200, the UI calls the
+    server it came with; and SIGTERM to make stops the server."""
+    port = free_port()
+    env = base_env(PREFECT_HOME=str(tmp_path / "home"), PREFECT_API_URL="http://127.0.0.1:4200/api")
+    server = Proc(
+        ["make", "-s", "-o", ".venv/.installed", f"BIN={BIN}", "prefect-server", f"PREFECT_PORT={port}"],
+        tmp_path / "server.log",
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", server)
+        ui = requests.get(f"http://127.0.0.1:{port}/ui-settings", timeout=30).json()
+        assert ui["api_url"] == f"http://127.0.0.1:{port}/api"
+        assert stop_by_sigterm(server) == [], server.tail()
+    finally:
+        server.stop()

@@ -20,7 +20,7 @@ from components import preprocess as pp
 from components.core.config import PreprocessConfig
 from components.core.context import StageContext, StageError
 from components.core.io import read_json, write_json, write_meta
-from components.data import chat, dedup
+from components.data import chat, dedup, shards
 
 WORDS = [
     "alpha",
@@ -200,7 +200,14 @@ def test_report_counts_add_up(main_run):
     assert s["rows_in"] == len(main_run["rows"]) == s["kept"] + sum(s["dropped"].values())
     assert s["dropped"] == {"duplicate": 1, "empty": 1, "no_final_assistant": 1, "special_token_text": 1}
     assert s["kept"] == s["train"] + s["val"] + s["test"] and min(s["train"], s["val"], s["test"]) >= 1
-    assert rep["tokenizer"] == {"vocab_size": 400, "trained": True, "tokens_added": 0}
+    t = rep["tokenizer"]
+    assert {k: t[k] for k in ("vocab_size", "trained", "tokens_added")} == {
+        "vocab_size": 400,
+        "trained": True,
+        "tokens_added": 0,
+    }
+    assert t["sample_docs"] == p["train_docs"] and 0 < t["sample_mb"] < 1  # the sample is the whole train split
+    assert p["dedup"]["filter_mb"] == 64 and 0 <= p["dedup"]["exact_false_positive_rate"] < 1e-9
 
 
 def test_bins_decode_back_to_the_cleaned_deduplicated_docs(main_run):
@@ -364,7 +371,13 @@ def test_init_from_base_tokenizer_gets_chat_tokens(tmp_path):
     raw = write_raw(tmp_path, BASE_DOCS[:60], qa_rows(30))
     out, res = run(tmp_path, raw, init_from=base)
     tok = load_tok(out)
-    assert res["report"]["tokenizer"] == {"vocab_size": 355, "trained": False, "tokens_added": 5}
+    assert res["report"]["tokenizer"] == {
+        "vocab_size": 355,
+        "trained": False,
+        "tokens_added": 5,
+        "sample_mb": 0.0,
+        "sample_docs": 0,
+    }
     assert (res["vocab_size"], res["eos_id"], res["pad_id"]) == (355, 0, tok.convert_tokens_to_ids(chat.PAD_TOKEN))
     assert tok.chat_template == chat.CHAT_TEMPLATE
     assert all(tok.convert_tokens_to_ids(s) is not None for s in chat.SPECIAL_TOKENS)
@@ -376,16 +389,18 @@ def test_init_from_base_tokenizer_gets_chat_tokens(tmp_path):
 
 
 def test_memory_stays_flat_as_the_corpus_grows(tmp_path, monkeypatch):
-    """Peak Python memory is set by the batch, not the corpus: 4x the text, about the same peak."""
-    monkeypatch.setattr(pp, "BATCH_DOCS", 200)
-    monkeypatch.setattr(pp, "BATCH_CHARS", 100_000)
+    """Peak Python memory is set by the piece, the batch, the filters and the tokenizer's sample, not the
+    corpus: 4x the text, about the same peak."""
+    monkeypatch.setattr(shards, "BATCH_DOCS", 200)
+    monkeypatch.setattr(shards, "BATCH_CHARS", 100_000)
+    small = {"vocab_size": 300, "chunk_mb": 0.25, "tokenizer_sample_mb": 0.5, "dedup_mb": 1}
     peaks = []
-    run(tmp_path, write_raw(tmp_path / "warm", corpus(50), qa_rows(10)), "warm", vocab_size=300)  # imports
+    run(tmp_path, write_raw(tmp_path / "warm", corpus(50), qa_rows(10)), "warm", **small)  # imports
     for n in (600, 2400):
         raw = write_raw(tmp_path / str(n), corpus(n, seed=n, words=(150, 250)), qa_rows(10))
         tracemalloc.start()
         try:
-            run(tmp_path, raw, f"m{n}", vocab_size=300)
+            run(tmp_path, raw, f"m{n}", **small)
             peaks.append(tracemalloc.get_traced_memory()[1])
         finally:
             tracemalloc.stop()

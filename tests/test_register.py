@@ -24,7 +24,7 @@ from _register_fixtures import (  # noqa: E402
     PROMPTS,
     RAW,
     aliases,
-    build_sft_folder,
+    build_lora,
     do_register,
     git,
     versions,
@@ -35,7 +35,7 @@ from mlflow import MlflowClient  # noqa: E402
 from components import register as reg  # noqa: E402
 from components.core.config import GateConfig, RegisterConfig, parse_params  # noqa: E402
 from components.core.context import StageContext, StageError  # noqa: E402
-from components.core.io import read_json, sha256_dir, write_meta  # noqa: E402
+from components.core.io import read_json, sha256_dir  # noqa: E402
 from components.registry import models, provenance
 
 
@@ -253,33 +253,6 @@ def test_concurrent_registrations_get_distinct_versions_and_one_champion(store, 
 
 
 # ---------------------------------------------------------------- LoRA
-def build_lora(root: Path) -> tuple[Path, Path]:
-    """A base model folder and an sft folder like the sft stage's LoRA output (merged weights + adapter/)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base, sft = root / "pretrain", root / "sft"
-    build_sft_folder(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
-    )
-    torch.manual_seed(1)
-    with torch.no_grad():  # B starts at 0 (no change): make the adapter matter
-        for n_, p in model.named_parameters():
-            if "lora_B" in n_:
-                p.normal_(0, 0.5)
-    model.save_pretrained(sft / "adapter")
-    merged = model.merge_and_unload()
-    merged.save_pretrained(sft)
-    for f in base.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "seedlm.json"):
-            shutil.copy2(f, sft / f.name)
-    write_meta(sft, "sft", {"seed": 1, "sft": {"method": "lora"}}, {"base_pretrained": True}, {"base": str(base)})
-    return base, sft
-
-
 def test_lora_adapter_only_merges_on_load(store, repo, tmp_path):
     base, sft = build_lora(tmp_path)
     eval_path = write_eval(tmp_path / "e.json", 0.5)

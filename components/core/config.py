@@ -68,6 +68,13 @@ class SyntheticConfig(Section):
     """How many differently worded sentences state each fact in the pretraining corpus."""
     heldout_fraction: float = Field(default=0.2, gt=0, lt=1)
     """Fraction of facts whose questions are kept out of SFT and asked only in evaluation."""
+    updates: float = Field(default=0.75, ge=0, le=1)
+    """Fraction of entities with a fact that changes after training (moves town, changes trade, new pet): news
+    documents for the index only (`index.sources: synthetic`), never the pretraining corpus. A third of them
+    appear in SFT context rows; the others are the knowledge-cutoff questions of evaluate."""
+    context_share: float = Field(default=0.75, ge=0, le=10)
+    """SFT rows answered from supplied passages among distractors (`task: context`), as a share of the question
+    rows (qa + yes/no); see components/data/updates.py."""
 
 
 class IngestConfig(Section):
@@ -106,6 +113,22 @@ class PreprocessConfig(Section):
     """BPE vocabulary size when training a tokenizer (ignored when model.init_from is set)."""
     min_frequency: int = Field(default=2, ge=1)
     """BPE merges need at least this many occurrences."""
+    tokenizer_sample_mb: float = Field(default=16, gt=0)
+    """The tokenizer learns from the first this many MiB of the train split (and of the SFT train messages);
+    the report says how much it used (`tokenizer.sample_mb`)."""
+    dedup_mb: float = Field(default=64, gt=0, le=65536)
+    """Memory of each de-dup filter (a Bloom filter: fixed size whatever the corpus). Its false-positive rate
+    (a unique document dropped) is in the report; 64 MiB: 1e-7 at 1M documents, 6e-4 at 20M."""
+    workers: int = Field(default=1, ge=1, le=1024)
+    """Processes (or Dask workers, for a local cluster) that clean and tokenize pieces of the corpus in
+    parallel; 1 works in this process. The outputs are the same for any number."""
+    engine: Literal["local", "dask"] = "local"
+    """local: this machine (`workers` processes). dask: tasks on a Dask cluster through Prefect (prefect-dask);
+    every worker must see the data folders at the same paths (README, "Preprocessing at scale")."""
+    dask_address: str | None = None
+    """engine dask: the scheduler to use (e.g. tcp://10.0.0.5:8786); null starts a local cluster of `workers`."""
+    chunk_mb: float = Field(default=8, gt=0, le=4096)
+    """Size of the unit of work: ingest's shards are cut into pieces of about this many MiB of JSON lines."""
 
     @model_validator(mode="after")
     def _lengths(self) -> PreprocessConfig:
@@ -114,6 +137,47 @@ class PreprocessConfig(Section):
                 f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars}): every document "
                 "would be dropped; lower min_chars or raise max_chars"
             )
+        return self
+
+
+# ---------------------------------------------------------------- index
+class IndexConfig(Section):
+    """The retrieval index over your documents (components/retrieval): chunks, BM25 and optional dense vectors."""
+
+    sources: list[Source] = Field(default_factory=lambda: [Source(synthetic=True)])
+    """Documents to index besides the pretraining corpus, in ingest's source forms (files, folders, urls, hf).
+    `synthetic: true` = the embedded world's news: facts that changed after training."""
+    include_pretrain: bool = True
+    """Also index the ingested pretraining documents (ingest's output)."""
+    chunk_tokens: int = Field(default=40, ge=8, le=8192)
+    """Chunk length in the pipeline tokenizer's tokens (whole sentences, split only when one is longer)."""
+    overlap_tokens: int = Field(default=10, ge=0)
+    """Tokens shared by consecutive chunks of a document (whole sentences)."""
+    retrieval: Literal["auto", "bm25", "dense", "hybrid"] = "auto"
+    """auto: hybrid (BM25 + dense, reciprocal-rank fusion) with an embedding_model, else bm25."""
+    embedding_model: str | None = None
+    """A local sentence-transformers or HF encoder folder for dense retrieval (mean/CLS pooling, normalized)."""
+    fuse_collections: bool = True
+    """Rank the pretraining corpus and index.sources separately and fuse the rankings (reciprocal rank, ties to
+    index.sources): a few new documents are not outranked by a corpus that restates the old facts many times."""
+    embed_batch_size: int = Field(default=64, ge=1)
+    top_k: int = Field(default=5, ge=1, le=1000)
+    """Chunks retrieved per question (evaluate's recall@k; serving and chat default)."""
+    ann_min_rows: int = Field(default=100_000, ge=1)
+    """Build an IVF-PQ vector index (approximate search) from this many chunks on; below it, exact search."""
+    skip_malformed: bool = False
+    """Skip (and count) malformed rows of index.sources instead of failing on the first one."""
+    max_download_mb: int = Field(default=2048, ge=1)
+    max_line_mb: float = Field(default=16, gt=0, le=1024)
+
+    @model_validator(mode="after")
+    def _chunks(self) -> IndexConfig:
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError(f"overlap_tokens ({self.overlap_tokens}) must be below chunk_tokens ({self.chunk_tokens})")
+        if self.retrieval == "dense" and not self.embedding_model:
+            raise ValueError("retrieval: dense needs embedding_model: a local encoder folder")
+        if not self.sources and not self.include_pretrain:
+            raise ValueError("nothing to index: add index.sources or set include_pretrain: true")
         return self
 
 
@@ -229,6 +293,9 @@ class EvaluateConfig(Section):
     """Also evaluate the registry's current champion (`models:/<register.model_name>@champion`), if any."""
     models: dict[str, str] = Field(default_factory=dict)
     """Other models for the same table: name -> local HF folder or MLflow URI (`models:/seedlm/3`)."""
+    retrieval_max_new_tokens: int = Field(default=16, ge=1)
+    """Generation length for the knowledge-cutoff questions (short answers): the rest of the context holds
+    retrieved passages."""
 
     @model_validator(mode="after")
     def _model_names(self) -> EvaluateConfig:
@@ -349,6 +416,7 @@ class Params(Section):
     paths: Paths = Field(default_factory=Paths)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sft: SftConfig = Field(default_factory=SftConfig)

@@ -35,6 +35,7 @@ class Stage:
 TABLE: tuple[Stage, ...] = (
     Stage("ingest", ("seed", "ingest"), "raw", "data/raw"),
     Stage("preprocess", ("seed", "preprocess", "model.init_from"), "processed", "data/processed"),
+    Stage("index", ("seed", "index", "ingest.synthetic"), "index", "data/index"),
     Stage("pretrain", ("seed", "model", "pretrain"), "pretrain", "models/pretrain", pool="gpu"),
     Stage("sft", ("seed", "sft"), "sft", "models/sft", pool="gpu"),
     Stage("evaluate", ("seed", "evaluate", "register.model_name"), "evaluate", "reports/evaluate", pool="gpu"),

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from components.data import templates
+
 EOS_TOKEN = "<|endoftext|>"
 """Document separator in pretraining; bos and eos of trained tokenizers."""
 PAD_TOKEN = "<|pad|>"
@@ -46,29 +48,53 @@ def render(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = Fal
     return text + (f"{ROLE_TOKENS['assistant']}\n" if add_generation_prompt else "")
 
 
-def ensure_chat_tokens(tokenizer: Any) -> int:
-    """Give a (base checkpoint's) tokenizer the chat special tokens, a pad token and CHAT_TEMPLATE.
+CONTEXT_HEADER = "Context:"
+QUESTION_HEADER = "Question:"
 
-    Returns how many tokens were added to the vocabulary (resize the model's embeddings by it).
-    A different existing chat_template is replaced: SFT trains this format and evaluation renders
-    prompts through the tokenizer, so the two must agree.
+
+def with_context(question: str, passages: Sequence[str]) -> str:
+    """A user turn carrying context passages: the one rendering of passages, shared by SFT rows (a `context`
+    field, Alpaca's `input`), evaluation, serving and chat (retrieved chunks). Without passages: the question.
+
+        Context:
+        [1] first passage
+        [2] second passage
+
+        Question: the question
     """
+    passages = [p.strip() for p in passages if p and p.strip()]
+    if not passages:
+        return question
+    numbered = "\n".join(f"[{i}] {p}" for i, p in enumerate(passages, 1))
+    return f"{CONTEXT_HEADER}\n{numbered}\n\n{QUESTION_HEADER} {question}"
+
+
+def ensure_chat_tokens(tokenizer: Any) -> int:
+    """Make a (base checkpoint's) tokenizer chat-ready; returns how many tokens it added to the vocabulary.
+
+    A tokenizer with its own chat template keeps it, unchanged: SFT renders with it and derives the label mask
+    from it (components/data/templates.py). One without gets CHAT_TEMPLATE and only the tokens that format needs
+    (the role tokens and `<|end|>`, and an eos when it has none), so the base's embeddings keep every row and
+    gain only those (resize the model's embeddings by the count). Padding uses the eos when there is no pad.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return 0
     before = len(tokenizer)
     special = set(tokenizer.all_special_tokens)
-    missing = [t for t in SPECIAL_TOKENS if t not in special and t != PAD_TOKEN]
+    needed = [t for t in SPECIAL_TOKENS if t != PAD_TOKEN and (t != EOS_TOKEN or tokenizer.eos_token is None)]
+    missing = [t for t in needed if t not in special]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if tokenizer.eos_token is None:
         tokenizer.eos_token = EOS_TOKEN
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    if tokenizer.chat_template != CHAT_TEMPLATE:
-        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATE
     return len(tokenizer) - before
 
 
 def stop_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end a generation: `<|end|>`, then the eos token."""
+    """Token ids that end a generation: `<|end|>` (a base's own template: its end-of-turn tokens), then eos."""
+    if getattr(tokenizer, "chat_template", None) not in (None, CHAT_TEMPLATE):
+        return templates.stop_ids(tokenizer)
     ids = [tokenizer.convert_tokens_to_ids(END_TOKEN), tokenizer.eos_token_id]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
@@ -80,9 +106,11 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[lis
     once. Labels keep every token that overlaps an assistant message's content, plus the `<|end|>`
     after it; everything else (role tokens, the newlines of the format, system/user text) is
     IGNORE_INDEX. Special tokens split the text before BPE, so no token spans a message boundary.
+    A base's own chat template: its rendering and the mask derived from it (components/data/templates.py).
     """
     if getattr(tokenizer, "chat_template", None) != CHAT_TEMPLATE:
-        raise ValueError("tokenizer.chat_template is not chat.CHAT_TEMPLATE; call ensure_chat_tokens first")
+        _check(messages)
+        return templates.encode(tokenizer, messages)
     text = render(messages)
     spans, pos = [], 0
     for m in messages:

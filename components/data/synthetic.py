@@ -257,22 +257,28 @@ def pretrain_documents(cfg: SyntheticConfig, seed: int) -> Iterator[dict[str, st
     """`paraphrases` biography documents per entity, each stating every fact once."""
     w = world(cfg, seed)
     rng = random.Random(f"seedlm-corpus-{seed}")
-    for ent in w["entities"]:
+    for text in biographies(w["entities"], cfg.paraphrases, rng):
+        yield {"text": text}
+
+
+def biographies(entities: list[dict[str, Any]], paraphrases: int, rng: random.Random) -> Iterator[str]:
+    """`paraphrases` documents per entity (in entity order), each stating every fact once in varied wording."""
+    for ent in entities:
         # Per fact: the canonical statement in one document, the others cycle through the rest.
         choice: dict[str, list[int]] = {}
         for a in ATTRIBUTES:
             rest = list(range(1, len(TEMPLATES[a])))
             rng.shuffle(rest)
-            picks = [0] + [rest[i % len(rest)] for i in range(cfg.paraphrases - 1)]
+            picks = [0] + [rest[i % len(rest)] for i in range(paraphrases - 1)]
             rng.shuffle(picks)
             choice[a] = picks
-        for k in range(cfg.paraphrases):
+        for k in range(paraphrases):
             sents = [_sentence(TEMPLATES[a][choice[a][k]], ent["name"], ent[a]) for a in ATTRIBUTES]
             rng.shuffle(sents)
             for filler in rng.sample(FILLERS, rng.randint(1, 3)):
                 sents.insert(rng.randrange(len(sents) + 1), filler)
             intro = rng.choice(INTROS).format(e=ent["name"])
-            yield {"text": " ".join([intro, *sents])}
+            yield " ".join([intro, *sents])
 
 
 def _row(question: str, answer: str, split: str, task: str) -> dict[str, Any]:
@@ -284,7 +290,8 @@ def _row(question: str, answer: str, split: str, task: str) -> dict[str, Any]:
 
 
 def instruction_rows(cfg: SyntheticConfig, seed: int) -> Iterator[dict[str, Any]]:
-    """One `qa` and one `yesno` row per fact; held-out facts are `split: test`, the rest `train`."""
+    """One `qa` and one `yesno` row per fact; held-out facts are `split: test`, the rest `train`; then the
+    `context` rows answered from passages (components/data/updates.py)."""
     w = world(cfg, seed)
     rng = random.Random(f"seedlm-sft-{seed}")
     held = {tuple(x) for x in w["heldout"]}
@@ -302,5 +309,8 @@ def instruction_rows(cfg: SyntheticConfig, seed: int) -> Iterator[dict[str, Any]
             value = ent[a] if yes else rng.choice([v for v in w["values"][a] if v != ent[a]])
             q = _sentence(rng.choice(YESNO[a]), ent["name"], value)
             rows.append(_row(q, "Yes." if yes else "No.", split, "yesno"))
+    from components.data import updates  # imports this module: imported here, not at the top
+
+    rows += updates.context_rows(cfg, seed, len(rows))
     rng.shuffle(rows)
     yield from rows

@@ -99,12 +99,13 @@ def parse_model_uri(ref: str, uri: str | None = None) -> tuple[str, str]:
 
 
 def resolve_model(ref: str | Path, dst: Path) -> Path:
-    """A local HF folder for `ref`: a folder as is; a model URI downloaded (adapters merged) under `dst`."""
+    """A local HF folder for `ref`: a model URI downloaded under `dst`, an MLflow model folder's HF folder (both
+    with adapters merged under `dst`), any other folder as is."""
     if not is_uri(ref):
-        return Path(ref)
+        path = Path(ref)
+        return hf_folder(path, str(ref), dst) if (path / "MLmodel").is_file() else path
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
 
     uri = tracking_uri()
     dst.mkdir(parents=True, exist_ok=True)
@@ -115,6 +116,14 @@ def resolve_model(ref: str | Path, dst: Path) -> Path:
             f"{ref}: not found in {uri} ({str(e).splitlines()[0][:300]}); list versions with "
             "`mlflow models` / the UI, or pass a local model folder"
         ) from None
+    return hf_folder(local, str(ref), dst)
+
+
+def hf_folder(local: Path, ref: str, dst: Path) -> Path:
+    """The HF model folder inside the seedlm MLflow model at `local`; an adapter-only one merged into `dst`."""
+    import mlflow
+    from mlflow.models import Model
+
     if not (local / "MLmodel").is_file():
         raise StageError(f"{ref}: not an MLflow model (no MLmodel file); pass a model URI or folder")
     arts = (Model.load(str(local)).flavors.get("python_function") or {}).get("artifacts") or {}

@@ -28,7 +28,18 @@ SERVING_CODE = Path(__file__).with_name("pyfunc.py")
 EXAMPLE_PROMPT = "What is the capital of France?"
 MAX_TAG = 5000
 """Chars; JSON tags stay below the strictest MLflow backend limit for tag values."""
-SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
+SERVING_PACKAGES = (
+    "mlflow",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "pandas",
+    "pydantic",
+    "PyYAML",
+)
+"""What the pyfunc and the engine modules it ships import (pydantic, PyYAML: components/core/config.py)."""
 
 
 def scalars(section: dict[str, Any]) -> dict[str, Any]:
@@ -82,42 +93,62 @@ def _pip_requirements(adapter: bool) -> list[str]:
     return reqs
 
 
-def log_model(cfg: RegisterConfig, folder: Path, size_mb: float, base_tags: dict[str, str] | None) -> Any:
-    import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    example = [EXAMPLE_PROMPT]
-    gen_params = {"max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "do_sample": False}
-    signature = infer_signature(example, ["an answer"], params=gen_params)
-    model_config: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens}
+def _model_config(cfg: RegisterConfig, base_tags: dict[str, str] | None) -> dict[str, Any]:
+    config: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "model_name": cfg.model_name}
     if base_tags:
-        model_config.update(
+        config.update(
             base_path=base_tags["lora_base.path"],
             base_sha256=base_tags["lora_base.sha256"],
             base_hint="restore it with `git checkout <git_commit> && dvc checkout` (see "
             "`python -m components.registry.lineage`)",
         )
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(SERVING_CODE),
-        artifacts={"hf_adapter" if base_tags else "hf_model": str(folder)},
-        model_config=model_config,
-        signature=signature,
-        input_example=example,
-        pip_requirements=_pip_requirements(bool(base_tags)),
-        metadata={"model_size_mb": size_mb, "seedlm_stage": "register", "format": "adapter" if base_tags else "merged"},
-    )
-    # log_model only warns when the example fails; a model that cannot generate is not registered.
-    out = mlflow.pyfunc.load_model(info.model_uri).predict(
-        pd.DataFrame({"prompt": example}), params={"max_new_tokens": min(4, cfg.max_new_tokens)}
-    )
-    if not (isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)):
-        raise StageError(
-            f"{folder}: the logged model returned {out!r} for one prompt; expected one "
-            "string (check the tokenizer/chat template in the sft folder)"
+    return config
+
+
+def log_model(cfg: RegisterConfig, folder: Path, size_mb: float, base_tags: dict[str, str] | None) -> Any:
+    """Log `folder` as the seedlm pyfunc, with the generation engine's modules as its code_paths."""
+    import tempfile
+
+    import mlflow
+
+    from components.registry import pyfunc, shipped
+
+    with tempfile.TemporaryDirectory(prefix="seedlm-code-") as tmp:
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SERVING_CODE),
+            artifacts={"hf_adapter" if base_tags else "hf_model": str(folder)},
+            code_paths=[str(shipped.stage(Path(tmp)))],
+            model_config=_model_config(cfg, base_tags),
+            signature=pyfunc.signature(cfg.max_new_tokens),
+            input_example=({"messages": [{"role": "user", "content": EXAMPLE_PROMPT}]}, {"max_tokens": 4}),
+            pip_requirements=_pip_requirements(bool(base_tags)),
+            metadata={
+                "model_size_mb": size_mb,
+                "seedlm_stage": "register",
+                "format": "adapter" if base_tags else "merged",
+                "inputs": "chat: {messages, temperature, top_p, top_k, max_tokens, stop, n, seed}; "
+                "prompts: list of str, str or DataFrame prompt column",
+            },
         )
+    check_logged(info.model_uri, folder, min(4, cfg.max_new_tokens))
     return info
+
+
+def check_logged(uri: str, folder: Path, max_tokens: int) -> None:
+    """log_model only warns when the example fails; a model that cannot answer a prompt and a chat is not
+    registered."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict([EXAMPLE_PROMPT], params={"max_tokens": max_tokens})
+    chat = model.predict({"messages": [{"role": "user", "content": EXAMPLE_PROMPT}], "max_tokens": max_tokens})
+    choices = chat.get("choices") if isinstance(chat, dict) else None
+    if not (isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)) or not choices:
+        raise StageError(
+            f"{folder}: the logged model returned {out!r} for one prompt and {chat!r} for one chat request; "
+            "expected one string and a chat completion (check the tokenizer/chat template in the sft folder)"
+        )
 
 
 def registered_aliases(client: Any, name: str) -> dict[str, str] | None:

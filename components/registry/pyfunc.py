@@ -1,66 +1,259 @@
-"""The registered seedlm model: an MLflow pyfunc, logged as "models from code".
+"""The registered seedlm model: an MLflow pyfunc ("models from code") that answers OpenAI-style chat requests and
+plain prompts with seedlm's one generation engine (components/serving/engine.py).
 
-MLflow copies this file into the model artifact and executes it at load time, so it must stay
-self-contained (imports only torch/transformers/pandas/mlflow, never `components.*`). The HF model
-folder (safetensors + tokenizer with its chat template) is shipped as the artifact `hf_model`.
+MLflow copies this file into the model artifact and runs it at load time, so it imports only mlflow, pandas,
+numpy, torch/transformers/peft and the engine that ships with the model (`code/seedlm_engine_src`, written by
+components/registry/shipped.py through `code_paths`): never this repo's modules. The engine is imported
+from there under its own names, beside (not into) any `components` package the loading process has.
 
     model = mlflow.pyfunc.load_model("models:/seedlm@champion")
-    model.predict(pd.DataFrame({"prompt": ["What is the capital of Zorbia?"]}),
-                  params={"max_new_tokens": 16})          # -> ["..."]
+    model.predict(["Where does Zorblat live?"], params={"max_tokens": 16})           # -> ["..."]
+    model.predict({"messages": [{"role": "user", "content": "Where does Zorblat live?"}], "max_tokens": 16})
+    # -> {"object": "chat.completion", "choices": [{"message": {"role": "assistant", "content": ...}}], ...}
+    for chunk in model.predict_stream({"messages": [...]}): ...     # chat.completion.chunk dicts
 
-LoRA runs registered with `register.lora_format: adapter` ship only the adapter (artifact
-`hf_adapter`, with the tokenizer); the base model is referenced by path and content hash in the
-model config (`base_path`, `base_sha256`) and merged on load. A base that is missing or whose
-weights hash differs is refused; point to a restored copy with
-`mlflow.pyfunc.load_model(uri, model_config={"base_path": "/path/to/base"})`.
+Chat: a dict {"messages": [{"role": system|user|assistant, "content": str}, ...]} with, optionally, the
+fields of MLflow's chat request (ChatCompletionRequest: temperature, top_p, top_k, max_tokens, stop, n) and
+seed, repetition_penalty; `mlflow models serve` takes it as the request body. Or a DataFrame with a
+`messages` column, one conversation per row. Answer: a ChatCompletionResponse dict (a list of them for a
+DataFrame). A conversation longer than the context loses its oldest turns (system messages kept), counted in
+`custom_outputs.trimmed_messages`.
 
-Input: a DataFrame with a `prompt` column, a list of strings or one string. Each prompt becomes one
-user message, rendered with the tokenizer's chat template plus the generation prompt. Output: one
-response string per prompt (special tokens removed), generation stopping at `<|end|>`. Params:
-max_new_tokens (capped so prompt + answer fit the context; long prompts keep their tail),
-do_sample, temperature (used only when sampling; 0 means greedy). Runs on CUDA when available.
+Prompts: a list of str, a str, a DataFrame with a `prompt` column (or only one column), or {"prompt": ...}.
+Each prompt is one user turn; answer: one string per prompt. A prompt longer than the context keeps its tail.
+
+Params (the signature's params; a chat request's own fields win): the chat fields above, and
+max_new_tokens (what max_tokens defaults to, as registered) and do_sample (false: greedy whatever the
+temperature), the names the first versions used. Default: greedy (temperature 0). Input or params it cannot
+use raise MlflowException INVALID_PARAMETER_VALUE naming the field (`mlflow models serve`: HTTP 400).
+
+The signature has params and no input schema: MLflow's column schemas turn a chat dict into DataFrame rows
+(an unnamed string column) or drop `{"inputs": [...]}` strings (named columns), so this model checks its
+input itself. `predict_stream` takes one prompt (yields text deltas) or one chat request (yields
+ChatCompletionChunk dicts); `mlflow models serve` does not stream (`seedlm serve` does).
+
+LoRA runs registered with `register.lora_format: adapter` ship only the adapter (artifact `hf_adapter`, with
+the tokenizer); the base model is referenced by path and content hash in the model config (`base_path`,
+`base_sha256`) and merged on load. A base that is missing or whose weights hash differs is refused; point to a
+restored copy with `mlflow.pyfunc.load_model(uri, model_config={"base_path": "/path/to/base"})`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import importlib
+import queue
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 ARTIFACT = "hf_model"
 ADAPTER = "hf_adapter"
-END_TOKEN = "<|end|>"
-DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 32, "temperature": 1.0, "do_sample": False}
-"""Predict-time params (also the signature's param schema; register overrides max_new_tokens)."""
+CODE_DIR = "seedlm_engine_src"
+"""Under the model's `code/` folder: the shipped `components` modules (components/registry/shipped.py)."""
+PACKAGE = "components"
+ENGINE = "components.serving.engine"
+SAMPLING = "components.serving.sampling"
+DEFAULT_MAX_TOKENS = 32
+MAX_N = 8
+"""At most this many choices per chat request."""
+PARAMS: dict[str, tuple[str, Any]] = {
+    "max_tokens": ("long", None),
+    "temperature": ("double", None),
+    "top_p": ("double", None),
+    "top_k": ("long", None),
+    "stop": ("string[]", []),
+    "n": ("long", None),
+    "seed": ("long", None),
+    "repetition_penalty": ("double", None),
+    "stream": ("boolean", None),
+    "max_new_tokens": ("long", DEFAULT_MAX_TOKENS),
+    "do_sample": ("boolean", None),
+}
+"""Predict-time params: name -> (MLflow type, `[]` for a list; default). Also the fields a chat request may carry."""
+ACCEPTED = (
+    'send {"messages": [{"role": "user", "content": "..."}]} (chat), a list of prompt strings, a string, '
+    'or a DataFrame with a "prompt" or "messages" column'
+)
 
 
-def _prompts(model_input: Any) -> list[str]:
-    """Accept a DataFrame (`prompt` column, else the only column), a list/Series of str, or a str."""
-    if isinstance(model_input, str):
-        return [model_input]
-    if isinstance(model_input, pd.DataFrame):
-        if "prompt" in model_input.columns:
-            col = model_input["prompt"]
-        elif len(model_input.columns) == 1:
-            col = model_input.iloc[:, 0]
-        else:
-            raise ValueError(f"input needs a 'prompt' column; got columns {list(model_input.columns)}")
-        return [str(x) for x in col.tolist()]
-    if isinstance(model_input, dict) and "prompt" in model_input:
-        value = model_input["prompt"]
-        return [value] if isinstance(value, str) else [str(x) for x in value]
-    if isinstance(model_input, (list, tuple, pd.Series)):
-        return [str(x) for x in model_input]
-    raise TypeError(
-        f"unsupported input type {type(model_input).__name__}; pass a DataFrame with "
-        "a 'prompt' column, a list of strings or a string"
+def signature(max_new_tokens: int = DEFAULT_MAX_TOKENS) -> Any:
+    """The logged signature: the params above, no input schema (see the module doc)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import DataType, ParamSchema, ParamSpec
+
+    specs = []
+    for name, (kind, default) in PARAMS.items():
+        shape = (-1,) if kind.endswith("[]") else None
+        default = max_new_tokens if name == "max_new_tokens" else default
+        specs.append(ParamSpec(name, DataType[kind.removesuffix("[]")], default, shape))
+    return ModelSignature(inputs=None, outputs=None, params=ParamSchema(specs))
+
+
+def bad(message: str) -> MlflowException:
+    """A request error: INVALID_PARAMETER_VALUE, which `mlflow models serve` answers with HTTP 400."""
+    return MlflowException.invalid_parameter_value(message)
+
+
+# ---------------------------------------------------------------- the shipped engine
+def _ours(name: str) -> bool:
+    return name == PACKAGE or name.startswith(PACKAGE + ".")
+
+
+@contextlib.contextmanager
+def _import_lock() -> Iterator[None]:
+    """Hold CPython's global import lock: no other thread imports while `components` is swapped."""
+    try:
+        import _imp
+    except ImportError:  # not CPython
+        yield
+        return
+    _imp.acquire_lock()
+    try:
+        yield
+    finally:
+        _imp.release_lock()
+
+
+def import_shipped(root: Path) -> dict[str, ModuleType]:
+    """Import the engine from the copy under `root`, by its own names, and return the `components` modules loaded.
+
+    The process's own `components` modules (a repo, another version) are set aside meanwhile and put back
+    afterwards, so neither copy sees the other; the engine keeps its modules through its globals."""
+    root = Path(root).resolve()
+    if not (root / PACKAGE).is_dir():
+        raise MlflowException(
+            f"{root}: the engine code shipped with this model is missing; register the model with seedlm "
+            "(components/registry/publish.py logs it with code_paths)"
+        )
+    with _import_lock():
+        saved = {k: sys.modules.pop(k) for k in [k for k in sys.modules if _ours(k)]}
+        sys.path.insert(0, str(root))
+        try:
+            importlib.import_module(ENGINE)
+            loaded = {k: m for k, m in sys.modules.items() if _ours(k)}
+        finally:
+            sys.path.remove(str(root))
+            for k in [k for k in sys.modules if _ours(k)]:
+                del sys.modules[k]
+            sys.modules.update(saved)
+    stray = sorted(
+        k for k, m in loaded.items() if getattr(m, "__file__", None) and root not in Path(m.__file__).parents
     )
+    if stray:
+        raise MlflowException(f"{root}: modules {stray} were not shipped with the model but are needed by the engine")
+    return loaded
 
 
+# ---------------------------------------------------------------- input
+@dataclasses.dataclass
+class Request:
+    """What to answer: plain prompts, or conversations (with the chat request's own fields)."""
+
+    prompts: list[str] | None = None
+    chats: list[Any] | None = None
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    one: bool = False
+    """A single chat dict: answer one response rather than a list."""
+
+
+def plain(value: Any) -> Any:
+    """numpy arrays and scalars (as MLflow and pandas hand them over) as Python lists and scalars."""
+    if isinstance(value, np.ndarray):
+        return [plain(v) for v in value.tolist()] if value.ndim else plain(value.item())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def _strings(values: list[Any], what: str) -> list[str]:
+    if not values:
+        raise bad(f"no {what} given; {ACCEPTED}")
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise bad(f"{what}[{i}] is {type(v).__name__} {v!r:.80}, not a string; {ACCEPTED}")
+    return values
+
+
+def _from_dict(data: dict[str, Any]) -> Request:
+    unknown = sorted(set(data) - {"messages", "prompt"} - set(PARAMS))
+    if unknown:
+        raise bad(f"unknown field {unknown[0]!r}; a request takes messages (or prompt) and {', '.join(PARAMS)}")
+    fields = {k: plain(v) for k, v in data.items() if k in PARAMS}
+    if "messages" in data and "prompt" in data:
+        raise bad("give messages (chat) or prompt, not both")
+    if "messages" in data:
+        return Request(chats=[plain(data["messages"])], fields=fields, one=True)
+    if "prompt" in data:
+        prompt = plain(data["prompt"])
+        return Request(prompts=_strings(prompt if isinstance(prompt, list) else [prompt], "prompt"), fields=fields)
+    raise bad(f"no messages or prompt in the request (fields: {sorted(data)}); {ACCEPTED}")
+
+
+def _from_frame(df: pd.DataFrame) -> Request:
+    if "messages" in df.columns:
+        if len(df.columns) > 1:
+            raise bad(
+                f"a DataFrame with a messages column takes no other columns (got {list(df.columns)}); pass "
+                "settings as params"
+            )
+        return Request(chats=[plain(m) for m in df["messages"]])
+    if "prompt" in df.columns:
+        column = df["prompt"]
+    elif len(df.columns) == 1:
+        column = df.iloc[:, 0]
+    else:
+        raise bad(f"a DataFrame needs a 'prompt' or 'messages' column; got columns {list(df.columns)}")
+    return Request(prompts=_strings(plain(column.tolist()), "prompts"))
+
+
+def parse_input(data: Any) -> Request:
+    """The request in `data` (see the module doc); MlflowException naming what is wrong otherwise."""
+    if isinstance(data, (np.ndarray, pd.Series)):
+        data = plain(data.tolist() if isinstance(data, pd.Series) else data)
+    if isinstance(data, str):
+        return Request(prompts=[data])
+    if isinstance(data, dict):
+        return _from_dict(data)
+    if isinstance(data, pd.DataFrame):
+        return _from_frame(data)
+    if isinstance(data, (list, tuple)):
+        return Request(prompts=_strings(list(data), "prompts"))
+    raise bad(f"unsupported input {type(data).__name__}; {ACCEPTED}")
+
+
+def given(values: dict[str, Any] | None) -> dict[str, Any]:
+    """The settings actually given: None and empty lists (MLflow's param defaults) mean "not set"."""
+    return {k: plain(v) for k, v in (values or {}).items() if v is not None and v != []}
+
+
+def temperature(settings: dict[str, Any]) -> float:
+    """do_sample false: greedy; do_sample true without a temperature: 1.0; else the temperature (default 0)."""
+    value, sample = settings.get("temperature"), settings.get("do_sample")
+    if sample is False:
+        return 0.0
+    if value is None:
+        return 1.0 if sample else 0.0
+    return value
+
+
+# ---------------------------------------------------------------- loading
 def weights_sha256(folder: str | Path) -> str:
     """Content hash of a model's *.safetensors + config.json (as components.registry.provenance.weights_sha256)."""
     root = Path(folder)
@@ -98,77 +291,172 @@ def load_merged(adapter_dir: str, config: dict[str, Any]) -> Any:
 
 
 class SeedLMChatModel(PythonModel):
-    """Greedy (or sampled) chat generation with a local HF causal LM."""
+    """Chat and prompt answers from a local HF causal LM, generated by the engine shipped with the model."""
 
     def load_context(self, context) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         config = dict(getattr(context, "model_config", None) or {})
-        adapter = ADAPTER in context.artifacts
-        path = context.artifacts[ADAPTER if adapter else ARTIFACT]
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if not self.tokenizer.chat_template:
-            raise ValueError(f"{path}: tokenizer has no chat_template; re-run preprocess/sft")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = (
-            load_merged(path, config)
-            if adapter
-            else AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-        ).to(self.device)
-        self.model.eval()
-        self.defaults = {**DEFAULT_PARAMS, **{k: config[k] for k in DEFAULT_PARAMS if k in config}}
+        modules = import_shipped(Path(__file__).resolve().parent / "code" / CODE_DIR)
+        self.engine_mod, self.sampling = modules[ENGINE], modules[SAMPLING]
+        name = str(config.get("model_name") or "seedlm")
+        if ADAPTER in context.artifacts:
+            path = context.artifacts[ADAPTER]
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.engine = self.engine_mod.from_model(load_merged(path, config), tokenizer, name=name, source=path)
+        else:
+            self.engine = self.engine_mod.load_folder(Path(context.artifacts[ARTIFACT]), name=name)
+        self.engine.model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.defaults = {"max_new_tokens": int(config.get("max_new_tokens", DEFAULT_MAX_TOKENS))}
         self.batch_size = int(config.get("batch_size", 8))
-        end_id = self.tokenizer.convert_tokens_to_ids(END_TOKEN)
-        stops = [end_id] if isinstance(end_id, int) and end_id != self.tokenizer.unk_token_id else []
-        if self.tokenizer.eos_token_id is not None:
-            stops.append(self.tokenizer.eos_token_id)
-        self.stop_ids = stops
-        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1024)
+        self._lock = threading.Lock()
+        """One generation at a time (`mlflow models serve` calls predict from several threads)."""
 
-    def _settings(self, params: dict[str, Any] | None) -> dict[str, Any]:
-        merged = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
-        max_new = int(merged["max_new_tokens"])
-        if max_new < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
-        max_new = min(max_new, self.context_length - 1)  # prompt + new tokens must fit the positions
-        temperature = float(merged["temperature"])
-        gen = {
-            "max_new_tokens": max_new,
-            "eos_token_id": self.stop_ids,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "do_sample": bool(merged["do_sample"]) and temperature > 0,
-        }  # temperature 0 = greedy
-        if gen["do_sample"]:
-            gen["temperature"] = temperature
-        return gen
+    @property
+    def model(self) -> Any:
+        return self.engine.model
 
-    # The hint is pd.DataFrame (what pyfunc passes after schema enforcement; direct calls may also pass
-    # a list or str): MLflow infers no schema from it, so the logged signature with params stays.
-    def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
-        import torch
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
 
-        prompts = _prompts(model_input)
-        gen = self._settings(params)
-        budget = self.context_length - gen["max_new_tokens"]  # prompt tokens kept (its tail)
-        out: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-                )
-                for p in prompts[start : start + self.batch_size]
-            ]
-            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-budget:] for t in texts]
-            batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                seqs = self.model.generate(**batch, **gen)
-            new = seqs[:, batch["input_ids"].shape[1] :]
-            out.extend(t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True))
-        return out
+    @property
+    def stop_ids(self) -> list[int]:
+        return sorted(self.engine.stop_ids)
+
+    # ------------------------------------------------------------ settings and prompts
+    def _settings(self, params: dict[str, Any] | None, fields: dict[str, Any], *, stream: bool) -> tuple[Any, int]:
+        """(engine SamplingParams, n) from the defaults, then params, then the request's own fields."""
+        merged = {**self.defaults, **given(params), **given(fields)}
+        if merged.get("stream") and not stream:
+            raise bad("stream: predict does not stream; call predict_stream, or use `seedlm serve` for HTTP streaming")
+        n = merged.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise bad(f"n must be an integer in [1, {MAX_N}], got {n!r}")
+        values = {k: merged.get(k) for k in ("top_p", "top_k", "seed", "repetition_penalty", "stop")}
+        values["max_tokens"] = merged["max_tokens"] if "max_tokens" in merged else merged["max_new_tokens"]
+        values["temperature"] = temperature(merged)
+        try:
+            return self.sampling.sampling_params(**values), n
+        except self.sampling.ParamError as e:
+            raise bad(str(e)) from None
+
+    def _text_prompt(self, text: str, settings: Any) -> Any:
+        """One user turn in the chat template, kept to its tail when it leaves too little room for the answer."""
+        engine = self.engine
+        rendered = self.engine_mod.deps.prompt_text(engine.tokenizer, [{"role": "user", "content": text}])
+        with engine.lock:
+            ids = list(engine.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        ids = ids[-max(1, engine.context - min(settings.max_tokens, engine.context // 2)) :]
+        return self.engine_mod.Prompt(ids, engine.context - len(ids))
+
+    def _chat_prompt(self, messages: Any, settings: Any) -> Any:
+        try:
+            return self.engine_mod.chat_prompt(self.engine, messages, settings)
+        except self.sampling.ParamError as e:
+            raise bad(str(e)) from None
+
+    @staticmethod
+    def _choices(settings: Any, n: int) -> list[Any]:
+        """Settings of each of n choices: seeded ones get seed, seed + 1, ... (so they differ when sampling)."""
+        if settings.seed is None:
+            return [settings] * n
+        return [dataclasses.replace(settings, seed=settings.seed + i) for i in range(n)]
+
+    def _generate(self, prompts: list[Any], settings: list[Any]) -> list[Any]:
+        with self._lock:
+            return self.engine_mod.generate(self.engine, prompts, settings, max_batch=self.batch_size)
+
+    def _response(self, completions: list[Any], prompt: Any) -> dict[str, Any]:
+        from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage, TokenUsageStats
+
+        choices = [
+            ChatChoice(index=i, message=ChatMessage(role="assistant", content=c.text), finish_reason=c.finish_reason)
+            for i, c in enumerate(completions)
+        ]
+        used = sum(c.completion_tokens for c in completions)
+        usage = TokenUsageStats(
+            prompt_tokens=len(prompt.ids), completion_tokens=used, total_tokens=len(prompt.ids) + used
+        )
+        return ChatCompletionResponse(
+            choices=choices,
+            usage=usage,
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            model=self.engine.label,
+            custom_outputs={"trimmed_messages": prompt.trimmed},
+        ).to_dict()
+
+    # ------------------------------------------------------------ predict
+    # The hint is pd.DataFrame (what pyfunc passes after schema enforcement; direct calls may also pass a list,
+    # str or dict): MLflow infers no schema from it, so the logged signature stays as given.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
+        request = parse_input(model_input)
+        settings, n = self._settings(params, request.fields, stream=False)
+        if request.prompts is not None:
+            if n != 1:
+                raise bad("n applies to chat requests; each plain prompt gets one answer")
+            prompts = [self._text_prompt(p, settings) for p in request.prompts]
+            return [c.text for c in self._generate(prompts, [settings] * len(prompts))]
+        built = [self._chat_prompt(m, settings) for m in request.chats]
+        done = self._generate([p for p in built for _ in range(n)], self._choices(settings, n) * len(built))
+        answers = [self._response(done[k * n : (k + 1) * n], p) for k, p in enumerate(built)]
+        return answers[0] if request.one else answers
+
+    def predict_stream(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> Iterator[dict[str, Any] | str]:
+        """One prompt: its text deltas; one chat request: ChatCompletionChunk dicts. Bad input raises before any
+        generation (through PyFuncModel.predict_stream: at the first `next`)."""
+        request = parse_input(model_input)
+        settings, n = self._settings(params, request.fields, stream=True)
+        items = request.prompts if request.prompts is not None else request.chats
+        if len(items) != 1:
+            raise bad(f"predict_stream takes one prompt or one chat request, got {len(items)}")
+        if request.prompts is not None:
+            if n != 1:
+                raise bad("n applies to chat requests; a plain prompt gets one answer")
+            return self._stream(self._text_prompt(items[0], settings), [settings], chat=False)
+        return self._stream(self._chat_prompt(items[0], settings), self._choices(settings, n), chat=True)
+
+    def _stream(self, prompt: Any, settings: list[Any], *, chat: bool) -> Iterator[dict[str, Any] | str]:
+        events: queue.SimpleQueue = queue.SimpleQueue()
+
+        def emit(row: Any, delta: str, finish: str | None) -> None:  # on the decoding thread
+            events.put((row.index, delta, finish))
+
+        rows = [self.engine_mod.make_row(self.engine, prompt, s, emit=emit, index=i) for i, s in enumerate(settings)]
+        threading.Thread(target=self._decode, args=(rows, events), name="seedlm-pyfunc-stream", daemon=True).start()
+        return self._events(rows, events, prompt, chat)
+
+    def _decode(self, rows: list[Any], events: queue.SimpleQueue) -> None:
+        try:
+            with self._lock:
+                self.engine_mod.run_rows(self.engine, rows, max_batch=self.batch_size)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            events.put(e)
+        finally:
+            events.put(None)
+
+    def _events(self, rows: list[Any], events: queue.SimpleQueue, prompt: Any, chat: bool) -> Iterator[Any]:
+        from mlflow.types.llm import ChatChoiceDelta, ChatChunkChoice, ChatCompletionChunk
+
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            while (event := events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                index, delta, finish = event
+                if not chat:
+                    if delta:
+                        yield delta
+                    continue
+                choice = ChatChunkChoice(index=index, delta=ChatChoiceDelta(content=delta), finish_reason=finish)
+                extra = {"trimmed_messages": prompt.trimmed} if finish else None
+                yield ChatCompletionChunk([choice], id=cid, model=self.engine.label, custom_outputs=extra).to_dict()
+        finally:  # the consumer stopped early: end the rows
+            for row in rows:
+                row.cancelled.set()
 
 
 mlflow.models.set_model(SeedLMChatModel())

@@ -49,7 +49,7 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
             raise too_big
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
@@ -198,7 +198,7 @@ def router(follower: Follower, defaults: SamplingParams, max_body: int, api_key:
     @api.post("/chat/completions")
     async def chat(request: Request) -> Any:
         req = chat_request(await read_body(request, max_body), defaults)
-        served = await run_in_threadpool(follower.get)
+        served = await run_in_threadpool(follower.get) if follower.due() else follower.current
         _check_model(follower, req.model)
         prompt = chat_prompt(served.engine, req.messages, req.params)
         rows, rid, e = _rows(served.engine, req, [prompt]), new_id("chatcmpl"), served.engine
@@ -213,7 +213,7 @@ def router(follower: Follower, defaults: SamplingParams, max_body: int, api_key:
     @api.post("/completions")
     async def completions(request: Request) -> Any:
         req = completion_request(await read_body(request, max_body), defaults)
-        served = await run_in_threadpool(follower.get)
+        served = await run_in_threadpool(follower.get) if follower.due() else follower.current
         _check_model(follower, req.model)
         names = ["prompt"] if len(req.prompts) == 1 else [f"prompt[{i}]" for i in range(len(req.prompts))]
         prompts = [text_prompt(served.engine, t, req.params, n) for t, n in zip(req.prompts, names, strict=True)]
@@ -225,5 +225,14 @@ def router(follower: Follower, defaults: SamplingParams, max_body: int, api_key:
             )
         done = await _collect(served, rows, [prompts[r.index // req.n] for r in rows])
         return text_response(rid, e.label, e.fingerprint, done)
+
+    known = {route.path for route in api.routes}
+
+    @api.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def elsewhere(request: Request, rest: str) -> None:
+        """Unknown /v1 paths are 404 (405 for a known path and another method), never the web page's."""
+        if request.url.path in known:
+            raise ApiError(405, f"{request.method} {request.url.path}: method not allowed", code="method_not_allowed")
+        raise ApiError(404, f"{request.method} {request.url.path}: no such endpoint", code="not_found")
 
     return api

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from components.core.context import StageError
+from components.core.io import atomic_dir
 from components.data.chat import END_TOKEN, ROLES, prompt_text, stop_ids
 from components.registry.models import alias_version, is_uri, parse_model_uri, resolve_model, tracking_uri
-from components.training.model import load_model
+from components.training.model import load_model, save_model
 
 __all__ = [
     "ROLES",
     "END_TOKEN",
     "StageError",
     "alias_version",
+    "atomic_dir",
     "is_uri",
     "load_model",
     "parse_model_uri",
     "prompt_text",
     "resolve_model",
+    "save_model",
     "stop_ids",
     "tracking_uri",
 ]

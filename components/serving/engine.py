@@ -27,7 +27,7 @@ from typing import Any
 from components.serving import deps
 from components.serving.decode import Emit, Row, drive
 from components.serving.detok import TextStream
-from components.serving.sampling import ParamError, SamplingParams
+from components.serving.sampling import ParamError, SamplingParams, check_text
 
 ROLES = deps.ROLES
 
@@ -100,10 +100,11 @@ def load_engine(ref: str | Path) -> Engine:
 # ---------------------------------------------------------------- prompts
 @dataclass
 class Prompt:
-    """Token ids to complete, how many new tokens fit, and how many oldest messages were dropped to fit."""
+    """Token ids to complete, how many new tokens fit after them (`room`), and how many oldest messages were
+    dropped to fit. A row generates min(max_tokens, room) tokens at most."""
 
     ids: list[int]
-    max_new: int
+    room: int
     trimmed: int = 0
 
 
@@ -119,6 +120,7 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
             )
         if not isinstance(m.get("content"), str):
             raise ParamError(f"messages[{i}].content", f"messages[{i}]: content must be a string")
+        check_text(f"messages[{i}].content", m["content"])
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -154,18 +156,19 @@ def chat_prompt(engine: Engine, messages: Any, params: SamplingParams) -> Prompt
                 dropped += 1
     if len(ids) >= engine.context:
         raise _too_long(engine, len(ids), "messages")
-    return Prompt(ids, min(params.max_tokens, engine.context - len(ids)), dropped)
+    return Prompt(ids, engine.context - len(ids), dropped)
 
 
 def text_prompt(engine: Engine, text: Any, params: SamplingParams, param: str = "prompt") -> Prompt:
     """A plain-text prompt (completions): no template, no trimming."""
     if not isinstance(text, str) or not text:
         raise ParamError(param, f"{param} must be a non-empty string")
+    check_text(param, text)
     with engine.lock:
         ids = _encode(engine, text)
     if len(ids) >= engine.context:
         raise _too_long(engine, len(ids), param)
-    return Prompt(ids, min(params.max_tokens, engine.context - len(ids)))
+    return Prompt(ids, engine.context - len(ids))
 
 
 # ---------------------------------------------------------------- generation
@@ -185,7 +188,8 @@ def make_row(
     engine: Engine, prompt: Prompt, params: SamplingParams, *, emit: Emit | None = None, index: int = 0
 ) -> Row:
     """A decode row for `prompt`; `emit(row, delta, finish)` receives its text as it is generated."""
-    return Row(prompt.ids, params, prompt.max_new, TextStream(engine.detokenizer, params.stop), emit, index=index)
+    max_new = min(params.max_tokens, prompt.room)
+    return Row(prompt.ids, params, max_new, TextStream(engine.detokenizer, params.stop), emit, index=index)
 
 
 def completion(row: Row, prompt: Prompt) -> Completion:
@@ -230,7 +234,7 @@ def generate_texts(
     room = max(1, engine.context - max_new_tokens)
     encoded = [_encode(engine, p)[-room:] or [engine.pad_id] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths decode together
-    built = {i: Prompt(encoded[i], min(max_new_tokens, engine.context - len(encoded[i]))) for i in order}
+    built = {i: Prompt(encoded[i], engine.context - len(encoded[i])) for i in order}
     rows = {i: make_row(engine, built[i], params) for i in order}
     start = time.perf_counter()
     run_rows(engine, [rows[i] for i in order], max_batch=batch_size)

@@ -64,8 +64,12 @@ class Follower:
     def _serve(self, engine: Engine) -> Served:
         return Served(engine, Batcher(engine, max_batch=self.max_batch))
 
+    def due(self) -> bool:
+        """Whether `get()` will look at the registry (and may load a version): call it off the event loop then."""
+        return self.alias is not None and time.monotonic() - self._checked >= self.interval
+
     def get(self) -> Served:
-        if self.alias is not None and time.monotonic() - self._checked >= self.interval:
+        if self.due():
             self._refresh()
         return self.current
 

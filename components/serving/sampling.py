@@ -40,7 +40,7 @@ class SamplingParams:
     """How to pick tokens for one request. temperature 0 is greedy (the default: small models answer facts best
     greedily); top_k 0 and top_p 1 are off; repetition_penalty 1 is off (>1 discourages repeats)."""
 
-    max_tokens: int = 64
+    max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -58,6 +58,15 @@ class SamplingParams:
 
 
 FIELDS = tuple(f.name for f in fields(SamplingParams))
+
+
+def check_text(param: str, value: str) -> str:
+    """`value` if it is encodable text (JSON can carry lone surrogates such as "\\ud800", which are not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ParamError(param, f"{param}: not valid Unicode text ({e.reason} at character {e.start})") from None
+    return value
 
 
 def _number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
@@ -83,7 +92,7 @@ def _stop(value: Any) -> tuple[str, ...]:
         raise ParamError("stop", f"stop must be a non-empty string or a list of them, got {value!r}")
     if len(items) > MAX_STOP:
         raise ParamError("stop", f"stop takes at most {MAX_STOP} strings, got {len(items)}")
-    return tuple(dict.fromkeys(items))
+    return tuple(dict.fromkeys(check_text("stop", s) for s in items))
 
 
 def sampling_params(base: SamplingParams | None = None, **values: Any) -> SamplingParams:

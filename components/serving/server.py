@@ -5,7 +5,7 @@ Entry points:
     app = create_app("models:/seedlm@champion", api_key=None, follow_interval=5.0, max_batch=16,
                      max_body_bytes=1_000_000, defaults=None, web_dir=WEB_DIR)   # a FastAPI app; model loaded
     serve("models:/seedlm@champion", host="127.0.0.1", port=8000, api_key=None, threads=1)  # blocks
-    main(argv)   # the CLI: python -m components.serving.server [MODEL] [--host H] [--port P] [--api-key K] ...
+    main(argv)   # the CLI (`seedlm serve`): python -m components.serving.server [MODEL] [--host H] [--port P] ...
 
 `model` is a `models:/NAME@ALIAS` URI (followed: when the alias moves, new requests get the new version
 without a restart), `models:/NAME/VERSION`, a model folder, or an `engine.Engine`.
@@ -15,11 +15,15 @@ HTTP API (every response names the version: `model` = "NAME/VERSION", `system_fi
 - GET  /v1/models, /v1/models/{id}   OpenAI model objects (+ "version", "context_length")
 - POST /v1/chat/completions    OpenAI chat; `"stream": true` sends chat.completion.chunk events and
                                `data: [DONE]`; extra response field `trimmed_messages`; extra sampling
-                               fields top_k, repetition_penalty; temperature defaults to 0 (greedy)
+                               fields top_k, repetition_penalty; temperature defaults to 0 (greedy),
+                               max_tokens to 256 (capped by the context); `n` up to 8
 - POST /v1/completions         plain-text completion (no chat template), same settings and streaming
 - GET  /                       the web chat page (files of components/serving/web/)
-Client mistakes get 4xx with {"error": {"message", "type", "param", "code"}}: 400 bad JSON or values,
-401 missing/wrong API key, 404 unknown model or path, 413 body over max_body_bytes, 429 queue full.
+Client mistakes get 4xx with {"error": {"message", "type", "param", "code"}}: 400 bad JSON or values
+(`param` names the field; code context_length_exceeded for a prompt that does not fit), 401 missing/wrong
+API key, 404 unknown model or path, 405 wrong method, 413 body over max_body_bytes, 429 queue full. Only a
+fault of the server is a 500 (type server_error); it keeps serving either way. Concurrent requests are
+decoded together (batcher.py); a request's `stream` events arrive token by token.
 A /v1 request needs `Authorization: Bearer KEY` when an API key is set; serve() refuses a non-loopback
 host without one (`--api-key` or the environment variable SEEDLM_API_KEY).
 """
@@ -104,7 +108,7 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving `model` (loaded now: a missing model fails here, not on the first request)."""
     follower = Follower(model, interval=follow_interval, max_batch=max_batch)
-    defaults = defaults or SamplingParams(max_tokens=256)
+    defaults = defaults or SamplingParams()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -157,8 +161,13 @@ def serve(
     uvicorn.run(create_app(model, api_key=key, **app_kw), host=host, port=port, log_level=log_level)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="seedlm serve", description="OpenAI-compatible API + web chat for a model")
+def main(argv: list[str] | None = None, *, prog: str = "python -m components.serving.server", example: str = "") -> int:
+    """`seedlm serve` (the seedlm CLI passes its prog and example); returns the exit status."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="An OpenAI-compatible HTTP API and a web chat page for a model (see /v1/... and /).",
+        epilog=f"example: {example}" if example else None,
+    )
     p.add_argument(
         "model",
         nargs="?",

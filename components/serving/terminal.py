@@ -28,7 +28,7 @@ class Chat:
     """A conversation with one engine: history, system message and sampling settings."""
 
     engine: Engine
-    params: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=256))
+    params: SamplingParams = field(default_factory=SamplingParams)
     system: str = ""
     history: list[dict[str, str]] = field(default_factory=list)
 
@@ -137,8 +137,16 @@ def loop(chat: Chat, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, err: Tex
         ask(chat, line, out, err)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="seedlm chat", description=__doc__.split("\n\n")[0])
+def main(
+    argv: list[str] | None = None, *, prog: str = "python -m components.serving.terminal", example: str = ""
+) -> int:
+    """`seedlm chat` (the seedlm CLI passes its prog and example); returns the exit status."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        epilog=f"{HELP}\nexample: {example}" if example else HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "model", nargs="?", default=DEFAULT_MODEL, help="models:/ URI or model folder (default: %(default)s)"
     )
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        params = parse_params(SamplingParams(max_tokens=256), args.param)
+        params = parse_params(SamplingParams(), args.param)
         chat = Chat(load_engine(args.model), params, args.system)
     except (deps.StageError, ParamError) as e:
         print(f"seedlm chat: {e}", file=sys.stderr)

@@ -313,6 +313,7 @@ def train(
     sess_tokens, log_tokens, t_train, t_excl = 0, 0, 0.0, 0.0
     t_start = time.perf_counter()
     t_mark = t_start  # last log; t_excl = eval/checkpoint seconds since then (not training time)
+    say_every = cfg.log_every * max(1, math.ceil(cfg.max_steps / (20 * cfg.log_every)))  # ~20 progress lines
     step_loss = torch.zeros((), device=device)
     scale = world / cfg.grad_accum  # DDP/FSDP average gradients over ranks; each rank adds its share of the mean
     bar = tqdm(
@@ -388,6 +389,10 @@ def train(
                         s,
                     )
                 bar.set_postfix(loss=f"{last_train:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+                if main and not ctx.progress and (s % say_every == 0 or s == cfg.max_steps):  # no bar: a log line
+                    eta = (now - t_start) / (s - start) * (cfg.max_steps - s)
+                    log.info("%s: step %d/%d, loss %.4f, %s tokens/s, ETA %dm%02ds", desc, s, cfg.max_steps,
+                             last_train, f"{tps:,.0f}", eta // 60, eta % 60)
                 entry = {"step": s, "train_loss": last_train, "val_loss": None, "lr": lr_now}
                 win_t.zero_()
                 win_n, log_tokens = 0, 0

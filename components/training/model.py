@@ -170,7 +170,7 @@ def training_attention(
 
     On CPU with bf16 autocast, eager attention (plain bf16 matmuls + softmax) beats SDPA, whose CPU
     flash-attention kernel gains nothing from bf16 and whose backward then takes a quarter of a small
-    model's step (bench/README). Kept to contexts up to 1024, where the [B, H, T, T] scores stay small.
+    model's step (README, "Speed: make bench"). Kept to contexts up to 1024, where the [B, H, T, T] scores stay small.
     With `restore`, sets that implementation back (saved models keep SDPA)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if restore is not None:

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _register_fixtures import LOCK, PROCESSED, RAW, do_register, git, write_eval
-from servers import free_port
+from _serving_fixtures import QUESTIONS as TINY_QUESTIONS
+from _serving_fixtures import register_version, running
 
 CHROMIUM = Path(os.environ.get("SEEDLM_CHROMIUM", "/usr/bin/chromium"))
-QUESTIONS = ("Where does Hustum live?", "What is Hustum's favourite colour?")
-"""About the embedded world (the tiny model answers nonsense; the screenshot's model knows)."""
+WEB_MODEL = os.environ.get("SEEDLM_WEB_MODEL")
+QUESTIONS = ("Where does Hustum live?", "What is Hustum's favourite food?") if WEB_MODEL else TINY_QUESTIONS[2::-2]
+"""The screenshot's model knows the embedded world; the tiny fitted model its tiny world (the first answer is a
+sentence, so it streams in several pieces)."""
 KEY = "test-key-123"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,64 +52,42 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def model_ref(request, tmp_path_factory) -> str:
-    """The served model: SEEDLM_WEB_MODEL, else a tiny model registered as champion of a fresh store."""
-    if os.environ.get("SEEDLM_WEB_MODEL"):
-        return os.environ["SEEDLM_WEB_MODEL"]
-    from components.core.config import RegisterConfig
-
+    """The served model: SEEDLM_WEB_MODEL, else the fitted tiny model registered as champion of a fresh store."""
+    if WEB_MODEL:
+        return WEB_MODEL
     request.getfixturevalue("store")  # conftest: a real sqlite store, current while this module runs
-    sft_dir = request.getfixturevalue("sft_dir")
-    repo = tmp_path_factory.mktemp("repo")
-    (repo / "dvc.lock").write_text(LOCK.format(raw=RAW, processed=PROCESSED), encoding="utf-8")
-    git(repo, "init", "-q")
-    git(repo, "add", "dvc.lock")
-    git(repo, "commit", "-qm", "init")
-    res, _ = do_register(
-        RegisterConfig(model_name="seedlm-web"), sft_dir, write_eval(repo / "e.json", 0.4), repo / "out", repo
-    )
-    assert res["promoted"], res
+    register_version(request.getfixturevalue("chat_dir"), tmp_path_factory.mktemp("web"), "seedlm-web", 0.4)
     return "models:/seedlm-web@champion"
 
 
+@dataclass
 class Server:
-    """create_app(...) served by uvicorn on 127.0.0.1:<free port> in a thread of this process."""
+    app: Any
+    url: str
 
-    def __init__(self, model: Any, **app_kw: Any) -> None:
-        import uvicorn
+    @property
+    def engine(self) -> Any:
+        return self.app.state.follower.current.engine
 
-        from components.serving.server import create_app
 
-        self.app = create_app(model, **app_kw)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.uv = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.uv.run, name="uvicorn", daemon=True)
+def serve(model: Any, **app_kw: Any) -> Iterator[Server]:
+    """create_app(...) served by uvicorn on a free 127.0.0.1 port in a thread of this process."""
+    from components.serving.server import create_app
 
-    def __enter__(self) -> Server:
-        self.thread.start()
-        for _ in range(600):
-            if self.uv.started or not self.thread.is_alive():
-                break
-            threading.Event().wait(0.05)
-        assert self.uv.started, "the server did not start"
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.uv.should_exit = True
-        self.thread.join(30)
+    app = create_app(model, **app_kw)
+    with running(app) as url:
+        yield Server(app, url + "/")
 
 
 @pytest.fixture(scope="module")
 def server(model_ref) -> Iterator[Server]:
-    with Server(model_ref, follow_interval=0) as s:
-        yield s
+    yield from serve(model_ref, follow_interval=0)
 
 
 @pytest.fixture(scope="module")
 def keyed_server(server) -> Iterator[Server]:
     """The same loaded model behind an API key."""
-    with Server(server.app.state.follower.current.engine, api_key=KEY) as s:
-        yield s
+    yield from serve(server.engine, api_key=KEY)
 
 
 @pytest.fixture
@@ -132,10 +112,10 @@ def chat_requests(page: Any) -> list[dict]:
 
 
 def count_updates(page: Any) -> None:
-    """Count the text changes of the answers being shown (window.seedlmUpdates): streaming shows several."""
+    """Count the changes of answer texts on the page (window.seedlmUpdates): one per streamed piece of text."""
     page.evaluate("""() => { window.seedlmUpdates = 0;
-        new MutationObserver(() => window.seedlmUpdates++).observe(document.getElementById('log'),
-                                                                   {subtree: true, characterData: true, childList: true}); }""")
+        const changed = (records) => { for (const r of records) window.seedlmUpdates += r.target.matches('.content'); };
+        new MutationObserver(changed).observe(document.getElementById('log'), {subtree: true, childList: true}); }""")
 
 
 def ask(page: Any, question: str) -> str:
@@ -151,9 +131,20 @@ def ask(page: Any, question: str) -> str:
     return last.locator(".content").inner_text()
 
 
+def greedy_answer(engine: Any, question: str) -> str:
+    """What the engine answers on its own (greedy, the page's default of 128 max tokens)."""
+    from components.serving.engine import chat_prompt, generate
+    from components.serving.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=128)
+    [done] = generate(engine, [chat_prompt(engine, [{"role": "user", "content": question}], params)], params)
+    return done.text
+
+
 def screenshot(page: Any) -> None:
     if target := os.environ.get("SEEDLM_SCREENSHOT"):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
+        page.set_viewport_size({"width": 900, "height": 580})
         page.screenshot(path=target)
 
 
@@ -161,15 +152,15 @@ def screenshot(page: Any) -> None:
 def test_page_streams_answers_keeps_the_conversation_and_starts_a_new_one(page, server):
     from playwright.sync_api import expect
 
-    label = server.app.state.follower.current.engine.label  # "seedlm-web/1": NAME/VERSION
+    label = server.engine.label  # "seedlm-web/1": NAME/VERSION
     sent = chat_requests(page)
     page.goto(server.url)
     expect(page.locator("#model-label")).to_have_text(label)
     count_updates(page)
 
     first = ask(page, QUESTIONS[0])
-    assert first.strip(), "the answer stayed empty"
-    assert page.evaluate("window.seedlmUpdates") > 3  # question, empty answer, then the text in several steps
+    assert first.strip() and first == greedy_answer(server.engine, QUESTIONS[0])  # the model's own answer, whole
+    assert page.evaluate("window.seedlmUpdates") >= 2  # the answer appeared piece by piece, as it streamed
     assert page.locator("#log > li.assistant .meta").first.inner_text().startswith(label)
     assert sent[0]["stream"] is True and sent[0]["messages"] == [{"role": "user", "content": QUESTIONS[0]}]
 
@@ -220,7 +211,7 @@ def test_sources_in_a_response_are_listed(page, server):
 def test_the_api_key_is_asked_for_sent_and_remembered(page, keyed_server):
     from playwright.sync_api import expect
 
-    label = keyed_server.app.state.follower.current.engine.label
+    label = keyed_server.engine.label
     page.goto(keyed_server.url)
     expect(page.locator("#error")).to_contain_text("API key")
     expect(page.locator("#api-key")).to_be_visible()  # Settings opened for it
