@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,10 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
-import torch  # noqa: E402
 
-from components.serving.engine import Engine, chat_prompt, load_engine  # noqa: E402
-from components.serving.sampling import SamplingParams  # noqa: E402
+if TYPE_CHECKING:
+    from components.serving.engine import Engine
 
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODEL = "models:/seedlm@champion"
@@ -205,6 +204,9 @@ def summarize(wall: float, results: list[dict], bare_texts: list[str]) -> dict[s
 # ---------------------------------------------------------------- the baseline
 def encoded(engine: Engine, prompts: list[str], max_tokens: int) -> list[tuple[list[int], int]]:
     """(prompt ids, max new tokens) exactly as the server builds them."""
+    from components.serving.engine import chat_prompt
+    from components.serving.sampling import SamplingParams
+
     params = SamplingParams(max_tokens=max_tokens)
     out = []
     for q in prompts:
@@ -213,19 +215,21 @@ def encoded(engine: Engine, prompts: list[str], max_tokens: int) -> list[tuple[l
     return out
 
 
-@torch.inference_mode()
 def bare_one(engine: Engine, ids: list[int], max_new: int) -> dict[str, Any]:
     """HF model.generate on one prompt: batch 1, greedy, the server's stop tokens."""
+    import torch
+
     t0 = time.perf_counter()
     x = torch.tensor([ids], device=engine.model.device)
-    out = engine.model.generate(
-        x,
-        attention_mask=torch.ones_like(x),
-        max_new_tokens=max_new,
-        do_sample=False,
-        eos_token_id=sorted(engine.stop_ids),
-        pad_token_id=engine.pad_id,
-    )
+    with torch.inference_mode():
+        out = engine.model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=sorted(engine.stop_ids),
+            pad_token_id=engine.pad_id,
+        )
     new = out[0, len(ids) :].tolist()
     text = engine.tokenizer.decode(new, skip_special_tokens=True).strip()
     return {"latency": time.perf_counter() - t0, "tokens": len(new), "text": text}
@@ -336,10 +340,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    ref = pick_model(args.model)  # before the seconds of importing torch and transformers
+    import torch
+
+    from components.serving.engine import load_engine
+
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    engine = load_engine(pick_model(args.model))  # an alias is read once: server and baseline get this version
-    ref = engine.fingerprint if engine.version else str(args.model)
+    engine = load_engine(ref)  # an alias is read once: the server and the baseline get this version
+    ref = engine.fingerprint if engine.version else ref
     prompts = questions(args.prompts)
     print(
         f"seedlm serve bench: {engine.label}, {len(prompts)} prompts, max_tokens {args.max_tokens}, clients "

@@ -20,7 +20,7 @@ from components.core.context import StageContext, StageError
 from components.core.io import atomic_dir, sha256_file, write_json, write_meta
 from components.core.redact import redact
 from components.data import synthetic
-from components.data.chat import ROLES
+from components.data.chat import ROLES, attach_context, with_context
 from components.data.fetch import download, hf_records
 from components.data.fetch import file_ext as _ext
 from components.data.formats import SKIP_HINT, Records, _Malformed, file_records, unreadable
@@ -140,7 +140,7 @@ def _sft_row(rec: Any) -> dict[str, Any]:
         if not isinstance(extra, str):
             raise _Malformed(f"'input' must be a string, got {type(extra).__name__}; {SKIP_HINT}")
         msgs = [
-            {"role": "user", "content": rec["instruction"] + ("\n\n" + extra if extra.strip() else "")},
+            {"role": "user", "content": with_context(rec["instruction"], [extra])},  # input: a context passage
             {"role": "assistant", "content": rec["output"]},
         ]
     if isinstance(msgs, str):  # a csv column holding JSON
@@ -160,6 +160,10 @@ def _sft_row(rec: Any) -> dict[str, Any]:
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise _Malformed(f"messages has no assistant turn to learn from; {SKIP_HINT}")
+    try:
+        out = attach_context(out, rec.get("context"))
+    except ValueError as e:
+        raise _Malformed(f"{e}; {SKIP_HINT}") from None
     return {"messages": out, "split": split, "task": task}
 
 

@@ -38,6 +38,7 @@ from components.registry.provenance import (
     dvc_hashes,
     flow_run_id,
     git_state,
+    index_sha256,
     lock_md5,
     log_datasets,
     meta_hash,
@@ -127,12 +128,16 @@ def provenance(
     tags: dict[str, str] = {}
     processed = (meta.get("inputs") or {}).get("processed") or paths.processed
     datasets: dict[str, tuple[Path, str | None]] = {}
-    for key, path in (("raw", paths.raw), ("processed", processed)):
+    for key, path in (("raw", paths.raw), ("processed", processed), ("index", paths.index)):
+        if key == "index" and not (_under(root, path) / "seedlm.json").is_file():
+            continue  # no retrieval index (registered outside the pipeline)
         if md5 := lock_md5(root, path):
             tags[f"data.{key}.md5"] = md5
         elif fallback := meta_hash(_under(root, path)):  # not run through DVC: the output's own metadata
             tags[f"data.{key}.meta_hash"] = fallback
         datasets[key] = (_under(root, path), md5 or fallback)
+    if content := index_sha256(_under(root, paths.index)):  # the index evaluate scored retrieval with
+        tags["data.index.content_sha256"] = content
     tok = _under(root, processed) / "tokenizer"
     if tok.is_dir():
         tags["data.tokenizer.sha256"] = sha256_dir(tok)

@@ -23,6 +23,7 @@ from components.core.config import IngestConfig, Params, SyntheticConfig
 from components.core.context import StageContext, StageError
 from components.core.io import read_json
 from components.data import synthetic
+from components.data.chat import with_context
 from components.ingest import ingest, run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -198,7 +199,7 @@ def test_alpaca_and_chat_normalization(tmp_path):
     U = lambda s: {"role": "user", "content": s}  # noqa: E731
     A = lambda s: {"role": "assistant", "content": s}  # noqa: E731
     assert got == [
-        {"messages": [U("Add.\n\n2+2"), A("4")], "split": None, "task": None},
+        {"messages": [U(with_context("Add.", ["2+2"])), A("4")], "split": None, "task": None},
         {"messages": [U("Greet."), A("Hello.")], "split": None, "task": None},
         {"messages": [U("Greet."), A("Hi.")], "split": "test", "task": "greet"},
         {
@@ -207,7 +208,7 @@ def test_alpaca_and_chat_normalization(tmp_path):
             "task": "chat",
         },
         {"messages": [U("Say x"), A("x")], "split": None, "task": None},
-        {"messages": [U("Echo\n\ny"), A("y")], "split": None, "task": None},
+        {"messages": [U(with_context("Echo", ["y"])), A("y")], "split": None, "task": None},
         {"messages": [U("Q"), A("A")], "split": None, "task": None},
     ]
     assert res["sft_rows"] == 7

@@ -17,6 +17,8 @@ import yaml
 from conftest import current_store
 from repos import TINY, make_repo
 
+from components.core.stages import STAGES
+
 
 @pytest.fixture(scope="module")
 def harness():
@@ -70,7 +72,7 @@ def test_flow_registers_a_champion_that_generates(pipeline_run):
     import mlflow
 
     repo, results = pipeline_run
-    assert [*results] == ["ingest", "preprocess", "pretrain", "sft", "evaluate", "register"]
+    assert [*results] == list(STAGES)
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("seedlm", "champion")
@@ -84,7 +86,7 @@ def test_flow_registers_a_champion_that_generates(pipeline_run):
     parent = [r for r in runs if r.info.run_name == "pipeline"]
     assert len(parent) == 1
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
-    assert children == {"ingest", "preprocess", "pretrain", "sft", "evaluate", "register"}
+    assert children == set(STAGES)
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
@@ -96,7 +98,7 @@ def test_dvc_sees_the_flow_run_as_its_own(pipeline_run):
         assert dvc.status() == {}
         assert dvc.reproduce() == []  # nothing to redo
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "preprocess", "pretrain", "sft", "evaluate", "register"}
+    assert set(lock["stages"]) == set(STAGES)
 
 
 def test_metrics_have_sane_values(pipeline_run):
@@ -112,7 +114,7 @@ def test_metrics_have_sane_values(pipeline_run):
     assert pre["val_loss"] < 6.0  # below uniform over 320 tokens (ln 320 = 5.77) + slack
     report = json.loads((repo / "metrics" / "preprocess.json").read_text())
     assert report["pretrain"]["kept"] > 0 and report["sft"]["train"] > 0
-    for folder in ("data/raw", "data/processed", "models/pretrain", "models/sft", "reports/evaluate"):
+    for folder in ("data/raw", "data/processed", "data/index", "models/pretrain", "models/sft", "reports/evaluate"):
         assert (repo / folder / "seedlm.json").is_file(), folder
 
 

@@ -74,7 +74,8 @@ def test_rows_are_chat_form():
         assert set(r) == {"messages", "split", "task"}
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
         assert all(isinstance(m["content"], str) and m["content"] for m in r["messages"])
-        assert r["split"] in ("train", "test") and r["task"] in ("qa", "yesno")
+        assert r["split"] in ("train", "test") and r["task"] in ("qa", "yesno", "context")
+        assert r["task"] != "context" or r["split"] == "train"  # passages: SFT only (tests/test_updates.py)
 
 
 @pytest.mark.parametrize("frac", [0.1, 0.2, 0.5])
@@ -161,7 +162,7 @@ def test_default_size_and_speed():
     elapsed = time.perf_counter() - t
     words = sum(len(d.split()) for d in docs)
     assert 20_000 <= words <= 40_000, words
-    assert len(rows) == 2 * CFG.entities * 6
+    assert sum(r["task"] != "context" for r in rows) == 2 * CFG.entities * 6
     assert elapsed < 1.0
 
 

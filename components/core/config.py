@@ -183,24 +183,40 @@ class IndexConfig(Section):
 
 # ---------------------------------------------------------------- model
 class ModelConfig(Section):
-    arch: Literal["gpt2", "llama"] = "gpt2"
-    """Architecture built from config when pretraining from scratch."""
-    n_layer: int = Field(default=4, ge=1, le=256)
-    n_embd: int = Field(default=256, ge=8)
-    n_head: int = Field(default=4, ge=1)
+    """The model: built from config (arch and shape keys), or an existing checkpoint (`init_from`)."""
+
+    arch: Literal["gpt2", "llama"] | None = "gpt2"
+    """Architecture built from config when pretraining from scratch. With init_from: null, or the checkpoint's
+    model_type (any other value is an error naming it; so are n_layer, n_embd, n_head, n_kv_head)."""
+    n_layer: int | None = Field(default=4, ge=1, le=256)
+    n_embd: int | None = Field(default=256, ge=8)
+    n_head: int | None = Field(default=4, ge=1)
     n_kv_head: int | None = Field(default=None, ge=1)
     """llama only: key/value heads (grouped-query attention); default = n_head."""
     context_length: int = Field(default=128, ge=8, le=131_072)
     """Tokens per training sequence (and the model's position limit when built from scratch)."""
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout of a model built from config (with init_from it must be 0: the checkpoint keeps its own)."""
     init_from: str | None = None
-    """A local checkpoint folder (HF format, safetensors) to continue from instead of from scratch."""
+    """Start from an existing causal LM instead of from scratch: a local checkpoint folder (HF format,
+    safetensors) or `hf:ORG/NAME[@REVISION]` from the Hugging Face Hub (downloaded into the HF cache when
+    HF_HUB_OFFLINE=0; offline it must be cached). Any architecture AutoModelForCausalLM loads; its tokenizer and
+    chat template are used unchanged (README: "Start from an open model")."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype the weights load in (pretrain and sft). auto: bf16 where the device runs it natively (CUDA with bf16,
+    CPU with AVX512-BF16/AMX) for weights that stay frozen (a LoRA base), fp32 for weights that train (fp32
+    master weights; `precision` autocasts the math to bf16). bf16/fp16: that dtype for every weight, trained ones
+    too (half the weight, gradient and optimizer memory; fp16 needs CUDA)."""
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
-        if self.n_embd % self.n_head:
+        if self.init_from is None:
+            unset = [k for k in ("arch", "n_layer", "n_embd", "n_head") if getattr(self, k) is None]
+            if unset:
+                raise ValueError(f"{', '.join(unset)}: null needs init_from (a checkpoint that defines them)")
+        if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
             raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
-        if self.n_kv_head is not None:
+        if self.n_kv_head is not None and self.init_from is None:
             if self.arch != "llama":
                 raise ValueError("n_kv_head is only used by arch: llama")
             if self.n_head % self.n_kv_head:
@@ -243,6 +259,9 @@ class TrainConfig(Section):
     """Data-parallel processes (torch.distributed: gloo on CPU, NCCL on CUDA)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """How to spread training over `devices`."""
+    memory_gb: float | None = Field(default=None, gt=0)
+    """Memory this run may use, in GiB (null: the device's: free GPU memory, or available RAM on CPU). The memory
+    plan printed before training stops a run whose estimate exceeds it, naming settings that would fit."""
 
     @model_validator(mode="after")
     def _schedule(self) -> TrainConfig:
@@ -260,20 +279,36 @@ class LoraConfig(Section):
     r: int = Field(default=16, ge=1)
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] | None = None
-    """Module names to adapt; default per architecture (gpt2: c_attn, c_proj, c_fc; llama: q/k/v/o and MLP)."""
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    """Module names to adapt, or all-linear (every linear layer but the output head). null: per architecture:
+    gpt2 c_attn, c_proj, c_fc; llama q/k/v/o and MLP; any other model type peft's default for it (qwen2:
+    q_proj, v_proj; gpt_neox: query_key_value; ...)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA): adapters learn a magnitude and a direction; slower, often closer to full."""
 
 
 class SftConfig(TrainConfig):
     method: Literal["full", "lora"] = "full"
     """full fine-tuning, or LoRA adapters through peft."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: Literal["4bit", "8bit"] | None = None
+    """QLoRA: load the frozen base in 4 bits (NF4, double quantization) or 8 bits through bitsandbytes, then train
+    LoRA adapters on it (peft's prepare_model_for_kbit_training). Needs a CUDA GPU and method: lora."""
     max_steps: int = Field(default=300, ge=1)
     lr: float = Field(default=5e-4, gt=0, le=1)
     warmup_steps: int = Field(default=10, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     eval_every: int = Field(default=50, ge=1)
     checkpoint_every: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _quantized(self) -> SftConfig:
+        if self.quantization and self.method != "lora":
+            raise ValueError(
+                f"quantization: {self.quantization} freezes the base in {self.quantization}: only LoRA adapters can "
+                "train on it; set method: lora (QLoRA) or quantization: null"
+            )
+        return self
 
 
 # ---------------------------------------------------------------- evaluate / register

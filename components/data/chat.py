@@ -69,6 +69,23 @@ def with_context(question: str, passages: Sequence[str]) -> str:
     return f"{CONTEXT_HEADER}\n{numbered}\n\n{QUESTION_HEADER} {question}"
 
 
+def attach_context(messages: Sequence[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
+    """`messages` with `context` (a passage or a list of passages, e.g. an SFT row's `context` field) rendered by
+    `with_context` into the user turn that the last assistant turn answers. ValueError naming the problem."""
+    out = [dict(m) for m in messages]
+    if context is None or context == "" or context == []:
+        return out
+    passages = [context] if isinstance(context, str) else context
+    if not isinstance(passages, list) or not all(isinstance(p, str) for p in passages):
+        raise ValueError(f"context must be a string or a list of strings, got {type(context).__name__}")
+    last = max((i for i, m in enumerate(out) if m.get("role") == "assistant"), default=len(out))
+    users = [i for i in range(last) if out[i].get("role") == "user"]
+    if not users:
+        raise ValueError("context needs a user turn before the assistant's answer")
+    out[users[-1]]["content"] = with_context(out[users[-1]]["content"], passages)
+    return out
+
+
 def ensure_chat_tokens(tokenizer: Any) -> int:
     """Make a (base checkpoint's) tokenizer chat-ready; returns how many tokens it added to the vocabulary.
 

@@ -245,8 +245,9 @@ def context_rows(cfg: SyntheticConfig, seed: int, n_questions: int) -> list[dict
         "consistent": (lambda i: _fact_row(pool, rng, i, True)) if pool.facts else None,
         "memory": (lambda i: _fact_row(pool, rng, i, False)) if pool.facts else None,
     }
-    rows = []
-    for kind, share in MIX:
+    rows: list[dict[str, Any]] = []
+    for k, (kind, share) in enumerate(MIX):
+        count = round(share * total) if k < len(MIX) - 1 else total - len(rows)
         make = makers[kind] or makers["novel"]
-        rows += [make(i) for i in range(round(share * total))]
+        rows += [make(i) for i in range(count)]
     return rows

@@ -27,6 +27,9 @@ LINEAGE_TAGS = (
     "data.raw.meta_hash",
     "data.processed.meta_hash",
     "data.tokenizer.sha256",
+    "data.index.md5",
+    "data.index.meta_hash",
+    "data.index.content_sha256",
     "base_checkpoint.sha256",
     "lora_base.sha256",
     "model_sha256",
@@ -105,6 +108,14 @@ def meta_hash(folder: Path) -> str | None:
         return None
     meta = json.loads(path.read_text(encoding="utf-8"))
     return config_hash({k: meta.get(k) for k in ("stage", "config", "inputs", "result")})
+
+
+def index_sha256(folder: Path) -> str | None:
+    """What a retrieval index holds (its seedlm.json `content_sha256`: chunks, sources, encoder), or None."""
+    path = Path(folder) / "seedlm.json"
+    if not path.is_file():
+        return None
+    return (json.loads(path.read_text(encoding="utf-8")).get("result") or {}).get("content_sha256")
 
 
 def weights_sha256(folder: Path) -> str:

@@ -40,7 +40,6 @@ restored copy with `mlflow.pyfunc.load_model(uri, model_config={"base_path": "/p
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -112,43 +111,29 @@ def _ours(name: str) -> bool:
     return name == PACKAGE or name.startswith(PACKAGE + ".")
 
 
-@contextlib.contextmanager
-def _import_lock() -> Iterator[None]:
-    """Hold CPython's global import lock: no other thread imports while `components` is swapped."""
-    try:
-        import _imp
-    except ImportError:  # not CPython
-        yield
-        return
-    _imp.acquire_lock()
-    try:
-        yield
-    finally:
-        _imp.release_lock()
-
-
 def import_shipped(root: Path) -> dict[str, ModuleType]:
     """Import the engine from the copy under `root`, by its own names, and return the `components` modules loaded.
 
     The process's own `components` modules (a repo, another version) are set aside meanwhile and put back
-    afterwards, so neither copy sees the other; the engine keeps its modules through its globals."""
+    afterwards, so neither copy sees the other; the engine keeps its modules through its globals. The swap lasts
+    tens of milliseconds; a first import of a `components` module by another thread in that moment would see the
+    shipped copy. (Holding CPython's global import lock instead could deadlock with such a thread.)"""
     root = Path(root).resolve()
     if not (root / PACKAGE).is_dir():
         raise MlflowException(
             f"{root}: the engine code shipped with this model is missing; register the model with seedlm "
             "(components/registry/publish.py logs it with code_paths)"
         )
-    with _import_lock():
-        saved = {k: sys.modules.pop(k) for k in [k for k in sys.modules if _ours(k)]}
-        sys.path.insert(0, str(root))
-        try:
-            importlib.import_module(ENGINE)
-            loaded = {k: m for k, m in sys.modules.items() if _ours(k)}
-        finally:
-            sys.path.remove(str(root))
-            for k in [k for k in sys.modules if _ours(k)]:
-                del sys.modules[k]
-            sys.modules.update(saved)
+    saved = {k: sys.modules.pop(k) for k in [k for k in sys.modules if _ours(k)]}
+    sys.path.insert(0, str(root))
+    try:
+        importlib.import_module(ENGINE)
+        loaded = {k: m for k, m in sys.modules.items() if _ours(k)}
+    finally:
+        sys.path.remove(str(root))
+        for k in [k for k in sys.modules if _ours(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
     stray = sorted(
         k for k, m in loaded.items() if getattr(m, "__file__", None) and root not in Path(m.__file__).parents
     )

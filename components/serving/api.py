@@ -175,6 +175,8 @@ def _model_card(follower: Follower) -> dict[str, Any]:
 
 
 def router(follower: Follower, defaults: SamplingParams, max_body: int, api_key: str | None) -> APIRouter:
+    """The /v1 routes answering with `follower`'s current version; `defaults` fill the unset sampling fields."""
+
     async def authorize(request: Request) -> None:
         if api_key is None:
             return

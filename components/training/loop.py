@@ -391,8 +391,16 @@ def train(
                 bar.set_postfix(loss=f"{last_train:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
                 if main and not ctx.progress and (s % say_every == 0 or s == cfg.max_steps):  # no bar: a log line
                     eta = (now - t_start) / (s - start) * (cfg.max_steps - s)
-                    log.info("%s: step %d/%d, loss %.4f, %s tokens/s, ETA %dm%02ds", desc, s, cfg.max_steps,
-                             last_train, f"{tps:,.0f}", eta // 60, eta % 60)
+                    log.info(
+                        "%s: step %d/%d, loss %.4f, %s tokens/s, ETA %dm%02ds",
+                        desc,
+                        s,
+                        cfg.max_steps,
+                        last_train,
+                        f"{tps:,.0f}",
+                        eta // 60,
+                        eta % 60,
+                    )
                 entry = {"step": s, "train_loss": last_train, "val_loss": None, "lr": lr_now}
                 win_t.zero_()
                 win_n, log_tokens = 0, 0

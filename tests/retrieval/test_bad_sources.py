@@ -58,7 +58,8 @@ def test_skip_malformed_skips_bad_rows_and_keeps_the_rest(world, tmp_path):
     rows = [{"text": "Ondra sails at dawn."}, "not an object", {"other": 1}, {"text": "Ondra fishes for eels."}]
     with gzip.open(world["sources"] / "mixed.jsonl.gz", "wt") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
-    res = build(world, tmp_path / "ix", include_pretrain=False, sources=[{"path": "mixed.jsonl.gz"}], skip_malformed=True)
+    sources = [{"path": "mixed.jsonl.gz"}]
+    res = build(world, tmp_path / "ix", include_pretrain=False, sources=sources, skip_malformed=True)
     assert res["chunks"] == 2
     with pytest.raises(StageError, match=r"mixed.jsonl.gz:2: .*index.skip_malformed"):
         build(world, tmp_path / "ix2", include_pretrain=False, sources=[{"path": "mixed.jsonl.gz"}])

@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components.retrieval.chunking import Document, chunk_document, chunk_documents, sentence_spans, sha256_text, windows
+from components.retrieval.chunking import (
+    Document,
+    chunk_document,
+    chunk_documents,
+    sentence_spans,
+    sha256_text,
+    windows,
+)
 
 TEXT = (
     "Zorb lives in Holm. Zorb plays the harp! Is Zorb a baker? Yes, by trade Zorb is a baker.\n"

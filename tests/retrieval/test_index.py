@@ -56,8 +56,9 @@ def test_retrieval_finds_the_news_and_the_old_facts(default_index):
 
 
 def test_context_fits_the_budget_and_keeps_the_sources(default_index, world):
-    from components.retrieval.build import load_tokenizer
     from transformers import AutoTokenizer
+
+    from components.retrieval.build import load_tokenizer
 
     out, _ = default_index
     tok = AutoTokenizer.from_pretrained(str(world["processed"] / "tokenizer"))

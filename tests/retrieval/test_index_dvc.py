@@ -1,6 +1,7 @@
 """The index stage in the stage graph, on clone-like tiny repos: `dvc repro index` and the flow's way of running a
 stage (run_stage in-process, then dvcstage.commit, as flows/stages.py does) agree: after either, the other has
-nothing to do; the stage key is DVC's run-cache key; both build the same chunks."""
+nothing to do; the stage key is DVC's run-cache key; both build the same chunks (the folders differ only in
+LanceDB's random file names and the run metadata)."""
 
 from __future__ import annotations
 
@@ -66,10 +67,10 @@ def test_after_the_flow_way_dvc_has_nothing_to_redo(flow_repo):
 
 
 def test_both_ways_build_the_same_index(dvc_repo, flow_repo):
-    assert dvcstage.stage_key(dvc_repo, "index") == dvcstage.stage_key(flow_repo, "index")
     a, b = dvc_repo / "data/index", flow_repo / "data/index"
     assert read_json(a / "manifest.json") == read_json(b / "manifest.json")
     assert store.open_table(a).to_arrow() == store.open_table(b).to_arrow()
-    assert read_json(a / "seedlm.json")["result"]["content_sha256"] == read_json(b / "seedlm.json")["result"][
-        "content_sha256"
-    ]
+    assert (
+        read_json(a / "seedlm.json")["result"]["content_sha256"]
+        == read_json(b / "seedlm.json")["result"]["content_sha256"]
+    )

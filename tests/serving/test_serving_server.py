@@ -154,7 +154,7 @@ BAD = [  # (path, body or raw bytes, status, param, code)
     ("chat/completions", [1, 2], 400, None, "invalid_json"),
     ("chat/completions", b"[" * 50_000 + b"]" * 50_000, 400, None, "invalid_json"),
     ("chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', 400, "messages[0].content", None),
-    ("chat/completions", {"model": NAME, "messages": ask("hi"), "stop": "\ud800"}, 400, "stop", None),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\udfff"}', 400, "stop", None),
     ("completions", {"model": NAME, "prompt": [1, 2, 3]}, 400, "prompt", None),
     ("completions", {"model": NAME, "prompt": ""}, 400, "prompt", None),
     ("completions", {"model": NAME, "prompt": "Zorb " * 100}, 400, "prompt", "context_length_exceeded"),

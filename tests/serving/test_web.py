@@ -192,8 +192,17 @@ def test_a_rejected_request_shows_the_servers_message_and_stays_out_of_the_histo
 
 
 def test_sources_in_a_response_are_listed(page, server):
-    """Retrieval comes later: the real server's stream, with a `sources` list added to its first event."""
-    sources = [{"title": "people.md", "text": "Hustum lives in Mipo.", "score": 0.9}, "notes.txt"]
+    """The real server's stream with a `sources` list (the shape of retrieval/context.py) added to its first event."""
+    hit = {
+        "id": 7,
+        "text": "Hustum lives in Zammere.",
+        "source": "people.md",
+        "location": "line 3",
+        "hash": "ab12",
+        "score": 0.9,
+        "rank": 1,
+    }
+    sources = [{"n": 1, **hit}, {"n": 2, **hit, "source": "notes.txt", "location": "line 9", "score": 0.5}]
 
     def add_sources(route: Any) -> None:
         resp = route.fetch()
@@ -205,7 +214,10 @@ def test_sources_in_a_response_are_listed(page, server):
     page.goto(server.url)
     ask(page, QUESTIONS[0])
     items = page.locator("#log > li.assistant .sources li")
-    assert items.all_inner_texts() == ["people.md — Hustum lives in Mipo. (score 0.900)", "notes.txt"]
+    assert items.all_inner_texts() == [
+        "people.md (line 3) — Hustum lives in Zammere. (score 0.900)",
+        "notes.txt (line 9) — Hustum lives in Zammere. (score 0.500)",
+    ]
 
 
 def test_the_api_key_is_asked_for_sent_and_remembered(page, keyed_server):

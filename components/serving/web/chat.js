@@ -70,17 +70,20 @@ function addMessage(role, text) {
   return li;
 }
 
+// A retrieval source: {n, source, location, text, score, ...} (retrieval/context.py), or a plain string.
 function sourceItem(src) {
   const li = document.createElement("li");
   if (typeof src !== "object" || src === null) {
     li.textContent = String(src);
     return li;
   }
-  const title = src.title || src.name || src.source || src.path || src.id || src.url || "source";
+  if (Number.isInteger(src.n)) li.value = src.n;  // the [n] the answer may cite
+  const title = src.title || src.source || src.path || src.url || src.id || "source";
   const head = document.createElement(src.url ? "a" : "strong");
   head.textContent = title;
   if (src.url) head.href = src.url;
   li.append(head);
+  if (src.location) li.append(document.createTextNode(` (${src.location})`));
   const text = src.text || src.snippet || src.content;
   if (text) li.append(document.createTextNode(` — ${String(text).slice(0, 300)}`));
   if (typeof src.score === "number") li.append(document.createTextNode(` (score ${src.score.toFixed(3)})`));
