@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from components.core.config import Params, PreprocessConfig
 from components.core.context import StageContext, StageError
+from components.core.hub import resolve
 from components.core.io import atomic_dir, read_meta, sha256_file, write_json, write_meta
-from components.data import chat, dedup
+from components.data import chat, dedup, templates
 from components.data import corpus as pretrain_text
 from components.data.clean import clean_text
 from components.data.engine import Runner
@@ -79,8 +80,11 @@ def _check_sft_row(row: Any, where: str) -> list[dict]:
     return msgs
 
 
-def _clean_sft(cfg: PreprocessConfig, shards: list[Path], work: Path, progress: bool) -> dict:
-    """Clean, de-dup and split instruction rows into work/sft_{train,val,test}.jsonl."""
+def _clean_sft(
+    cfg: PreprocessConfig, shards: list[Path], work: Path, progress: bool, special: re.Pattern = _SPECIAL
+) -> dict:
+    """Clean, de-dup and split instruction rows into work/sft_{train,val,test}.jsonl. Rows whose text holds a
+    control token of the chat format (`special`) are dropped: they would turn into format tokens."""
     dropped: Counter[str] = Counter()
     seen: set[int] = set()
     count = {"train": 0, "val": 0, "test": 0}
@@ -103,7 +107,7 @@ def _clean_sft(cfg: PreprocessConfig, shards: list[Path], work: Path, progress: 
                     else "no_prompt"
                     if len(msgs) < 2  # a reply to nothing: no prompt to evaluate it on
                     else "special_token_text"
-                    if any(_SPECIAL.search(m["content"]) for m in msgs)
+                    if any(special.search(m["content"]) for m in msgs)
                     else "duplicate"
                     if key in seen
                     else None
@@ -313,7 +317,7 @@ def preprocess(
         work = tmp / "_work"
         work.mkdir()
         pre = _pretrain_pass(cfg, pre_shards, work, seed, runner, ctx)
-        sft = _clean_sft(cfg, sft_shards, work, ctx.progress)
+        sft = _clean_sft(cfg, sft_shards, work, ctx.progress, _control_pattern(base))
         tokenizer, sample = _tokenizer(cfg, base, work, pre, sft)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
@@ -360,9 +364,18 @@ def preprocess(
     return {**result, "artifacts": [str(metrics_path)]}
 
 
+def _control_pattern(tokenizer: Any) -> re.Pattern:
+    """seedlm's chat tokens, and a base tokenizer's own control tokens (`<|im_end|>`, `</s>`, ...)."""
+    if tokenizer is None:
+        return _SPECIAL
+    tokens = sorted({*chat.SPECIAL_TOKENS, *templates.control_tokens(tokenizer)}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens)))
+
+
 def run(params: Params, ctx: StageContext) -> dict:
     p = params.paths
-    init = Path(params.model.init_from) if params.model.init_from else None
+    base = resolve(params.model.init_from)  # hf:ORG/NAME: the HF cache's copy (downloaded when allowed)
+    init = base.path if base is not None else None
     return preprocess(
         params.preprocess,
         Path(p.raw),

@@ -1,4 +1,9 @@
-"""Causal-LM pretraining on the packed token stream (train.bin / val.bin) written by preprocess."""
+"""Causal-LM pretraining on the packed token stream (train.bin / val.bin) written by preprocess.
+
+From scratch (a model built from the `model.*` keys), or continued from `model.init_from` (a local checkpoint
+or `hf:ORG/NAME[@REVISION]`) with its own tokenizer: ULMFiT's target-domain LM fine-tuning. With
+`pretrain.enabled: false` the output is the fresh model, or, with init_from, the base unchanged: SFT then starts
+straight from it (the control experiment). The memory plan is printed (and checked) before any weight loads."""
 
 from __future__ import annotations
 
@@ -10,16 +15,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from components.core.config import ModelConfig, Params, PretrainConfig
 from components.core.context import StageContext, StageError
+from components.core.hub import Base, resolve
 from components.core.io import atomic_dir, read_meta, write_json, write_meta, write_text
 from components.core.params import config_hash
 from components.training import distributed as dd
+from components.training import memory
+from components.training.base import check_model_keys, load_config, weight_dtype
 from components.training.checkpoint import run_key
 from components.training.loop import Batch, BatchSource, PeakMemory, step_generator, train
-from components.training.model import build_model, load_model, save_model
+from components.training.model import build_model, device_and_precision, load_model, model_config, save_model
 
 PLOT_COLUMNS = ("step", "train_loss", "val_loss", "lr")
 
@@ -30,11 +38,12 @@ def data_fingerprint(data_dir: Path, stage: str = "preprocess") -> str:
     return config_hash({k: meta.get(k) for k in ("stage", "config", "inputs", "result")})
 
 
-def load_tokenizer(data_dir: Path) -> PreTrainedTokenizerFast:
+def load_tokenizer(data_dir: Path) -> PreTrainedTokenizerBase:
+    """The pipeline's tokenizer (preprocess's: trained, or a base checkpoint's own), as its class loads it."""
     folder = data_dir / "tokenizer"
     if not (folder / "tokenizer.json").is_file():
         raise StageError(f"{folder}: no tokenizer.json; run `dvc repro preprocess` first")
-    return PreTrainedTokenizerFast.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def token_file(data_dir: Path, name: str, dtype: str) -> np.ndarray:
@@ -161,6 +170,35 @@ def pretrain(
     return {**result, "artifacts": [str(plots_path)]}
 
 
+def starting_point(model_cfg: ModelConfig, tokenizer: Any) -> tuple[Base | None, Any]:
+    """The resolved model.init_from (None: from scratch) and the transformers config of the model to train."""
+    base = resolve(model_cfg.init_from)
+    if base is None:
+        return None, model_config(model_cfg, tokenizer)
+    config = load_config(base.path)
+    check_model_keys(model_cfg, config, base.spec)
+    config.vocab_size = max(config.vocab_size, len(tokenizer))
+    return base, config
+
+
+def memory_plan(cfg: PretrainConfig, config: Any, model_cfg: ModelConfig, ctx: StageContext) -> memory.Plan:
+    """Print the memory plan of this run; StageError (with settings that fit) when it cannot fit."""
+    device, amp = device_and_precision(cfg.precision, key="pretrain.precision")
+    setup = memory.Setup(
+        key="pretrain",
+        method="full",
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        context=model_cfg.context_length,
+        weights=weight_dtype(model_cfg.dtype, trains=True),
+        autocast=amp,
+        device=device.type,
+        checkpointing=cfg.gradient_checkpointing,
+        snapshots=cfg.checkpoint_every < cfg.max_steps,
+    )
+    return memory.check(config, setup, cfg.memory_gb, ctx.progress)
+
+
 def _pretrain(
     model_cfg: ModelConfig, cfg: PretrainConfig, data_dir: Path, ckpt_root: Path, seed: int, ctx: StageContext
 ) -> tuple:
@@ -168,19 +206,29 @@ def _pretrain(
     dtype = meta.get("dtype", "uint16")
     tokenizer = load_tokenizer(data_dir)
     T = model_cfg.context_length
+    base, config = starting_point(model_cfg, tokenizer)
+    plan = memory_plan(cfg, config, model_cfg, ctx) if cfg.enabled else None
+    if plan is not None:
+        ctx.log(plan.metrics(), None)
+    weights = weight_dtype(model_cfg.dtype, trains=True) if cfg.enabled else "auto"  # not trained: kept as stored
 
     def fresh():
-        if model_cfg.init_from:
-            return load_model(model_cfg.init_from, what="model.init_from", tokenizer=tokenizer, context_length=T)
-        return build_model(model_cfg, tokenizer, seed)
+        if base is not None:
+            return load_model(base.path, what="model.init_from", tokenizer=tokenizer, context_length=T, dtype=weights)
+        model = build_model(model_cfg, tokenizer, seed)
+        return model if weights in ("auto", torch.float32) else model.to(weights)
 
     model = fresh()
     n_params = sum(p.numel() for p in model.parameters())
     stage_conf = _stage_conf(model_cfg, cfg, seed)
     data_hash = data_fingerprint(data_dir)
     inputs = {"processed": str(data_dir), "processed_hash": data_hash, "init_from": model_cfg.init_from}
+    if base is not None:
+        inputs.update(init_from_path=str(base.path.resolve()), init_from_revision=base.revision)
     result: dict[str, Any] = {
         "enabled": cfg.enabled,
+        "init_from": model_cfg.init_from,
+        **({"memory_plan_gb": plan.peak / memory.GIB} if plan is not None else {}),
         "n_params": n_params,
         "arch": model.config.model_type,
         "context_length": T,
@@ -207,7 +255,7 @@ def _pretrain(
             seed=seed,
             ctx=ctx,
             desc="pretrain",
-            fingerprint={"data": data_hash, "init_from": model_cfg.init_from},
+            fingerprint={"data": data_hash, "init_from": model_cfg.init_from, "revision": base and base.revision},
             key="pretrain",
         )
         history = res.pop("history")

@@ -1,4 +1,7 @@
-"""Supervised fine-tuning on the chat examples (loss on assistant tokens only); full or LoRA."""
+"""Supervised fine-tuning on the chat examples (loss on assistant tokens only); full, LoRA/DoRA or QLoRA.
+
+Before any weight loads, the memory plan (components/training/memory.py) estimates the run's peak against the
+device and stops a run that cannot fit, naming settings that would."""
 
 from __future__ import annotations
 
@@ -16,14 +19,13 @@ from components.core.io import atomic_dir, read_meta, sha256_file, write_json, w
 from components.core.params import config_hash
 from components.pretrain import data_fingerprint, load_tokenizer, metrics_of, write_plot_csv
 from components.training import distributed as dd
+from components.training import lora, memory
+from components.training.base import is_quantized, load_config, quantization_config, weight_dtype
 from components.training.checkpoint import run_key
 from components.training.loop import Batch, BatchSource, PeakMemory, step_generator, train
-from components.training.model import load_model, max_positions, save_model
+from components.training.model import device_and_precision, load_model, save_model
 
-LORA_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
+LORA_TARGETS = lora.SEEDLM_TARGETS
 
 Example = tuple[np.ndarray, np.ndarray]
 
@@ -86,41 +88,85 @@ def fixed_batches(rows: list[Example], batch_size: int, n_batches: int, pad_id: 
     return [collate(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
 
 
-def add_lora(model, cfg: LoraConfig, seed: int):
-    """Wrap `model` with seeded LoRA adapters (only they are trainable)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+def add_lora(model, cfg: LoraConfig, seed: int, new_tokens: list[int] | tuple[int, ...] = ()):
+    """Wrap `model` with seeded LoRA/DoRA adapters (only they, and the rows of `new_tokens`, are trainable)."""
+    return lora.add_lora(model, cfg, seed, new_tokens=new_tokens)
 
-    kind = model.config.model_type
-    targets = cfg.target_modules or LORA_TARGETS.get(kind)
-    if not targets:
-        raise StageError(f"sft.lora.target_modules: no default for model type {kind!r}; list the module names")
-    conf = PeftLoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        fan_in_fan_out=kind == "gpt2",
-        bias="none",
-        task_type="CAUSAL_LM",
+
+def new_token_ids(data_dir: Path, tokenizer: Any) -> list[int]:
+    """Ids of the tokens preprocess added to a base checkpoint's tokenizer (seedlm's chat tokens, for a base
+    without a chat template): their rows start untrained, so LoRA trains them too."""
+    report = (read_meta(data_dir, "preprocess").get("result") or {}).get("report") or {}
+    tok = report.get("tokenizer") or {}
+    n = int(tok.get("tokens_added") or 0) if tok.get("trained") is False else 0
+    return list(range(len(tokenizer) - n, len(tokenizer)))
+
+
+def load_base(cfg: SftConfig, base_dir: Path, tokenizer: Any, model_dtype: str, seed: int, new_tokens: list[int]):
+    """The model to fine-tune: the base in `model.dtype` (or 4/8-bit for QLoRA), with adapters for LoRA."""
+    dtype = weight_dtype(model_dtype, trains=cfg.method == "full")
+    quant = quantization_config(cfg.quantization, dtype)
+    model = load_model(base_dir, what="paths.pretrain", tokenizer=tokenizer, dtype=dtype, quantization=quant)
+    if quant is not None:
+        model = lora.prepare_quantized(model, cfg.gradient_checkpointing)
+    return add_lora(model, cfg.lora, seed, new_tokens) if cfg.method == "lora" else model
+
+
+def base_context(base_dir: Path, config: Any) -> int:
+    """Training context: the pretrain stage's model.context_length, within the base's position limit."""
+    meta = read_meta(base_dir, "pretrain")
+    limit = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024)
+    return min(int((meta.get("config", {}).get("model") or {}).get("context_length") or limit), limit)
+
+
+def memory_plan(
+    cfg: SftConfig, config: Any, tokenizer: Any, model_dtype: str, context: int, new_tokens: list[int], ctx
+) -> memory.Plan:
+    """Print the memory plan of this run; StageError (with settings that fit) when it cannot fit."""
+    device, amp = device_and_precision(cfg.precision, key="sft.precision")
+    config.vocab_size = max(config.vocab_size, len(tokenizer))
+    setup = memory.Setup(
+        key="sft",
+        method=cfg.method,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        context=context,
+        weights=weight_dtype(model_dtype, trains=cfg.method == "full"),
+        autocast=amp,
+        device=device.type,
+        quantization=cfg.quantization,
+        checkpointing=cfg.gradient_checkpointing,
+        lora=cfg.lora if cfg.method == "lora" else None,
+        new_tokens=len(new_tokens),
+        snapshots=cfg.checkpoint_every < cfg.max_steps,
     )
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return get_peft_model(model, conf)
-    except ValueError as e:
-        raise StageError(f"sft.lora.target_modules: {e}; use module names of this {kind} model") from None
+    return memory.check(config, setup, cfg.memory_gb, ctx.progress)
 
 
-def _fingerprints(cfg: SftConfig, data_dir: Path, base_dir: Path, seed: int) -> tuple[dict, str, str]:
-    stage_conf = {"seed": seed, "sft": cfg.model_dump(mode="json")}
+def merged(model: Any, cfg: SftConfig, base_dir: Path, tokenizer: Any, adapter_dir: Path, model_dtype: str) -> Any:
+    """The fine-tuned model with its adapters merged: in place, or (QLoRA) into the base reloaded unquantized."""
+    if not is_quantized(model):
+        return model.merge_and_unload()
+    from peft import PeftModel
+
+    dtype = weight_dtype(model_dtype if model_dtype != "auto" else "bf16", trains=False)
+    base = load_model(base_dir, what="paths.pretrain", tokenizer=tokenizer, dtype=dtype)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def _fingerprints(
+    cfg: SftConfig, data_dir: Path, base_dir: Path, seed: int, model_dtype: str = "auto"
+) -> tuple[dict, str, str]:
+    stage_conf = {"seed": seed, "sft": cfg.model_dump(mode="json"), "model.dtype": model_dtype}
     base_hash = config_hash([sha256_file(p) for p in sorted(Path(base_dir).glob("*.safetensors"))])
     return stage_conf, data_fingerprint(Path(data_dir)), base_hash
 
 
-def checkpoint_dir(cfg: SftConfig, data_dir: Path, base_dir: Path, ckpt_root: Path, seed: int) -> Path:
+def checkpoint_dir(
+    cfg: SftConfig, data_dir: Path, base_dir: Path, ckpt_root: Path, seed: int, model_dtype: str = "auto"
+) -> Path:
     """Where this run's resumable state lives: one folder per (settings, data, base weights)."""
-    stage_conf, data_hash, base_hash = _fingerprints(cfg, data_dir, base_dir, seed)
+    stage_conf, data_hash, base_hash = _fingerprints(cfg, data_dir, base_dir, seed, model_dtype)
     return Path(ckpt_root) / "sft" / config_hash({"stage": stage_conf, "data": data_hash, "base": base_hash})
 
 
@@ -135,6 +181,7 @@ def sft(
     *,
     seed: int,
     ctx: StageContext | None = None,
+    model_dtype: str = "auto",
 ) -> dict:
     """Fine-tune the pretrain output on sft_train (validated on sft_val); write an HF model folder.
 
@@ -151,19 +198,20 @@ def sft(
             plots_path=plots_path,
             ckpt_root=ckpt_root,
             seed=seed,
+            model_dtype=model_dtype,
         )
         return dd.launch("components.sft:sft", kwargs, devices=cfg.devices, ctx=ctx, key="sft")
     data_dir, base_dir, out_dir, ckpt_root = Path(data_dir), Path(base_dir), Path(out_dir), Path(ckpt_root)
     with PeakMemory() as mem:
         result, history, model, tokenizer, ckpt_dir, stage_conf, inputs = _sft(
-            cfg, data_dir, base_dir, ckpt_root, seed, ctx
+            cfg, data_dir, base_dir, ckpt_root, seed, ctx, model_dtype
         )
     result.update(mem.report())  # the whole stage's peak (loading and saving included), max over ranks
     if dd.is_main():
         with atomic_dir(out_dir) as tmp:
             if cfg.method == "lora":
                 model.save_pretrained(tmp / "adapter")
-                model = model.merge_and_unload()
+                model = merged(model, cfg, base_dir, tokenizer, tmp / "adapter", model_dtype)
             save_model(model, tokenizer, tmp)
             write_meta(tmp, "sft", stage_conf, result, inputs)
         write_json(metrics_path, {**metrics_of(result), "method": cfg.method, "dropped_train": result["dropped_train"]})
@@ -173,17 +221,20 @@ def sft(
     return {**result, "artifacts": [str(plots_path)]}
 
 
-def _sft(cfg: SftConfig, data_dir: Path, base_dir: Path, ckpt_root: Path, seed: int, ctx: StageContext) -> tuple:
+def _sft(
+    cfg: SftConfig, data_dir: Path, base_dir: Path, ckpt_root: Path, seed: int, ctx: StageContext, model_dtype: str
+) -> tuple:
     base_meta = read_meta(base_dir, "pretrain")
     tokenizer = load_tokenizer(data_dir)
+    new_tokens = new_token_ids(data_dir, tokenizer)
+    config = load_config(base_dir, what="paths.pretrain")
+    context = base_context(base_dir, config)
+    plan = memory_plan(cfg, config, tokenizer, model_dtype, context, new_tokens, ctx)
+    ctx.log(plan.metrics(), None)
 
     def fresh():
-        m = load_model(base_dir, what="paths.pretrain", tokenizer=tokenizer)
-        return add_lora(m, cfg.lora, seed) if cfg.method == "lora" else m
+        return load_base(cfg, base_dir, tokenizer, model_dtype, seed, new_tokens)
 
-    model = load_model(base_dir, what="paths.pretrain", tokenizer=tokenizer)
-    context = int((base_meta.get("config", {}).get("model") or {}).get("context_length") or max_positions(model))
-    context = min(context, max_positions(model))
     train_rows, dropped_train = load_examples(data_dir / "sft_train", context)
     val_rows, dropped_val = load_examples(data_dir / "sft_val", context)
     if not train_rows:
@@ -191,12 +242,11 @@ def _sft(cfg: SftConfig, data_dir: Path, base_dir: Path, ckpt_root: Path, seed: 
             f"{data_dir / 'sft_train'}: no example keeps a response token within the model's "
             f"context ({context}); raise model.context_length or shorten the prompts"
         )
+    model = fresh()
+    n_params = sum(p.numel() for n, p in model.named_parameters() if not lora.is_adapter(n))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    n_params = sum(p.numel() for p in model.parameters())
-    if cfg.method == "lora":
-        model = add_lora(model, cfg.lora, seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stage_conf, data_hash, base_hash = _fingerprints(cfg, data_dir, base_dir, seed)
+    stage_conf, data_hash, base_hash = _fingerprints(cfg, data_dir, base_dir, seed, model_dtype)
     ckpt_dir = ckpt_root / "sft" / config_hash({"stage": stage_conf, "data": data_hash, "base": base_hash})
     world = dd.info()[1]
     gb = cfg.batch_size * world  # the global micro-batch; each rank trains on its share
@@ -229,9 +279,13 @@ def _sft(cfg: SftConfig, data_dir: Path, base_dir: Path, ckpt_root: Path, seed: 
         "dropped_train": dropped_train,
         "dropped_val": dropped_val,
         "base_pretrained": bool(base_meta.get("result", {}).get("enabled", True)),
+        "quantization": cfg.quantization,
+        "new_tokens_trained": len(new_tokens) if cfg.method == "lora" else 0,
+        "memory_plan_gb": plan.peak / memory.GIB,
     }
     inputs = {"processed": str(data_dir), "processed_hash": data_hash, "base": str(base_dir), "base_hash": base_hash}
-    model.to("cpu")
+    if not is_quantized(model):
+        model.to("cpu")
     return result, history, model, tokenizer, ckpt_dir, stage_conf, inputs
 
 
@@ -239,7 +293,9 @@ def resume_key(params: Params) -> str | None:
     """Names a run of this stage so that a rerun after a crash continues its MLflow run (see runner)."""
     p = params.paths
     return run_key(
-        lambda: checkpoint_dir(params.sft, Path(p.processed), Path(p.pretrain), Path(p.checkpoints), params.seed)
+        lambda: checkpoint_dir(
+            params.sft, Path(p.processed), Path(p.pretrain), Path(p.checkpoints), params.seed, params.model.dtype
+        )
     )
 
 
@@ -255,6 +311,7 @@ def run(params: Params, ctx: StageContext) -> dict:
         Path(p.checkpoints),
         seed=params.seed,
         ctx=ctx,
+        model_dtype=params.model.dtype,
     )
 
 

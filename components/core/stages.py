@@ -37,7 +37,7 @@ TABLE: tuple[Stage, ...] = (
     Stage("preprocess", ("seed", "preprocess", "model.init_from"), "processed", "data/processed"),
     Stage("index", ("seed", "index", "ingest.synthetic"), "index", "data/index"),
     Stage("pretrain", ("seed", "model", "pretrain"), "pretrain", "models/pretrain", pool="gpu"),
-    Stage("sft", ("seed", "sft"), "sft", "models/sft", pool="gpu"),
+    Stage("sft", ("seed", "sft", "model.dtype"), "sft", "models/sft", pool="gpu"),
     Stage("evaluate", ("seed", "evaluate", "register.model_name"), "evaluate", "reports/evaluate", pool="gpu"),
     Stage("register", ("register",), "register", "reports/register"),
 )

@@ -28,8 +28,26 @@ def cluster(workers: int, address: str | None) -> Iterator[str]:
     if address:
         yield address
         return
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+    with LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=_prefect_env()
+    ) as local:
         yield local.scheduler_address
+
+
+def _prefect_env() -> dict[str, str]:
+    """Local workers report task states to this process's Prefect API; with none configured, to the temporary
+    server this process starts anyway (instead of one more per worker)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value():
+        return {"PREFECT_API_URL": PREFECT_API_URL.value()}
+    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return {}
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one this process's flows use (a singleton)
+    server.start()
+    return {"PREFECT_API_URL": server.api_url}
 
 
 def run(fn: Callable[[Any], Any], jobs: list[Any], address: str, threads: int, name: str) -> list[Any]:

@@ -1,9 +1,4 @@
-"""The base checkpoint of `model.init_from`: where it is, what it is, and how its weights load.
-
-`model.init_from` is a local folder (an HF checkpoint saved with `save_pretrained`, safetensors) or
-`hf:ORG/NAME[@REVISION]`, a Hugging Face Hub model: downloaded into the HF cache when the network is allowed
-(`HF_HUB_OFFLINE=0`), read from the cache offline, and otherwise refused with an error naming the setting.
-The resolved commit goes into the stage's metadata and the registered version's lineage.
+"""The base checkpoint of `model.init_from` (resolved by components/core/hub.py): what it is, how its weights load.
 
 With `init_from` the checkpoint defines the architecture: the `model.*` architecture keys must be null or agree
 with it (`check_model_keys` names each one that contradicts it). Loading for size: `model.dtype` chooses the
@@ -13,9 +8,6 @@ only; `quantization_config` says why not elsewhere).
 
 from __future__ import annotations
 
-import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +15,6 @@ import torch
 
 from components.core.context import StageError
 
-HF_PREFIX = "hf:"
-HF_SPEC = re.compile(r"^hf:(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
-DOWNLOAD = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-"""What a download fetches: config, weights (safetensors only: pickles are never fetched), tokenizer files."""
 ARCH_KEYS = {
     "n_layer": "num_hidden_layers",
     "n_embd": "hidden_size",
@@ -37,98 +25,21 @@ ARCH_KEYS = {
 KEY = "model.init_from"
 
 
-@dataclass(frozen=True)
-class Base:
-    """A resolved `model.init_from`: the spec as written, the local folder, and the Hub commit (hf: only)."""
-
-    spec: str
-    path: Path
-    revision: str | None = None
-
-    @property
-    def is_hub(self) -> bool:
-        return self.spec.startswith(HF_PREFIX)
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def parse_hub(spec: str) -> tuple[str, str | None]:
-    """`hf:ORG/NAME[@REVISION]` -> (repo id, revision or None); StageError on a malformed spec."""
-    m = HF_SPEC.match(spec.strip())
-    if not m:
-        raise StageError(
-            f"{KEY}: {spec!r} is not a Hub model; write hf:ORG/NAME or hf:ORG/NAME@REVISION "
-            "(a branch, tag or commit), or a local folder"
-        )
-    return m["repo"], m["rev"]
-
-
-def resolve(spec: str | None) -> Base | None:
-    """The local folder of `model.init_from` (downloading an `hf:` model into the HF cache when allowed)."""
-    if not spec:
-        return None
-    if not spec.startswith(HF_PREFIX):
-        return Base(spec, Path(spec))
-    repo, revision = parse_hub(spec)
-    path = _snapshot(spec, repo, revision)
-    return Base(spec, path, path.name)
-
-
-def _snapshot(spec: str, repo: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    local_only = offline()
-    try:
-        folder = snapshot_download(
-            repo,
-            revision=revision,
-            allow_patterns=DOWNLOAD,
-            local_files_only=local_only,
-            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
-        )
-    except LocalEntryNotFoundError:
-        if local_only:
-            raise StageError(
-                f"{KEY}: {spec} is not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1); "
-                "run once with HF_HUB_OFFLINE=0 and network access to download it, or set model.init_from "
-                "to a local checkpoint folder"
-            ) from None
-        raise StageError(
-            f"{KEY}: {spec}: cannot reach the Hugging Face Hub to download it; check the network"
-        ) from None
-    except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise StageError(
-            f"{KEY}: {spec}: {type(e).__name__} (the model or revision does not exist, or needs a token: "
-            "log in with `hf auth login`)"
-        ) from None
-    except HfHubHTTPError as e:
-        raise StageError(f"{KEY}: {spec}: download failed ({str(e).splitlines()[0]})") from None
-    return Path(folder)
-
-
 # ---------------------------------------------------------------- the checkpoint's architecture
-def load_config(base: Base) -> Any:
-    """The checkpoint's transformers config (StageError naming the setting when there is none)."""
+def load_config(path: Path, what: str = KEY) -> Any:
+    """A checkpoint folder's transformers config (StageError naming the setting when there is none)."""
     from transformers import AutoConfig
 
-    if not (base.path / "config.json").is_file():
+    path = Path(path)
+    if not (path / "config.json").is_file():
         raise StageError(
-            f"{KEY}: {base.path}: not a model folder (no config.json); "
+            f"{what}: {path}: not a model folder (no config.json); "
             "point it at a local HF checkpoint folder saved with save_pretrained"
         )
     try:
-        return AutoConfig.from_pretrained(base.path, local_files_only=True)
+        return AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise StageError(f"{KEY}: {base.path}: unreadable config.json ({e})") from None
+        raise StageError(f"{what}: {path}: unreadable config.json ({str(e).strip().splitlines()[0]})") from None
 
 
 def checkpoint_value(config: Any, key: str) -> Any:

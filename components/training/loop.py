@@ -34,6 +34,7 @@ from components.core.context import StageContext, StageError
 from components.core.params import config_hash
 from components.training import checkpoint as ck
 from components.training import distributed as dd
+from components.training.base import is_quantized
 from components.training.model import autocast, device_and_precision, training_attention
 
 log = logging.getLogger("seedlm.train")
@@ -246,7 +247,8 @@ def train(
             if ctx.progress:
                 tqdm.write(f"[{desc}] {msg}", file=sys.stderr)
 
-    model.to(device)
+    if not is_quantized(model):  # bitsandbytes places 4/8-bit weights on the GPU when loading; .to() is refused
+        model.to(device)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     attn_before = training_attention(model, device, amp_dtype)

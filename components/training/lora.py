@@ -39,6 +39,11 @@ def targets(model_type: str, setting: list[str] | str | None) -> list[str] | str
     )
 
 
+def is_adapter(name: str) -> bool:
+    """A parameter name of peft's (LoRA/DoRA weights, trainable token rows), not of the base model."""
+    return any(part.startswith(("lora_", "token_adapter")) for part in name.split("."))
+
+
 def _module_name(model: Any, module: Any) -> str | None:
     return next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is module and n), None)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -147,6 +148,7 @@ def count(config: Any, setup: Setup) -> Counts:
         for name, m in base.named_modules()
         if m is not head
         and type(m).__name__ in ("Linear", "Conv1D")
+        and not hasattr(m, "base_layer")  # a LoRA wrapper: its base layer is counted
         and not any(part.startswith(("lora_", "token_adapter")) for part in name.split("."))
     )
     params = {id(p): p for p in model.parameters()}.values()
@@ -358,11 +360,21 @@ def alternatives(setup: Setup) -> list[tuple[str, Setup]]:
     return out
 
 
-def check(config: Any, setup: Setup, limit_gb: float | None, say: Any = None) -> Plan:
+def announce(text: str, progress: bool) -> None:
+    """Log a block of text on the main process (and show it on stderr when the stage shows progress)."""
+    from components.training import distributed as dd
+
+    if dd.is_main():
+        log.info(text)
+        if progress:
+            print(text, file=sys.stderr, flush=True)
+
+
+def check(config: Any, setup: Setup, limit_gb: float | None, progress: bool = False) -> Plan:
     """Estimate, print the plan, and stop a run that cannot fit (StageError with the settings that would)."""
     available, limit = device_memory(setup, limit_gb)
     plan = estimate(config, setup, available, limit)
-    (say or log.info)(plan.table())
+    announce(plan.table(), progress)
     if plan.fits:
         return plan
     fitting = []

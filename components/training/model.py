@@ -8,12 +8,19 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from components.core.config import ModelConfig
 from components.core.context import StageError
+from components.data.chat import stop_ids
 
-END_TOKEN = "<|end|>"
 EOT_TOKEN = "<|endoftext|>"
 
 
@@ -30,12 +37,12 @@ def llama_intermediate(n_embd: int) -> int:
     return 64 * math.ceil(8 * n_embd / 3 / 64)
 
 
-def build_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
-    """A freshly initialized model from config alone (never downloads); same seed -> same weights."""
+def model_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
+    """The transformers config of a model built from `cfg` (arch and shape keys) for `tokenizer`."""
     ids = _token_ids(tokenizer)
     common = dict(vocab_size=len(tokenizer), tie_word_embeddings=True, **ids)
     if cfg.arch == "gpt2":
-        conf = GPT2Config(
+        return GPT2Config(
             n_positions=cfg.context_length,
             n_embd=cfg.n_embd,
             n_layer=cfg.n_layer,
@@ -46,21 +53,26 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
             attn_pdrop=cfg.dropout,
             **common,
         )
-    else:
-        conf = LlamaConfig(
-            hidden_size=cfg.n_embd,
-            intermediate_size=llama_intermediate(cfg.n_embd),
-            num_hidden_layers=cfg.n_layer,
-            num_attention_heads=cfg.n_head,
-            num_key_value_heads=cfg.n_kv_head or cfg.n_head,
-            max_position_embeddings=cfg.context_length,
-            attention_dropout=cfg.dropout,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            **common,
-        )
+    return LlamaConfig(
+        hidden_size=cfg.n_embd,
+        intermediate_size=llama_intermediate(cfg.n_embd),
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+        max_position_embeddings=cfg.context_length,
+        attention_dropout=cfg.dropout,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **common,
+    )
+
+
+def build_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
+    """A freshly initialized model from config alone (never downloads); same seed -> same weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            model_config(cfg, tokenizer), attn_implementation="sdpa", dtype=torch.float32
+        )
     return model
 
 
@@ -70,9 +82,17 @@ def max_positions(model: PreTrainedModel) -> int:
 
 
 def load_model(
-    path: str | Path, *, what: str = "model.init_from", tokenizer=None, context_length: int | None = None
+    path: str | Path,
+    *,
+    what: str = "model.init_from",
+    tokenizer=None,
+    context_length: int | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    quantization=None,
 ) -> PreTrainedModel:
-    """Load a local HF checkpoint (safetensors only) in fp32; checks vocab and position limits."""
+    """Load a local HF checkpoint (safetensors only) in `dtype` ("auto": as stored), or quantized by a
+    BitsAndBytesConfig (on the GPU); checks vocab and position limits. Tokens the tokenizer gained beyond the
+    checkpoint's embeddings get new rows (initialized from the old rows' mean and covariance), the rest stay."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise StageError(
@@ -87,8 +107,9 @@ def load_model(
             "`AutoModelForCausalLM.from_pretrained(p).save_pretrained(p)` (writes safetensors)"
         )
     try:
+        quantized = {"quantization_config": quantization, "device_map": {"": 0}} if quantization is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, dtype=torch.float32, attn_implementation="sdpa"
+            path, local_files_only=True, use_safetensors=True, dtype=dtype, attn_implementation="sdpa", **quantized
         )
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -106,7 +127,7 @@ def load_model(
         if len(tokenizer) > vocab:  # special tokens added on top of the base tokenizer
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+                model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
         ids = _token_ids(tokenizer)
         model.config.pad_token_id = ids["pad_token_id"]
     if context_length is not None and context_length > max_positions(model):
@@ -118,11 +139,12 @@ def load_model(
 
 
 def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> None:
-    """save_pretrained (safetensors) + tokenizer + a generation config that stops at <|end|>."""
+    """save_pretrained (safetensors) + tokenizer + a generation config that stops where a reply ends in the
+    tokenizer's chat template (`<|end|>`, or a base's own end-of-turn token such as `<|im_end|>`) and at eos."""
     out_dir = Path(out_dir)
     ids = _token_ids(tokenizer)
-    end = tokenizer.convert_tokens_to_ids(END_TOKEN)
-    eos = [i for i in (end, ids["eos_token_id"]) if i is not None and i != tokenizer.unk_token_id]
+    eos = [i for i in (*stop_ids(tokenizer), ids["eos_token_id"]) if i is not None and i != tokenizer.unk_token_id]
+    eos = list(dict.fromkeys(eos))
     model.generation_config = GenerationConfig(
         eos_token_id=eos, pad_token_id=ids["pad_token_id"], bos_token_id=ids["bos_token_id"], max_new_tokens=32
     )
