@@ -25,11 +25,10 @@ import numpy as np
 from components.core.config import EvaluateConfig, Params
 from components.core.context import StageContext, StageError
 from components.core.io import atomic_dir, read_json, sha256_dir, write_json, write_meta
-from components.data.chat import END_TOKEN, stop_ids
-from components.evaluation import control
+from components.data.chat import END_TOKEN
+from components.evaluation import control, cutoff, cutoff_report
 from components.evaluation.control import ppl_score
 from components.evaluation.perplexity import (
-    amp_dtype,
     cpu_threads,
     load_val_tokens,
     response_perplexity,
@@ -38,7 +37,6 @@ from components.evaluation.perplexity import (
 from components.evaluation.report import COMPARED, SCORE_METRICS, samples_table, write_figures, write_report
 from components.evaluation.scoring import bootstrap_ci, compare_models, task_metrics
 from components.registry.models import alias_version, is_uri, parse_model_args, resolve_model
-from components.training.model import autocast, max_positions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -102,52 +100,17 @@ def load_model(name: str, path: Path, data_dir: Path, device: Any) -> tuple[Any,
 
 # ---------------------------------------------------------------- generation
 def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    device: Any,
-    amp: bool = True,
-    progress: bool = False,
+    model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int, device: Any
 ) -> tuple[list[str], dict[str, float]]:
-    """Greedy, batched (left padding, KV cache) answers to rendered prompts, cut at `<|end|>`/eos."""
+    """Greedy, batched answers to rendered prompts through the serving engine (the one generation code path),
+    cut at `<|end|>`/eos. fp32 on one CPU thread: decoding a small model is per-step overhead, and bf16 autocast
+    only slows it down."""
     import torch
-    from tqdm import tqdm
-    from transformers import GenerationConfig
 
-    stops = stop_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
-    room = max(1, max_positions(model) - max_new_tokens)
-    gen_cfg = GenerationConfig(
-        max_new_tokens=min(max_new_tokens, max_positions(model) - 1),
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        eos_token_id=stops,
-        pad_token_id=pad,
-    )
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"][-room:] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    out: list[str] = [""] * len(prompts)
-    n_new, start = 0, time.perf_counter()
-    # decoding small models is per-step overhead: 1 CPU thread is as fast, and far faster on a busy machine
-    with cpu_threads(device, 1), torch.no_grad(), autocast(device, amp_dtype(device, amp)):
-        for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-            idx = order[i : i + batch_size]
-            width = max(len(encoded[j]) for j in idx)
-            x = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, j in enumerate(idx):
-                x[r, width - len(encoded[j]) :], mask[r, width - len(encoded[j]) :] = torch.tensor(encoded[j]), 1
-            gen = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
-            for r, j in enumerate(idx):
-                new = gen[r, width:].tolist()
-                cut = next((k for k, tid in enumerate(new) if tid in stops), None)
-                n_new += len(new) if cut is None else cut + 1
-                out[j] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
-    return out, {"gen_tokens": n_new, "gen_tokens_per_s": n_new / max(time.perf_counter() - start, 1e-9)}
+    from components.serving.engine import generate_texts
+
+    with cpu_threads(device, 1), torch.no_grad():
+        return generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------- the stage
@@ -190,10 +153,12 @@ def evaluate_models(
     notes: list[str] | None = None,
     control_dir: Path | None = None,
     pretrain_enabled: bool | None = None,
+    index_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate every model in `models` (name -> HF folder or MLflow model URI) on `data_dir`.
     `plots_dir` holds pretrain_loss.csv / sft_loss.csv for loss.png (default: plots_path's folder).
-    With `control_dir` and `pretrain_enabled`, sft's results join the control-experiment history."""
+    With `control_dir` and `pretrain_enabled`, sft's results join the control-experiment history.
+    With `index_dir` (holding knowledge-cutoff questions), sft also answers them without and with retrieval."""
     for name, ref in models.items():  # fail fast, before any heavy work (downloads included)
         if not is_uri(ref):
             check_model_dir(name, Path(ref))
@@ -214,6 +179,7 @@ def evaluate_models(
             notes=list(notes or []),
             control_dir=control_dir,
             pretrain_enabled=pretrain_enabled,
+            index_dir=index_dir,
         )
 
 
@@ -258,8 +224,6 @@ def score_model(
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         device=device,
-        amp=amp,
-        progress=progress,
     )
     m["gen_tokens_per_s"] = speed["gen_tokens_per_s"]
     keep: dict[str, Any] = {"response_ppl": (ppl_stats, ppl_score)} if val is not None else {}
@@ -283,6 +247,7 @@ def _evaluate(
     notes: list[str],
     control_dir: Path | None,
     pretrain_enabled: bool | None,
+    index_dir: Path | None,
 ) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
@@ -302,6 +267,7 @@ def _evaluate(
         notes.append("sft_test is empty: response perplexity, generations and task metrics are omitted.")
     metrics: dict[str, Any] = {"n_examples": n}
     predictions, correct, item_stats = {}, {}, {}  # model -> per-item answers / exact-match flags / stats
+    questions, rag_samples = cutoff.load_questions(Path(index_dir)) if index_dir else [], []
     for name, path in models.items():
         t0 = time.perf_counter()
         model, tok = load_model(name, Path(path), data_dir, device)
@@ -318,6 +284,10 @@ def _evaluate(
         metrics["val_tokens"], metrics[name] = m.pop("val_tokens", metrics.get("val_tokens", 0)), m
         if n:
             predictions[name], correct[name] = answers, flags
+        if name == "sft" and questions:  # the knowledge-cutoff experiment (components/evaluation/cutoff.py)
+            metrics["retrieval"], rag_samples = cutoff.evaluate(
+                cfg, model, tok, questions, Path(index_dir), device=device, seed=seed, generate=generate
+            )
         ctx.log({f"{name}.eval_seconds": time.perf_counter() - t0}, None)  # the runner logs the result itself
         del model
     names = list(models)
@@ -357,7 +327,8 @@ def _evaluate(
         metrics.update({"control": summary} if summary else {})
     with atomic_dir(out_dir) as tmp:
         figures = write_figures(tmp, metrics, names, plots_dir)
-        write_report(tmp / "report.md", metrics, samples, names, cfg, notes, figures)
+        rag = cutoff_report.lines(metrics["retrieval"], cfg.confidence, cfg.num_samples // 2, rag_samples)
+        write_report(tmp / "report.md", metrics, samples, names, cfg, notes, figures, rag if rag_samples else [])
         with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
         write_json(tmp / "samples_table.json", samples_table(samples, names))
@@ -365,13 +336,15 @@ def _evaluate(
         if record is not None:
             (tmp / "control.md").write_text(control_md, encoding="utf-8")
             names_out.append("control.md")
+        tables = ["samples_table.json", *(cutoff_report.write(tmp, rag_samples) if rag_samples else [])]
         result = {
             **metrics,
             "artifacts": [str(out_dir / p) for p in names_out],
-            "tables": [str(out_dir / "samples_table.json")],
+            "tables": [str(out_dir / p) for p in tables if p.endswith(".json")],
         }
         inputs = {
             "processed": str(data_dir),
+            **({"index": str(index_dir)} if rag_samples else {}),
             "models": {k: {"path": sources[k], "sha256": sha256_dir(p)} for k, p in models.items()},
         }
         write_meta(tmp, "evaluate", {"seed": seed, "evaluate": cfg.model_dump(mode="json")}, result, inputs)
@@ -425,6 +398,7 @@ def run(params: Params, ctx: StageContext) -> dict[str, Any]:
         notes=notes,
         control_dir=Path(p.checkpoints).parent / "control",
         pretrain_enabled=control.pretrain_enabled(Path(p.pretrain), Path(p.sft)),
+        index_dir=Path(p.index),
     )
 
 

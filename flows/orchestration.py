@@ -163,8 +163,9 @@ def outcome(mlflow: Any, reg: dict[str, Any], how: str) -> tuple[str, str]:
             champ = mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version
         except Exception as e:  # noqa: BLE001 - the registry is optional for the message
             log.debug("no champion of %s: %s", name, e)
-        standing = f"v{ver} is champion" if str(champ) == str(ver) else (
-            f"champion is v{champ}" if champ else "no champion")
+        standing = (
+            f"v{ver} is champion" if str(champ) == str(ver) else (f"champion is v{champ}" if champ else "no champion")
+        )
         return "unchanged", f"{name} v{ver} unchanged: register was up to date ({standing})"
     if reg.get("promoted"):
         return "promoted", f"{name} v{ver} promoted to champion"

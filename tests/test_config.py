@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -61,28 +62,39 @@ stage's computation, so not a DVC dependency; a change there that alters results
 change elsewhere."""
 
 
-def _component_imports(module: str) -> set[str]:
-    """The components/ modules (files or packages) `module` imports, transitively, minus INFRA."""
+def _module_file(dotted: str) -> Path | None:
+    path = ROOT / Path(*dotted.split("."))
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else (
+        path / "__init__.py" if (path / "__init__.py").is_file() else None)
+
+
+def _imports_of(dotted: str) -> set[str]:
+    """components.* modules that module `dotted` imports (at any depth of its code), as dotted names."""
     import ast
 
-    seen, todo = set(), [module]
+    found = set()
+    for node in ast.walk(ast.parse(_module_file(dotted).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components"):
+            for a in node.names:  # `from components.pkg import module` or `from components.pkg.module import name`
+                sub = f"{node.module}.{a.name}"
+                found.add(sub if _module_file(sub) else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("components.")}
+    return {m for m in found if _module_file(m)}
+
+
+def _component_imports(module: str) -> set[str]:
+    """The components/ files or sub-packages (as dvc.yaml names them) that stage `module` runs, following its
+    imports module by module, minus INFRA."""
+    seen, todo, deps = set(), [f"components.{module}"], set()
     while todo:
-        name = todo.pop()
-        path = ROOT / "components" / f"{name}.py"
-        files = [path] if path.is_file() else sorted((ROOT / "components" / name).glob("*.py"))
-        for f in files:
-            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
-                found = []
-                if isinstance(node, ast.ImportFrom) and node.module == "components":
-                    found = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
-                    found = [node.module.split(".")[1]]
-                elif isinstance(node, ast.Import):
-                    found = [a.name.split(".")[1] for a in node.names if a.name.startswith("components.")]
-                for dep in set(found) - seen - INFRA - {module}:
-                    seen.add(dep)
-                    todo.append(dep)
-    return seen
+        for dep in _imports_of(todo.pop()) - seen:
+            seen.add(dep)
+            top = dep.split(".")[1]
+            if top not in INFRA:
+                deps.add(top)
+                todo.append(dep)
+    return deps - {module}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -103,7 +115,7 @@ def test_every_stage_module_has_run_and_main(stage):
     module = importlib.import_module(f"components.{stage}")
     assert callable(module.run)
     source = Path(module.__file__).read_text()
-    assert 'if __name__ == "__main__":' in source and f'main("{stage}")' in source
+    assert 'if __name__ == "__main__":' in source and re.search(rf'main\(\s*"{stage}"', source)
     assert "prefect" not in source, "components never import Prefect"
 
 

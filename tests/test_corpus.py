@@ -114,3 +114,24 @@ def test_a_bad_line_in_a_later_piece_names_its_shard_line(tmp_path):
     shard.write_text("\n".join(lines) + "\n")
     with pytest.raises(StageError, match=r'shard-00000.jsonl:151: expected \{"text": str\}; run `dvc repro ingest`'):
         run(tmp_path, raw, vocab_size=300, chunk_mb=0.002)
+
+
+# ---------------------------------------------------------------- parallel and distributed
+def test_two_worker_processes_give_the_same_bytes(grown):
+    root, raw, out, res = grown
+    par, res2 = run(root, raw, "two_workers", vocab_size=300, chunk_mb=0.004, workers=2)
+    assert outputs(par) == outputs(out) and res2["report"] == res["report"]
+
+
+def test_near_dedup_in_parallel_decides_as_in_one_process(grown):
+    root, raw, _, _ = grown
+    one, res1 = run(root, raw, "near_one", vocab_size=300, dedup="near")
+    par, res2 = run(root, raw, "near_two", vocab_size=300, dedup="near", chunk_mb=0.004, workers=2)
+    assert outputs(par) == outputs(one) and res2["report"] == res1["report"]
+
+
+def test_dask_cluster_of_two_workers_through_prefect_gives_the_same_bytes(grown):
+    """preprocess.engine: dask on a local cluster (prefect-dask's DaskTaskRunner, one task per piece)."""
+    root, raw, out, res = grown
+    dask, res2 = run(root, raw, "dask", vocab_size=300, chunk_mb=0.004, workers=2, engine="dask")
+    assert outputs(dask) == outputs(out) and res2["report"] == res["report"]

@@ -21,13 +21,14 @@ from components.core.io import read_json  # noqa: E402
 def test_generation_stops_at_end_and_batching_is_exact(tiny):
     import torch
 
-    from components.evaluate import generate, load_model, stop_ids
+    from components.data.chat import stop_ids
+    from components.evaluate import generate, load_model
 
     model, tok = load_model("sft", tiny["models"]["sft"], tiny["processed"], torch.device("cpu"))
     prompts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p, _, _ in tiny["items"]]
     cpu = torch.device("cpu")
-    batched, speed = generate(model, tok, prompts, max_new_tokens=12, batch_size=8, device=cpu, amp=False)
-    singles = [generate(model, tok, [p], max_new_tokens=12, batch_size=1, device=cpu, amp=False) for p in prompts]
+    batched, speed = generate(model, tok, prompts, max_new_tokens=12, batch_size=8, device=cpu)
+    singles = [generate(model, tok, [p], max_new_tokens=12, batch_size=1, device=cpu) for p in prompts]
     assert batched == [out[0] for out, _ in singles]
     assert speed["gen_tokens"] == sum(sp["gen_tokens"] for _, sp in singles)  # padding after a stop is not counted
     assert speed["gen_tokens"] < 12 * len(prompts) and speed["gen_tokens_per_s"] > 0  # stopped early

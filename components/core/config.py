@@ -344,6 +344,7 @@ class EvaluateConfig(Section):
 
 
 RESERVED_EVAL_NAMES = {"pretrain", "sft", "champion", "n_examples", "val_tokens", "compare", "sources", "control"}
+RESERVED_EVAL_NAMES |= {"retrieval"}
 """Keys of metrics/evaluate.json that evaluate.models names may not take."""
 
 

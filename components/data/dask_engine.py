@@ -28,15 +28,17 @@ def cluster(workers: int, address: str | None) -> Iterator[str]:
     if address:
         yield address
         return
-    with LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=_prefect_env()
-    ) as local:
+    with contextlib.ExitStack() as stack:
+        env = _prefect_env(stack)
+        local = stack.enter_context(
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env)
+        )
         yield local.scheduler_address
 
 
-def _prefect_env() -> dict[str, str]:
+def _prefect_env(stack: contextlib.ExitStack) -> dict[str, str]:
     """Local workers report task states to this process's Prefect API; with none configured, to the temporary
-    server this process starts anyway (instead of one more per worker)."""
+    server this process would start anyway (not one more per worker), stopped at the end if started here."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if PREFECT_API_URL.value():
@@ -46,7 +48,9 @@ def _prefect_env() -> dict[str, str]:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the one this process's flows use (a singleton)
-    server.start()
+    if server.server_process is None:
+        server.start()
+        stack.callback(server.stop)
     return {"PREFECT_API_URL": server.api_url}
 
 

@@ -138,6 +138,8 @@ class SeenFilter:
     def add_unmatched(self, keys: np.ndarray) -> np.ndarray:
         """For [documents, bands] keys: which documents share no key with an earlier kept one (seen before, or
         kept earlier in `keys`); adds the keys of those. As if document by document."""
+        if not len(keys):
+            return np.zeros(0, bool)
         keys = np.asarray(keys, np.uint64).reshape(len(keys), -1)
         keep = ~self.contains(keys.ravel()).reshape(keys.shape).any(axis=1)
         rest = np.flatnonzero(keep)

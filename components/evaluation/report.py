@@ -72,6 +72,7 @@ def write_report(
     cfg: Any,
     notes: list[str],
     figures: list[Path] = (),
+    extra: list[str] = (),
 ) -> None:
     n = metrics["n_examples"]
     lines = [
@@ -93,6 +94,7 @@ def write_report(
         cells.append(f"{m['gen_tokens_per_s']:.0f}" if "gen_tokens_per_s" in m else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += comparison_lines(metrics.get("compare") or {}, cfg.confidence)
+    lines += list(extra)  # sections of other experiments (the knowledge-cutoff table)
     sources = metrics.get("sources") or {}
     if sources:
         lines += ["", "## Models", ""] + [f"- **{k}**: `{v}`" for k, v in sources.items()]

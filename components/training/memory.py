@@ -87,7 +87,7 @@ class Plan:
         return self.available is None or self.peak <= self.available
 
     def metrics(self) -> dict[str, float]:
-        out = {f"memory_plan/{k}_gb": v / GIB for k, v in self.parts.items()}
+        out = {f"memory_plan/{k.replace(' ', '_')}_gb": v / GIB for k, v in self.parts.items()}
         out["memory_plan/peak_gb"] = self.peak / GIB
         if self.available is not None:
             out["memory_plan/available_gb"] = self.available / GIB
@@ -299,7 +299,7 @@ def estimate(config: Any, setup: Setup, available: float | None = None, limit: s
         "gradients": grads,
         "optimizer": optimizer,
         "activations": acts,
-        "loss (logits)": loss,
+        "logits": loss,
         "autocast copies": copies,
         "checkpoint copy": snapshot,
     }
@@ -386,6 +386,6 @@ def check(config: Any, setup: Setup, limit_gb: float | None, progress: bool = Fa
     raise StageError(
         f"{setup.key}: this run needs about {gib(plan.peak)} at its peak (weights {gib(plan.parts['weights'])}, "
         f"gradients {gib(plan.parts['gradients'])}, optimizer {gib(plan.parts['optimizer'])}, activations "
-        f"{gib(plan.parts['activations'] + plan.parts['loss (logits)'])}) but {gib(available)} is {limit}; "
+        f"{gib(plan.parts['activations'] + plan.parts['logits'])}) but {gib(available)} is {limit}; "
         f"settings that fit: {hint}"
     )
