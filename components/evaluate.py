@@ -27,6 +27,7 @@ from components.core.context import StageContext, StageError
 from components.core.io import atomic_dir, read_json, sha256_dir, write_json, write_meta
 from components.data.chat import END_TOKEN
 from components.evaluation import control, cutoff, cutoff_report
+from components.evaluation import sets as evalsets
 from components.evaluation.control import ppl_score
 from components.evaluation.perplexity import (
     cpu_threads,
@@ -268,6 +269,7 @@ def _evaluate(
     metrics: dict[str, Any] = {"n_examples": n}
     predictions, correct, item_stats = {}, {}, {}  # model -> per-item answers / exact-match flags / stats
     questions, rag_samples = cutoff.load_questions(Path(index_dir)) if index_dir else [], []
+    own_sets, set_answers = evalsets.load_sets(cfg.sets, data_dir), {}  # evaluate.sets: your own JSONL files
     for name, path in models.items():
         t0 = time.perf_counter()
         model, tok = load_model(name, Path(path), data_dir, device)
@@ -281,6 +283,12 @@ def _evaluate(
         m, answers, flags, item_stats[name] = score_model(
             cfg, model, tok, test, val, seed=seed, device=device, amp=amp, progress=ctx.progress
         )
+        if own_sets:
+            sm, sstats, set_answers[name] = evalsets.score_sets(
+                own_sets, model, tok, generate, cfg=cfg, seed=seed, device=device
+            )
+            m.update(sm)
+            item_stats[name].update(sstats)
         metrics["val_tokens"], metrics[name] = m.pop("val_tokens", metrics.get("val_tokens", 0)), m
         if n:
             predictions[name], correct[name] = answers, flags
@@ -292,9 +300,15 @@ def _evaluate(
         del model
     names = list(models)
     metrics["compare"] = compare_models(
-        names, item_stats, keys=COMPARED, resamples=cfg.bootstrap, confidence=cfg.confidence, seed=seed
+        names,
+        item_stats,
+        keys=(*COMPARED, *evalsets.compared_keys(own_sets)),
+        resamples=cfg.bootstrap,
+        confidence=cfg.confidence,
+        seed=seed,
     )
     metrics["sources"] = sources
+    metrics.update({"sets": evalsets.summary(own_sets)} if own_sets else {})
     samples = [
         {
             "id": i,
@@ -328,11 +342,16 @@ def _evaluate(
     with atomic_dir(out_dir) as tmp:
         figures = write_figures(tmp, metrics, names, plots_dir)
         rag = cutoff_report.lines(metrics["retrieval"], cfg.confidence, cfg.num_samples // 2, rag_samples)
-        write_report(tmp / "report.md", metrics, samples, names, cfg, notes, figures, rag if rag_samples else [])
+        extra = (rag if rag_samples else []) + evalsets.report_lines(own_sets, metrics, names, cfg.confidence)
+        write_report(tmp / "report.md", metrics, samples, names, cfg, notes, figures, extra)
         with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
         write_json(tmp / "samples_table.json", samples_table(samples, names))
         names_out = ["report.md", "samples.jsonl", *(p.name for p in figures)]
+        if own_sets:
+            with open(tmp / "sets_samples.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in evalsets.samples(own_sets, set_answers))
+            names_out.append("sets_samples.jsonl")
         if record is not None:
             (tmp / "control.md").write_text(control_md, encoding="utf-8")
             names_out.append("control.md")

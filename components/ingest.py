@@ -19,8 +19,8 @@ from components.core.config import IngestConfig, Params, Source
 from components.core.context import StageContext, StageError
 from components.core.io import atomic_dir, sha256_file, write_json, write_meta
 from components.core.redact import redact
-from components.data import synthetic
-from components.data.chat import ROLES, attach_context, with_context
+from components.data import conversations, synthetic
+from components.data.chat import attach_context, with_context
 from components.data.fetch import download, hf_records
 from components.data.fetch import file_ext as _ext
 from components.data.formats import SKIP_HINT, Records, _Malformed, file_records, unreadable
@@ -123,15 +123,21 @@ def _sft_line(rec: Any) -> tuple[bytes, int]:
 
 
 def _sft_row(rec: Any) -> dict[str, Any]:
-    """Alpaca {instruction, input?, output} or chat {messages} -> {"messages", "split", "task"}."""
+    """Alpaca {instruction, input?, output}, chat {messages} or ShareGPT {conversations} -> {"messages", "split",
+    "task"} (components/data/conversations.py)."""
     split, task, msgs = rec.get("split") or None, rec.get("task") or None, rec.get("messages")
     if split not in SPLITS or not isinstance(task, (str, type(None))):
         raise _Malformed(f"split must be train/val/test/null, task a string (got {split!r}, {task!r}); {SKIP_HINT}")
+    if msgs is None and "conversations" in rec:
+        try:
+            msgs = conversations.from_sharegpt(rec["conversations"])
+        except ValueError as e:
+            raise _Malformed(f"{e}; {SKIP_HINT}") from None
     if msgs is None:
         if "instruction" not in rec and "output" not in rec:
             raise _Malformed(
-                f"neither 'messages' nor 'instruction'/'output' (fields found: "
-                f"{', '.join(map(str, rec)) or 'none'}); use Alpaca or chat form, {SKIP_HINT}"
+                f"neither 'messages', 'conversations' nor 'instruction'/'output' (fields found: "
+                f"{', '.join(map(str, rec)) or 'none'}); use Alpaca, chat or ShareGPT form, {SKIP_HINT}"
             )
         for key in ("instruction", "output"):
             if not isinstance(rec.get(key), str) or not rec[key].strip():
@@ -148,19 +154,8 @@ def _sft_row(rec: Any) -> dict[str, Any]:
             msgs = json.loads(msgs)
         except json.JSONDecodeError as e:
             raise _Malformed(f"messages is not valid JSON ({e.msg}); {SKIP_HINT}") from None
-    if not isinstance(msgs, list) or not msgs:
-        raise _Malformed(f"messages must be a non-empty list of {{role, content}}; {SKIP_HINT}")
-    out = []
-    for i, m in enumerate(msgs):
-        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
-        if role not in ROLES:
-            raise _Malformed(f"messages[{i}]: role {role!r} is not one of {', '.join(ROLES)}; {SKIP_HINT}")
-        if not isinstance(content, str) or not content.strip():
-            raise _Malformed(f"messages[{i}]: content must be a non-empty string; {SKIP_HINT}")
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise _Malformed(f"messages has no assistant turn to learn from; {SKIP_HINT}")
     try:
+        out = conversations.normalize(msgs)
         out = attach_context(out, rec.get("context"))
     except ValueError as e:
         raise _Malformed(f"{e}; {SKIP_HINT}") from None

@@ -16,6 +16,7 @@ from _register_fixtures import aliases, do_register, versions, write_eval  # noq
 from mlflow import MlflowClient  # noqa: E402
 
 from components import register as reg  # noqa: E402
+from components.registry import publish  # noqa: E402
 from components.core.config import GateConfig, RegisterConfig  # noqa: E402
 from components.core.context import StageContext, StageError  # noqa: E402
 from components.core.io import read_json, write_meta  # noqa: E402
@@ -46,7 +47,7 @@ def test_failure_after_create_leaves_no_version(store, sft_dir, repo, tmp_path, 
     assert read_json(out / "registration.json") == first  # out_dir untouched
 
     # fails right after create (writing the report): no version, and the next one registers fine
-    monkeypatch.setattr(reg, "gate_markdown", lambda *a: 1 / 0)
+    monkeypatch.setattr(publish, "gate_markdown", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         do_register(cfg, sft_dir, write_eval(tmp_path / "e3.json", 0.6), out, repo)
     monkeypatch.undo()
@@ -61,8 +62,8 @@ def die_after_the_version_is_created(monkeypatch) -> None:
     def killed(*a):
         raise SystemExit(9)
 
-    monkeypatch.setattr(reg, "gate_markdown", killed)
-    monkeypatch.setattr(reg, "_rollback", lambda *a: None)  # a killed process rolls nothing back
+    monkeypatch.setattr(publish, "gate_markdown", killed)
+    monkeypatch.setattr(publish, "_rollback", lambda *a: None)  # a killed process rolls nothing back
 
 
 def test_rerun_in_a_killed_registrations_run_replaces_its_orphan(store, sft_dir, repo, tmp_path, monkeypatch):
@@ -133,7 +134,7 @@ def test_a_new_registration_removes_what_a_killed_one_left(store, sft_dir, repo,
 
 def test_failure_on_new_model_removes_registered_model(store, sft_dir, repo, tmp_path, monkeypatch):
     name = "seedlm-new-fail"
-    monkeypatch.setattr(reg, "gate_markdown", lambda *a: 1 / 0)
+    monkeypatch.setattr(publish, "gate_markdown", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         do_register(
             RegisterConfig(model_name=name), sft_dir, write_eval(tmp_path / "e.json", 0.5), tmp_path / "out", repo

@@ -331,6 +331,17 @@ class EvaluateConfig(Section):
     retrieval_max_new_tokens: int = Field(default=16, ge=1)
     """Generation length for the knowledge-cutoff questions (short answers): the rest of the context holds
     retrieved passages."""
+    sets: dict[str, str] = Field(default_factory=dict)
+    """Your own evaluation sets: name -> JSONL file (Alpaca, chat or ShareGPT rows; the last message is the
+    reference). Scored like the held-out split; metrics `<name>/exact_match` etc. (the gate can use them); the
+    report counts items duplicated in the SFT training data. Edited in place? `dvc repro -f evaluate`."""
+
+    @model_validator(mode="after")
+    def _set_names(self) -> EvaluateConfig:
+        for name in self.sets:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"evaluate.sets: bad name {name!r}: use letters, digits, _ . - (no /)")
+        return self
 
     @model_validator(mode="after")
     def _model_names(self) -> EvaluateConfig:
@@ -345,6 +356,7 @@ class EvaluateConfig(Section):
 
 RESERVED_EVAL_NAMES = {"pretrain", "sft", "champion", "n_examples", "val_tokens", "compare", "sources", "control"}
 RESERVED_EVAL_NAMES |= {"retrieval"}
+RESERVED_EVAL_NAMES |= {"sets"}
 """Keys of metrics/evaluate.json that evaluate.models names may not take."""
 
 
@@ -462,11 +474,17 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
-        if self.register.gate.metric not in GATE_METRICS:
-            raise ValueError(f"register.gate.metric must be one of {sorted(GATE_METRICS)}")
+        known = GATE_METRICS | {f"{s}/{m}" for s in self.evaluate.sets for m in GATE_METRICS}
+        if self.register.gate.metric not in known:
+            raise ValueError(
+                f"register.gate.metric must be one of {sorted(GATE_METRICS)} or <evaluate.sets name>/<one of them>"
+            )
         for key in (*self.register.gate.min, *self.register.gate.max_regression):
-            if key not in GATE_METRICS:
-                raise ValueError(f"register.gate: unknown metric {key!r}; use one of {sorted(GATE_METRICS)}")
+            if key not in known:
+                raise ValueError(
+                    f"register.gate: unknown metric {key!r}; use one of {sorted(GATE_METRICS)} or "
+                    "<evaluate.sets name>/<one of them>"
+                )
         if self.model.init_from is None and self.preprocess.vocab_size < BPE_MIN_VOCAB:
             raise ValueError(
                 f"preprocess.vocab_size ({self.preprocess.vocab_size}) is below {BPE_MIN_VOCAB}: a "
