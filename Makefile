@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export DO_NOT_TRACK = true
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup browser run test bench bench-serve screenshot ui clean prefect-server mlflow-server pools worker remote deploy trigger push
+.PHONY: setup browser run test bench bench-data bench-serve bench-index screenshot ui clean prefect-server mlflow-server pools worker remote deploy trigger push
 
 # torch first: `pip install torch==2.13.0` takes the local CPU build; installed later it would pull CUDA.
 $(STAMP): pyproject.toml constraints.txt
@@ -47,10 +47,21 @@ browser:
 bench: setup
 	$(BIN)/python bench/train_bench.py $(BENCH_ARGS)
 
+# Data: ingest and preprocess MB/s and peak memory at 16 and 256 MiB of local text, the tokenizers upper bound,
+# 1 vs N workers, SFT packing vs padding (README, "Preprocessing at scale"). A few minutes; e.g.
+# make bench-data DATA_BENCH_ARGS="--sizes 4,64 --workers 2".
+bench-data: setup
+	$(BIN)/python bench/data_bench.py $(DATA_BENCH_ARGS)
+
 # Serving: `seedlm serve` under 1, 4 and 16 streaming clients vs bare model.generate, on the champion of
 # `make run` (or BENCH_ARGS="--model DIR_OR_URI"). Prints the goal ratios; the last line is one JSON object.
 bench-serve: setup
 	$(BIN)/python bench/serve_bench.py $(BENCH_ARGS)
+
+# Retrieval index: build MB/s and query p50/p95 at 10k, 100k, 1M chunks vs a brute-force scan, peak memory.
+# Options through BENCH_ARGS, e.g. make bench-index BENCH_ARGS="--scales 10000,100000 --dense 64".
+bench-index: setup
+	$(BIN)/python bench/index_bench.py $(BENCH_ARGS)
 
 # docs/chat-page.png: the web chat page in headless Chromium, answering with WEB_MODEL (default: the champion).
 WEB_MODEL ?= models:/seedlm@champion

@@ -25,7 +25,7 @@ import numpy as np
 from components.core.config import EvaluateConfig, Params
 from components.core.context import StageContext, StageError
 from components.core.io import atomic_dir, read_json, sha256_dir, write_json, write_meta
-from components.data.chat import END_TOKEN
+from components.data.chat import encode_chat
 from components.evaluation import control, cutoff, cutoff_report
 from components.evaluation import sets as evalsets
 from components.evaluation.control import ppl_score
@@ -47,15 +47,13 @@ def tokenizer_model(tok: Any) -> Any:
 
 
 def encode_items(tok: Any, prompts: list[list[dict]], references: list[str]) -> tuple[list, list]:
-    """(input_ids, labels) of prompt + reference + `<|end|>` with a model's own tokenizer (labels: the answer)."""
+    """(input_ids, labels) of prompt + reference in a model's own tokenizer and chat template (labels: the answer
+    and the template's end-of-turn marker, as SFT trains them: chat.encode_chat)."""
     ids, labels = [], []
     for prompt, ref in zip(prompts, references):
-        p = tok(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False), add_special_tokens=False)[
-            "input_ids"
-        ]
-        a = tok(ref + END_TOKEN, add_special_tokens=False)["input_ids"]
-        ids.append(p + a)
-        labels.append([-100] * len(p) + a)
+        i, lab = encode_chat(tok, [*prompt, {"role": "assistant", "content": ref}])
+        ids.append(i)
+        labels.append(lab)
     return ids, labels
 
 
@@ -337,6 +335,7 @@ def _evaluate(
             resamples=cfg.bootstrap,
             confidence=cfg.confidence,
             seed=seed,
+            base=control.base_model(data_dir),
         )
         metrics.update({"control": summary} if summary else {})
     with atomic_dir(out_dir) as tmp:

@@ -26,7 +26,7 @@ from components.core.config import Params, PreprocessConfig
 from components.core.context import StageContext, StageError
 from components.core.hub import resolve
 from components.core.io import atomic_dir, read_meta, sha256_file, write_json, write_meta
-from components.data import chat, dedup, templates
+from components.data import chat, conversations, dedup, templates
 from components.data import corpus as pretrain_text
 from components.data.clean import clean_text
 from components.data.engine import Runner
@@ -64,11 +64,22 @@ def _lines(path: Path, skip: Container[int] = (), extra: Iterable[Any] = ()) -> 
 
 
 # ---------------------------------------------------------------- SFT rows
+def _is_tool(m: Any) -> bool:
+    return isinstance(m, dict) and m.get("role") == conversations.TOOL
+
+
+def _renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template SFT will use (a base tokenizer's, else seedlm's) renders tool messages; if not,
+    rows holding them are dropped and counted (`dropped.tool_messages`)."""
+    source = templates.template(tokenizer) if tokenizer is not None else None
+    return conversations.template_renders(source or chat.CHAT_TEMPLATE, conversations.TOOL)
+
+
 def _check_sft_row(row: Any, where: str) -> list[dict]:
     msgs = row.get("messages") if isinstance(row, dict) else None
     problem = None if isinstance(msgs, list) and msgs else "messages must be a non-empty list"
-    try:
-        chat.render(msgs if problem is None else [])
+    try:  # tool messages: checked against the template in _clean_sft
+        chat.render([m for m in msgs if not _is_tool(m)] if problem is None else [])
     except ValueError as e:
         problem = str(e)
     if problem is None and row.get("split") not in (None, "train", "val", "test"):
@@ -81,7 +92,13 @@ def _check_sft_row(row: Any, where: str) -> list[dict]:
 
 
 def _clean_sft(
-    cfg: PreprocessConfig, shards: list[Path], work: Path, progress: bool, special: re.Pattern = _SPECIAL
+    cfg: PreprocessConfig,
+    shards: list[Path],
+    work: Path,
+    progress: bool,
+    special: re.Pattern = _SPECIAL,
+    *,
+    tools: bool = False,
 ) -> dict:
     """Clean, de-dup and split instruction rows into work/sft_{train,val,test}.jsonl. Rows whose text holds a
     control token of the chat format (`special`) are dropped: they would turn into format tokens."""
@@ -102,6 +119,8 @@ def _clean_sft(
                 reason = (
                     "empty"
                     if any(not m["content"] for m in msgs)
+                    else "tool_messages"
+                    if not tools and any(map(_is_tool, msgs))
                     else "no_final_assistant"
                     if msgs[-1]["role"] != "assistant"
                     else "no_prompt"
@@ -317,7 +336,7 @@ def preprocess(
         work = tmp / "_work"
         work.mkdir()
         pre = _pretrain_pass(cfg, pre_shards, work, seed, runner, ctx)
-        sft = _clean_sft(cfg, sft_shards, work, ctx.progress, _control_pattern(base))
+        sft = _clean_sft(cfg, sft_shards, work, ctx.progress, _control_pattern(base), tools=_renders_tools(base))
         tokenizer, sample = _tokenizer(cfg, base, work, pre, sft)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32

@@ -142,12 +142,27 @@ def provenance(
     if tok.is_dir():
         tags["data.tokenizer.sha256"] = sha256_dir(tok)
         datasets["tokenizer"] = (tok, tags["data.tokenizer.sha256"][:32])
-    init_from = params.model.init_from if params is not None else None
-    if init_from:
-        base = _under(root, init_from)
-        tags["base_checkpoint.path"] = str(base.resolve())
-        tags["base_checkpoint.sha256"] = weights_sha256(base) if base.is_dir() else "missing"
+    tags.update(base_checkpoint(root, paths, params))
     return tags, datasets
+
+
+def base_checkpoint(root: Path, paths: Paths, params: Params | None) -> dict[str, str]:
+    """Lineage of model.init_from: as written, where pretrain read it (the HF cache for hf:), its Hub commit and
+    its weights hash; from the pretrain output's metadata, else from params."""
+    meta = _under(root, paths.pretrain) / "seedlm.json"
+    inputs = (read_json(meta).get("inputs") or {}) if meta.is_file() else {}
+    spec = inputs.get("init_from") or (params.model.init_from if params is not None else None)
+    if not spec:
+        return {}
+    base = Path(inputs["init_from_path"]) if inputs.get("init_from_path") else _under(root, spec)
+    tags = {
+        "base_checkpoint.source": str(spec),
+        "base_checkpoint.path": str(base.resolve()),
+        "base_checkpoint.sha256": weights_sha256(base) if base.is_dir() else "missing",
+    }
+    if inputs.get("init_from_revision"):
+        tags["base_checkpoint.revision"] = str(inputs["init_from_revision"])
+    return tags
 
 
 # ---------------------------------------------------------------- mlflow

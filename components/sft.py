@@ -19,7 +19,7 @@ from components.core.io import atomic_dir, read_meta, sha256_file, write_json, w
 from components.core.params import config_hash
 from components.pretrain import data_fingerprint, load_tokenizer, metrics_of, write_plot_csv
 from components.training import distributed as dd
-from components.training import lora, memory
+from components.training import lora, memory, packing
 from components.training.base import is_quantized, load_config, quantization_config, weight_dtype
 from components.training.checkpoint import run_key
 from components.training.loop import Batch, BatchSource, PeakMemory, step_generator, train
@@ -63,8 +63,12 @@ def collate(rows: list[Example], pad_id: int) -> Batch:
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def example_source(rows: list[Example], batch_size: int, grad_accum: int, pad_id: int, seed: int) -> BatchSource:
-    """Epoch-wise shuffled examples; the batch of (step, micro) depends only on (seed, step, micro)."""
+def example_source(
+    rows: list[Any], batch_size: int, grad_accum: int, pad_id: int, seed: int, collate_fn: Any = None
+) -> BatchSource:
+    """Epoch-wise shuffled examples (or packed rows, with packing.collate); the batch of (step, micro) depends
+    only on (seed, step, micro)."""
+    collate_fn = collate_fn or collate
     n = len(rows)
     perms: dict[int, np.ndarray] = {}
 
@@ -78,9 +82,17 @@ def example_source(rows: list[Example], batch_size: int, grad_accum: int, pad_id
     def batches(step: int, micro: int) -> Batch:
         first = (step * grad_accum + micro) * batch_size
         picks = [order(p // n)[p % n] for p in range(first, first + batch_size)]
-        return collate([rows[i] for i in picks], pad_id)
+        return collate_fn([rows[i] for i in picks], pad_id)
 
     return batches
+
+
+def train_source(cfg: SftConfig, rows: list[Example], context: int, batch_size: int, pad_id: int, seed: int):
+    """The training batches: examples, or with sft.packing rows of several examples each (validation stays
+    unpacked, so val_loss compares across the setting)."""
+    if cfg.packing:
+        return example_source(packing.pack(rows, context), batch_size, cfg.grad_accum, pad_id, seed, packing.collate)
+    return example_source(rows, batch_size, cfg.grad_accum, pad_id, seed)
 
 
 def fixed_batches(rows: list[Example], batch_size: int, n_batches: int, pad_id: int) -> list[Batch]:
@@ -225,6 +237,7 @@ def _sft(
     cfg: SftConfig, data_dir: Path, base_dir: Path, ckpt_root: Path, seed: int, ctx: StageContext, model_dtype: str
 ) -> tuple:
     base_meta = read_meta(base_dir, "pretrain")
+    quantization_config(cfg.quantization, torch.bfloat16)  # CUDA and bitsandbytes, or a clear error, at once
     tokenizer = load_tokenizer(data_dir)
     new_tokens = new_token_ids(data_dir, tokenizer)
     config = load_config(base_dir, what="paths.pretrain")
@@ -253,7 +266,7 @@ def _sft(
     res = train(
         model,
         cfg,
-        example_source(train_rows, gb, cfg.grad_accum, pad_id, seed),
+        train_source(cfg, train_rows, context, gb, pad_id, seed),
         eval_batches_fn=lambda: fixed_batches(val_rows, gb, cfg.eval_batches, pad_id),
         ckpt_dir=ckpt_dir,
         seed=seed,

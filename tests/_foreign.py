@@ -2,12 +2,14 @@
 
 Each family has its own tokenizer class, vocabulary, special tokens and layout, as the real checkpoints do:
 
-| family   | tokenizer (transformers class)           | specials                              | chat template | model              |
-|----------|------------------------------------------|---------------------------------------|---------------|--------------------|
-| llama    | LlamaTokenizer, SentencePiece-style BPE  | <unk> <s> </s> <pad>                  | Llama-2 [INST] | GQA (4 q / 2 kv), untied |
-| qwen2    | Qwen2Tokenizer, byte-level BPE           | <|endoftext|> <|im_start|> <|im_end|> | ChatML        | GQA, tied, vocab padded past the tokenizer |
-| gpt_neox | GPTNeoXTokenizer, byte-level BPE         | <|endoftext|> <|padding|>             | none          | parallel residual, partial rotary, vocab padded |
-| gpt2     | GPT2Tokenizer, byte-level BPE            | <|endoftext|> only (no pad)           | none          | Conv1D layers, learned positions |
+- llama: LlamaTokenizer (SentencePiece-style BPE with byte fallback), <unk> <s> </s> <pad>, Llama-2's [INST]
+  chat template; grouped-query attention (4 query / 2 key-value heads), untied output layer.
+- qwen2: Qwen2Tokenizer (byte-level BPE), <|endoftext|> <|im_start|> <|im_end|>, ChatML template; GQA, tied
+  embeddings, a vocabulary padded past the tokenizer's.
+- gpt_neox: GPTNeoXTokenizer (byte-level BPE), <|endoftext|> <|padding|>, no chat template; parallel residual,
+  partial rotary, padded vocabulary.
+- gpt2: GPT2Tokenizer (byte-level BPE), <|endoftext|> only (no pad), no chat template; Conv1D layers, learned
+  positions.
 """
 
 from __future__ import annotations
@@ -114,7 +116,9 @@ def make_config(family: str, tokenizer: Any, positions: int = 128, **over: Any) 
     if family == "llama":
         kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
         kw |= dict(num_key_value_heads=2, max_position_embeddings=positions, tie_word_embeddings=False)
-        return transformers.LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **ids, **kw | over)
+        return transformers.LlamaConfig(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **ids, **kw | over
+        )
     if family == "qwen2":
         kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
         kw |= dict(num_key_value_heads=2, max_position_embeddings=positions, tie_word_embeddings=True)

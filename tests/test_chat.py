@@ -150,9 +150,9 @@ def test_ensure_chat_tokens_on_a_base_tokenizer(base_tok):
     before = len(base_tok)
     assert base_tok.pad_token is None and base_tok.chat_template is None
     added = chat.ensure_chat_tokens(base_tok)
-    assert added == len(chat.SPECIAL_TOKENS) == len(base_tok) - before  # 5 chat/eos tokens + <|pad|>
-    assert base_tok.eos_token == "</s>"  # the checkpoint's own eos is kept
-    assert base_tok.pad_token == chat.PAD_TOKEN and base_tok.chat_template == chat.CHAT_TEMPLATE
+    assert added == 4 == len(base_tok) - before  # the 3 role tokens + <|end|>: no pad, the base's eos kept
+    assert base_tok.eos_token == "</s>" and base_tok.pad_token is None  # padding uses the eos
+    assert base_tok.chat_template == chat.CHAT_TEMPLATE
     assert chat.ensure_chat_tokens(base_tok) == 0  # idempotent
     ids, labels = chat.encode_chat(base_tok, CONVO)
     assert ids == chat.chat_ids(base_tok, CONVO)
@@ -164,14 +164,17 @@ def test_ensure_chat_tokens_gives_an_eos_to_a_tokenizer_without_one(base_tok):
 
     bare = PreTrainedTokenizerFast(tokenizer_object=base_tok.backend_tokenizer)
     assert bare.eos_token is None
-    assert chat.ensure_chat_tokens(bare) == len(chat.SPECIAL_TOKENS)
-    assert (bare.eos_token, bare.pad_token) == (chat.EOS_TOKEN, chat.PAD_TOKEN)
+    assert chat.ensure_chat_tokens(bare) == len(chat.SPECIAL_TOKENS) - 1  # all but <|pad|>
+    assert (bare.eos_token, bare.pad_token) == (chat.EOS_TOKEN, None)
 
 
-def test_ensure_chat_tokens_replaces_a_foreign_template(base_tok):
-    base_tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    chat.ensure_chat_tokens(base_tok)
-    assert base_tok.apply_chat_template(CONVO, tokenize=False) == chat.render(CONVO)
+def test_ensure_chat_tokens_keeps_a_base_template(base_tok):
+    """A base's own chat template is its format: kept, no tokens added (tests/test_templates.py trains it)."""
+    own = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    base_tok.chat_template = own
+    before = len(base_tok)
+    assert chat.ensure_chat_tokens(base_tok) == 0 and len(base_tok) == before
+    assert base_tok.chat_template == own
 
 
 def test_encode_chat_refuses_a_tokenizer_without_the_template(base_tok):

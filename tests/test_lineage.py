@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -92,16 +93,18 @@ def test_reproduce_recipe_works(history):
     steps = lineage.lineage(f"models:/{NAME}/1")["reproduce"]
     assert steps[1] == f"git checkout {history[1]['commit']}"
     assert any(s.startswith("dvc checkout") for s in steps) and any(s.startswith("dvc repro") for s in steps)
-    assert not any("params.yaml" in s for s in steps)  # the tree was clean: the commit holds the params
+    assert "register/params.yaml" in steps[2]  # always: a run's overrides are not in the commit
     env = {**os.environ, "MLFLOW_TRACKING_URI": history["uri"]}
-    for step in steps[1:3]:  # git checkout, then restore dvc.lock from the run (the mlflow CLI)
+    for step in steps[1:4]:  # git checkout, then restore params.yaml and dvc.lock from the run (the mlflow CLI)
         cmd = step.split("   #")[0].replace("mlflow artifacts", f"{Path(sys.executable).parent}/mlflow artifacts")
         proc = subprocess.run(cmd, shell=True, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         if step.startswith("git checkout"):
             (repo / "dvc.lock").write_text("not the lock of the registration\n")  # the download must restore it
+            (repo / "params.yaml").write_text("seed: 0\n")
     assert git(repo, "rev-parse", "HEAD") == history[1]["commit"]
     assert (repo / "dvc.lock").read_text() == history[1]["lock"]
+    assert yaml.safe_load((repo / "params.yaml").read_text()) != {"seed": 0}  # the registration's params
     assert (repo / "notes.txt").read_text() == "change 1\n"
     git(repo, "checkout", "-q", "-f", "master" if "master" in git(repo, "branch") else "main")
 

@@ -372,15 +372,15 @@ def test_init_from_base_tokenizer_gets_chat_tokens(tmp_path):
     out, res = run(tmp_path, raw, init_from=base)
     tok = load_tok(out)
     assert res["report"]["tokenizer"] == {
-        "vocab_size": 355,
+        "vocab_size": 354,
         "trained": False,
-        "tokens_added": 5,
+        "tokens_added": 4,
         "sample_mb": 0.0,
         "sample_docs": 0,
     }
-    assert (res["vocab_size"], res["eos_id"], res["pad_id"]) == (355, 0, tok.convert_tokens_to_ids(chat.PAD_TOKEN))
+    assert (res["vocab_size"], res["eos_id"], res["pad_id"]) == (354, 0, None)  # no pad added: padding uses eos
     assert tok.chat_template == chat.CHAT_TEMPLATE
-    assert all(tok.convert_tokens_to_ids(s) is not None for s in chat.SPECIAL_TOKENS)
+    assert all(tok.convert_tokens_to_ids(s) is not None for s in chat.SPECIAL_TOKENS if s != chat.PAD_TOKEN)
     assert sorted(decode_bin(out, "train") + decode_bin(out, "val")) == sorted(BASE_DOCS[:60])
     row = load_split(out, "train")[0]
     msgs = json.loads(row["prompt"]) + [{"role": "assistant", "content": row["reference"]}]

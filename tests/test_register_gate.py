@@ -74,6 +74,9 @@ def test_provenance_helpers(repo, tmp_path_factory, monkeypatch):
     assert provenance.lock_md5(repo, "./data/raw/") == RAW + ".dir" and provenance.lock_md5(repo, "data/x") is None
     state = provenance.git_state(repo)
     assert state == {"git_commit": git(repo, "rev-parse", "HEAD"), "git_dirty": "false"}
+    (repo / "dvc.lock").write_text((repo / "dvc.lock").read_text() + "# the pipeline's own record\n")
+    (repo / "params.yaml").write_text("pretrain:\n  max_steps: 5\n")  # a run's overrides, written by the pipeline
+    assert provenance.git_state(repo)["git_dirty"] == "false"  # files the pipeline writes are not code changes
     (repo / "new.txt").write_text("x")
     assert provenance.git_state(repo)["git_dirty"] == "true"
     plain = tmp_path_factory.mktemp("nogit")

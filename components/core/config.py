@@ -300,6 +300,9 @@ class SftConfig(TrainConfig):
     weight_decay: float = Field(default=0.0, ge=0)
     eval_every: int = Field(default=50, ge=1)
     checkpoint_every: int = Field(default=100, ge=1)
+    packing: bool = False
+    """Pack several examples into each row of the context (position ids restart per example, attention stays
+    within each example): fewer pad tokens computed, more examples per second (bench/data_bench.py)."""
 
     @model_validator(mode="after")
     def _quantized(self) -> SftConfig:

@@ -70,7 +70,8 @@ def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple
         upto = render(tokenizer, messages[: i + 1])
         if not (upto.startswith(prompt) and text.startswith(upto)):
             raise TemplateError(
-                f"the chat template renders turn {i} differently once later turns follow, so its reply cannot "
+                f"the chat template renders message {i} (an assistant reply) differently once later messages "
+                "follow, so the reply cannot "
                 "be found by rendering prefixes; mark the assistant text in the template with "
                 "{% generation %}...{% endgeneration %}, or train single-turn rows"
             )

@@ -4,7 +4,8 @@ Each evaluate run of the pipeline keeps its sft results in `<control_dir>/<pretr
 (`.seedlm/control/true.json`, `false.json`: outside DVC outputs, so an experiment with
 `-S pretrain.enabled=false` does not overwrite the other one). When both exist, `control.md`
 compares them: held-out response perplexity, exact match and ROUGE-L with their CIs, and, when both
-runs scored the same items, a paired bootstrap of the difference.
+runs scored the same items, a paired bootstrap of the difference. With `model.init_from` the question becomes
+what continued pretraining on the corpus buys over SFT straight from the base, and the report says so.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def data_id(data_dir: Path) -> str:
     return config_hash({k: meta.get(k) for k in ("stage", "config", "inputs", "result")})
 
 
+def base_model(data_dir: Path) -> str | None:
+    """The checkpoint the pipeline started from (`model.init_from`, as preprocess read it), or None."""
+    meta = read_json(data_dir / "seedlm.json") if (data_dir / "seedlm.json").is_file() else {}
+    return (meta.get("config") or {}).get("model.init_from")
+
+
 def pretrain_enabled(pretrain_dir: Path, sft_dir: Path) -> bool | None:
     """Whether the evaluated sft model started from a pretrained model (None when unknown)."""
     for folder, key in ((sft_dir, "base_pretrained"), (pretrain_dir, "enabled")):
@@ -52,10 +59,17 @@ def pretrain_enabled(pretrain_dir: Path, sft_dir: Path) -> bool | None:
 
 
 def make_record(
-    enabled: bool, sft: dict[str, Any], stats: dict[str, np.ndarray], rows: list[int], data_id: str, run_id: str | None
+    enabled: bool,
+    sft: dict[str, Any],
+    stats: dict[str, np.ndarray],
+    rows: list[int],
+    data_id: str,
+    run_id: str | None,
+    base: str | None = None,
 ) -> dict[str, Any]:
     return {
         "pretrain_enabled": enabled,
+        "base": base,
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "data": data_id,
@@ -119,13 +133,35 @@ def compare(records: dict[bool, dict[str, Any]], *, resamples: int, confidence: 
     return out
 
 
+def labels(records: dict[bool, dict[str, Any]]) -> tuple[str, str, str, str, str]:
+    """(title, description, label of enabled, of disabled, of the difference): from scratch, or from a base."""
+    base = next((r.get("base") for r in records.values() if r.get("base")), None)
+    if base is None:
+        return (
+            "what pretraining buys",
+            "The same SFT on the pretrained model (`pretrain.enabled: true`) and on a freshly initialized one "
+            "(`dvc exp run -S pretrain.enabled=false`)",
+            "pretrained",
+            "no pretraining",
+            "pretrained − none",
+        )
+    return (
+        "what continued pretraining buys",
+        f"The base model is `{base}` (`model.init_from`). The same SFT after continued pretraining on the corpus "
+        "(`pretrain.enabled: true`) and straight from the base, without it (`dvc exp run -S pretrain.enabled=false`: "
+        "SFT straight from the base)",
+        "continued pretraining",
+        "SFT straight from the base",
+        "continued − straight",
+    )
+
+
 def control_markdown(records: dict[bool, dict[str, Any]], summary: dict[str, Any], confidence: float) -> str:
+    title, description, on_label, off_label, diff_label = labels(records)
     lines = [
-        "# Control experiment: what pretraining buys",
+        f"# Control experiment: {title}",
         "",
-        "The same SFT on the pretrained model (`pretrain.enabled: true`) and on a freshly initialized one "
-        "(`dvc exp run -S pretrain.enabled=false`), evaluated on the same held-out set. "
-        f"Intervals: {confidence:.0%} bootstrap over items.",
+        f"{description}, evaluated on the same held-out set. Intervals: {confidence:.0%} bootstrap over items.",
         "",
     ]
     if len(records) < 2:
@@ -135,9 +171,9 @@ def control_markdown(records: dict[bool, dict[str, Any]], summary: dict[str, Any
             f"`dvc exp run -S pretrain.enabled={str(not have).lower()}` to fill in the other column.",
             "",
         ]
-    cols = [(True, "pretrained"), (False, "no pretraining")]
+    cols = [(True, on_label), (False, off_label)]
     cols = [(k, label) for k, label in cols if k in records]
-    diff_col = " | pretrained − none |" if summary else " |"
+    diff_col = f" | {diff_label} |" if summary else " |"
     lines += [
         "| metric | " + " | ".join(label for _, label in cols) + diff_col,
         "|---" * (len(cols) + 1 + bool(summary)) + "|",
@@ -161,8 +197,8 @@ def control_markdown(records: dict[bool, dict[str, Any]], summary: dict[str, Any
     if "response_ppl_ratio" in summary:
         lines += [
             "",
-            f"Response perplexity without pretraining is **{summary['response_ppl_ratio']:.2f}×** "
-            "that of the pretrained pipeline.",
+            f"Response perplexity with {off_label.lower()} is **{summary['response_ppl_ratio']:.2f}×** "
+            f"that with {on_label}.",
         ]
     if summary and not summary.get("paired"):
         lines += ["", "The two runs scored different held-out items (data changed): differences are unpaired."]
@@ -188,9 +224,11 @@ def update(
     resamples: int,
     confidence: float,
     seed: int,
+    base: str | None = None,
 ) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """This run's record (saved by the caller once its outputs are written), control.md, the summary."""
-    record = make_record(enabled, sft, stats, rows, data, run_id)
+    """This run's record (saved by the caller once its outputs are written), control.md, the summary.
+    `base`: the model.init_from checkpoint both settings start from (None: from scratch)."""
+    record = make_record(enabled, sft, stats, rows, data, run_id, base)
     records = load_records(control_dir, record)
     summary = compare(records, resamples=resamples, confidence=confidence, seed=seed)
     return record, control_markdown(records, summary, confidence), summary

@@ -37,11 +37,11 @@ def compare(this: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 
 def reproduce_steps(rec: dict[str, Any], uri: str) -> list[str]:
     t, run = rec["tags"], rec["run_id"]
-    steps = [f"export MLFLOW_TRACKING_URI={uri}", f"git checkout {t.get('git_commit', '<unknown commit>')}"]
-    if t.get("git_dirty") != "false":
-        steps.append(
-            f"mlflow artifacts download -r {run} -a register/params.yaml -d .   # the tree was dirty: the exact params"
-        )
+    steps = [
+        f"export MLFLOW_TRACKING_URI={uri}",
+        f"git checkout {t.get('git_commit', '<unknown commit>')}",
+        f"mlflow artifacts download -r {run} -a register/params.yaml -d .   # the exact params (overrides included)",
+    ]
     steps += [
         f"mlflow artifacts download -r {run} -a register/dvc.lock -d .   # the data/model hashes at registration",
         "dvc checkout   # data/raw, data/processed, models/* from the DVC cache (`dvc pull` with a remote)",

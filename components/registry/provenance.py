@@ -31,6 +31,7 @@ LINEAGE_TAGS = (
     "data.index.meta_hash",
     "data.index.content_sha256",
     "base_checkpoint.sha256",
+    "base_checkpoint.revision",
     "lora_base.sha256",
     "model_sha256",
     "params_hash",
@@ -48,9 +49,15 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def git_state(root: Path) -> dict[str, str]:
-    """{"git_commit": sha or "unknown", "git_dirty": "true"/"false"/"unknown"}."""
+    """{"git_commit": sha or "unknown", "git_dirty": "true"/"false"/"unknown"}: dirty = the code differs from the
+    commit. params.yaml and dvc.lock do not count: the pipeline writes them (overrides, its record) and the
+    version carries both (params tag, register/params.yaml and register/dvc.lock artifacts)."""
     commit = _git(root, "rev-parse", "HEAD")
-    status = _git(root, "status", "--porcelain") if commit else None
+    status = (
+        _git(root, "status", "--porcelain", "--", ".", ":(exclude)params.yaml", ":(exclude)dvc.lock")
+        if commit
+        else None
+    )
     return {
         "git_commit": commit.strip() if commit else "unknown",
         "git_dirty": "unknown" if status is None else str(bool(status.strip())).lower(),

@@ -1,8 +1,11 @@
 """The /v1 routes of `seedlm serve` (see server.py for the API): requests read and checked, rows queued on the
 batcher of the version being served, answers collected or streamed as server-sent events.
 
-A request's rows report (index, delta, finish) from the decoding thread through an asyncio queue of
-the request's own; a client that goes away cancels its rows at the next decode step.
+A request's rows report (index, delta, finish) from the decoding thread to the request's inbox on the event loop
+(through one relay per loop: one wake-up of the loop per decode step, however many rows advanced). A stream sends
+everything that arrived since its last write as one write (the deltas of a row joined into one chunk), and a
+non-streamed request is only told when its rows finish. A client that goes away cancels its rows at the next
+decode step.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -57,13 +62,71 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- running rows from async code
-def _submit(served: Served, rows: list) -> asyncio.Queue:
-    """Queue `rows` on the batcher; their (index, delta, finish) events arrive on the returned queue."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+Event = tuple[int, str, "str | None"]
+"""(choice index, text delta, finish reason or None) of one row."""
+
+
+class _Inbox:
+    """The events of one request's rows, read on the event loop in batches (all that arrived since the last read)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.events, self.waiter = loop, deque(), None
+
+    def add(self, event: Event) -> None:
+        self.events.append(event)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> list[Event]:
+        """Every event that has arrived, waiting for one if there is none."""
+        while not self.events:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        out = list(self.events)
+        self.events.clear()
+        return out
+
+
+class _Relay:
+    """Carries events from the decoding thread to one event loop: the thread appends to a deque and wakes the loop
+    only when no wake-up is pending, so a decode step costs the loop one wake-up, however many rows it advanced."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.events, self.pending = loop, deque(), False
+
+    def put(self, inbox: _Inbox, event: Event) -> None:
+        """From any thread; RuntimeError once the loop is closed."""
+        self.events.append((inbox, event))
+        if not self.pending:
+            self.pending = True
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:
+                self.pending = False
+                raise
+
+    def _deliver(self) -> None:
+        self.pending = False  # before draining: an event appended from here on schedules another delivery
+        while self.events:
+            inbox, event = self.events.popleft()
+            inbox.add(event)
+
+
+_relays: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _submit(served: Served, rows: list, *, deltas: bool = True) -> _Inbox:
+    """Queue `rows` on the batcher; their events arrive in the returned inbox (with `deltas` False only each row's
+    finish, carrying no text: a non-streamed answer is read from the rows, so the loop is not woken per token)."""
+    loop = asyncio.get_running_loop()
+    relay = _relays.get(loop) or _relays.setdefault(loop, _Relay(loop))
+    inbox = _Inbox(loop)
 
     def emit(row: Any, delta: str, finish: str | None) -> None:
+        if finish is None and not deltas:
+            return
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, (row.index, delta, finish))
+            relay.put(inbox, (row.index, delta, finish))
         except RuntimeError:  # the event loop is gone (server shutting down)
             row.cancelled.set()
 
@@ -73,24 +136,38 @@ def _submit(served: Served, rows: list) -> asyncio.Queue:
         served.batcher.submit(rows)
     except Busy as e:
         raise ApiError(429, f"server busy: {e}; retry shortly", type="server_error", code="server_busy") from None
-    return queue
+    return inbox
 
 
-async def _events(queue: asyncio.Queue, rows: list) -> AsyncIterator[tuple[int, str, str | None]]:
-    """The rows' events until all finished; leaving early (client gone) cancels the rows."""
+async def _batches(inbox: _Inbox, rows: list) -> AsyncIterator[tuple[list[Event], bool]]:
+    """The rows' events in batches, each with whether it is the last (all rows finished); leaving early (client
+    gone) cancels the rows."""
     left = len(rows)
     try:
         while left:
-            event = await queue.get()
-            left -= event[2] is not None
-            yield event
+            events = await inbox.take()
+            left -= sum(e[2] is not None for e in events)
+            yield events, not left
     finally:
         for row in rows:
             row.cancelled.set()
 
 
+def _merged(events: list[Event]) -> list[Event]:
+    """One event per row of `events`: its deltas joined, its finish if it finished (a row's events are in order)."""
+    if len(events) == 1:
+        return events
+    joined: dict[int, tuple[list[str], str | None]] = {}
+    for index, delta, finish in events:
+        deltas, _ = joined.setdefault(index, ([], None))
+        deltas.append(delta)
+        if finish is not None:
+            joined[index] = (deltas, finish)
+    return [(index, "".join(deltas), finish) for index, (deltas, finish) in joined.items()]
+
+
 async def _collect(served: Served, rows: list, prompts: list) -> list[Completion]:
-    async for _ in _events(_submit(served, rows), rows):
+    async for _ in _batches(_submit(served, rows, deltas=False), rows):
         pass
     if any(r.finish_reason == "error" for r in rows):
         raise ApiError(500, "generation failed on the server; see its log", type="server_error")
@@ -118,38 +195,49 @@ def _rows(engine: Engine, req: ApiRequest, prompts: list) -> list:
 
 
 async def _chat_stream(
-    served: Served, req: ApiRequest, rows: list, prompt: Any, rid: str, queue: asyncio.Queue
+    served: Served, req: ApiRequest, rows: list, prompt: Any, rid: str, inbox: _Inbox
 ) -> AsyncIterator[str]:
     e = served.engine
     head = {"trimmed_messages": prompt.trimmed}
-    for row in rows:
-        yield _sse(chat_chunk(rid, e.label, e.fingerprint, row.index, {"role": "assistant", "content": ""}, **head))
-    async for index, delta, finish in _events(queue, rows):
-        if delta:
-            yield _sse(chat_chunk(rid, e.label, e.fingerprint, index, {"content": delta}))
-        if finish == "error":
-            yield _sse(ERROR_EVENT)
-        elif finish:
-            yield _sse(chat_chunk(rid, e.label, e.fingerprint, index, {}, finish, **head))
+    out = [
+        _sse(chat_chunk(rid, e.label, e.fingerprint, r.index, {"role": "assistant", "content": ""}, **head))
+        for r in rows
+    ]
+    async for events, last in _batches(inbox, rows):
+        for index, delta, finish in _merged(events):
+            if delta:
+                out.append(_sse(chat_chunk(rid, e.label, e.fingerprint, index, {"content": delta})))
+            if finish == "error":
+                out.append(_sse(ERROR_EVENT))
+            elif finish:
+                out.append(_sse(chat_chunk(rid, e.label, e.fingerprint, index, {}, finish, **head)))
+        if not last:
+            yield "".join(out)
+            out = []
     if req.include_usage:
         done = [completion(r, prompt) for r in rows]
-        yield _sse(chat_chunk(rid, e.label, e.fingerprint, 0, {}) | {"choices": [], "usage": usage(done)})
-    yield "data: [DONE]\n\n"
+        out.append(_sse(chat_chunk(rid, e.label, e.fingerprint, 0, {}) | {"choices": [], "usage": usage(done)}))
+    yield "".join(out) + "data: [DONE]\n\n"
 
 
 async def _text_stream(
-    served: Served, req: ApiRequest, rows: list, prompts: list, rid: str, queue: asyncio.Queue
+    served: Served, req: ApiRequest, rows: list, prompts: list, rid: str, inbox: _Inbox
 ) -> AsyncIterator[str]:
     e = served.engine
-    async for index, delta, finish in _events(queue, rows):
-        if finish == "error":
-            yield _sse(ERROR_EVENT)
-        elif delta or finish:
-            yield _sse(text_chunk(rid, e.label, e.fingerprint, index, delta, finish))
+    out = []
+    async for events, last in _batches(inbox, rows):
+        for index, delta, finish in _merged(events):
+            if finish == "error":
+                out.append(_sse(ERROR_EVENT))
+            elif delta or finish:
+                out.append(_sse(text_chunk(rid, e.label, e.fingerprint, index, delta, finish)))
+        if not last:
+            yield "".join(out)
+            out = []
     if req.include_usage:
         done = [completion(r, prompts[r.index // req.n]) for r in rows]
-        yield _sse(text_chunk(rid, e.label, e.fingerprint, 0, "") | {"choices": [], "usage": usage(done)})
-    yield "data: [DONE]\n\n"
+        out.append(_sse(text_chunk(rid, e.label, e.fingerprint, 0, "") | {"choices": [], "usage": usage(done)}))
+    yield "".join(out) + "data: [DONE]\n\n"
 
 
 def _check_model(follower: Follower, model: str | None) -> None:
@@ -205,9 +293,9 @@ def router(follower: Follower, defaults: SamplingParams, max_body: int, api_key:
         prompt = chat_prompt(served.engine, req.messages, req.params)
         rows, rid, e = _rows(served.engine, req, [prompt]), new_id("chatcmpl"), served.engine
         if req.stream:
-            queue = _submit(served, rows)  # before the response starts: a full queue is still a 429
+            inbox = _submit(served, rows)  # before the response starts: a full queue is still a 429
             return StreamingResponse(
-                _chat_stream(served, req, rows, prompt, rid, queue), media_type="text/event-stream"
+                _chat_stream(served, req, rows, prompt, rid, inbox), media_type="text/event-stream"
             )
         done = await _collect(served, rows, [prompt] * len(rows))
         return chat_response(rid, e.label, e.fingerprint, done)
@@ -221,9 +309,9 @@ def router(follower: Follower, defaults: SamplingParams, max_body: int, api_key:
         prompts = [text_prompt(served.engine, t, req.params, n) for t, n in zip(req.prompts, names, strict=True)]
         rows, rid, e = _rows(served.engine, req, prompts), new_id("cmpl"), served.engine
         if req.stream:
-            queue = _submit(served, rows)
+            inbox = _submit(served, rows)
             return StreamingResponse(
-                _text_stream(served, req, rows, prompts, rid, queue), media_type="text/event-stream"
+                _text_stream(served, req, rows, prompts, rid, inbox), media_type="text/event-stream"
             )
         done = await _collect(served, rows, [prompts[r.index // req.n] for r in rows])
         return text_response(rid, e.label, e.fingerprint, done)

@@ -43,8 +43,9 @@ log = logging.getLogger("seedlm.train")
 # that and warns once per process.
 logging.getLogger("transformers.modeling_utils").addFilter(lambda r: "`attention_mask`" not in r.getMessage())
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-"""(input_ids [B, T], targets [B, T]): targets are already shifted (target t = token t+1), -100 = ignored."""
+Batch = tuple[torch.Tensor, ...]
+"""(input_ids [B, T], targets [B, T][, position_ids [B, T]]): targets are already shifted (target t = token t+1),
+-100 = ignored; position ids only for packed rows (they restart at each example: components/training/packing.py)."""
 BatchSource = Callable[[int, int], Batch]
 """(optimizer step, micro-step) -> the global micro-batch; a pure function of those (and its seed)."""
 TrainResult = dict[str, Any]
@@ -83,13 +84,20 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
-def _shard(x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> Batch:
-    """This rank's rows of a global batch (an all-ignored stand-in row when there are too few rows)."""
+def _shard(x: torch.Tensor, y: torch.Tensor, rank: int, world: int, pos: torch.Tensor | None = None) -> Batch:
+    """This rank's rows of a global batch (an all-ignored stand-in row when there are too few rows), and of the
+    position ids when given: (x, y, pos or None)."""
     b = -(-x.shape[0] // world)
     xs, ys = x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b]
+    ps = None if pos is None else pos[rank * b : (rank + 1) * b]
     if xs.shape[0] == 0:  # every rank must run the same forwards (FSDP); this one scores nothing
-        xs, ys = x[:1], torch.full_like(y[:1], -100)
-    return xs, ys
+        xs, ys, ps = x[:1], torch.full_like(y[:1], -100), None if pos is None else pos[:1]
+    return xs, ys, ps
+
+
+def _positions(pos: torch.Tensor | None, device: torch.device) -> dict[str, torch.Tensor]:
+    """The forward's position_ids argument of a packed batch (none otherwise)."""
+    return {} if pos is None else {"position_ids": pos.to(device, non_blocking=True)}
 
 
 def evaluate_loss(model, batches: Iterable[Batch], device: torch.device, dtype: torch.dtype | None) -> float | None:
@@ -102,11 +110,11 @@ def evaluate_loss(model, batches: Iterable[Batch], device: torch.device, dtype: 
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
-        for x, y in batches:
-            x, y = _shard(x, y, rank, world)
+        for x, y, *pos in batches:
+            x, y, p = _shard(x, y, rank, world, *pos)
             x, y = x.to(device), y.to(device)
             with autocast(device, dtype):
-                logits = model(input_ids=x, use_cache=False).logits
+                logits = model(input_ids=x, use_cache=False, **_positions(p, device)).logits
             total += token_loss(logits, y, "sum").double()
             count += (y != -100).sum()
     model.train(was_training)
@@ -172,8 +180,9 @@ class PeakMemory:
 
 def _prefetch(
     batches: BatchSource, start: int, stop: int, accum: int, rank: int, world: int, pin: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(x, y, global target count) for every micro-step from `start`, built one step ahead on a thread."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]]:
+    """(x, y, global target count, position ids or None) for every micro-step from `start`, built one step ahead
+    on a thread."""
     q: queue.Queue = queue.Queue(maxsize=max(2, accum))
     done = threading.Event()
 
@@ -181,10 +190,12 @@ def _prefetch(
         try:
             for step in range(start, stop):
                 for micro in range(accum):
-                    x, y = batches(step, micro)
+                    x, y, *pos = batches(step, micro)
                     n = int((y != -100).sum())
-                    x, y = _shard(x, y, rank, world)
-                    q.put((x.pin_memory(), y.pin_memory(), n) if pin else (x, y, n))  # blocks: no polling
+                    x, y, p = _shard(x, y, rank, world, *pos)
+                    if pin:
+                        x, y, p = x.pin_memory(), y.pin_memory(), None if p is None else p.pin_memory()
+                    q.put((x, y, n, p))  # blocks: no polling
                     if done.is_set():
                         return
         except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
@@ -332,7 +343,7 @@ def train(
         for step in range(start, cfg.max_steps):
             step_tokens = 0
             for micro in range(cfg.grad_accum):
-                x, y, n_tok = next(feed)
+                x, y, n_tok, pos = next(feed)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 last = micro == cfg.grad_accum - 1
                 sync = wrapped.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext()
@@ -340,10 +351,11 @@ def train(
                     wrapped.set_requires_gradient_sync(last)
                 with sync:
                     with autocast(device, amp_dtype):
-                        logits = fwd(input_ids=x, use_cache=False).logits
+                        logits = fwd(input_ids=x, use_cache=False, **_positions(pos, device)).logits
                     share = token_loss(logits, y, "sum") / max(n_tok, 1)  # this rank's part of the global mean
                     loss = share * scale
                     (scaler.scale(loss) if scaler is not None else loss).backward()
+                    del logits  # [B, T, V]: not kept alive through the next forward (the memory plan counts one)
                 step_loss = (
                     share.detach() / cfg.grad_accum if micro == 0 else step_loss + share.detach() / cfg.grad_accum
                 )

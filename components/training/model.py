@@ -143,8 +143,8 @@ def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> None:
     tokenizer's chat template (`<|end|>`, or a base's own end-of-turn token such as `<|im_end|>`) and at eos."""
     out_dir = Path(out_dir)
     ids = _token_ids(tokenizer)
-    eos = [i for i in (*stop_ids(tokenizer), ids["eos_token_id"]) if i is not None and i != tokenizer.unk_token_id]
-    eos = list(dict.fromkeys(eos))
+    unk = tokenizer.unk_token_id if tokenizer.unk_token_id != ids["eos_token_id"] else None  # gpt2: unk is eos
+    eos = list(dict.fromkeys(i for i in (*stop_ids(tokenizer), ids["eos_token_id"]) if i not in (None, unk)))
     model.generation_config = GenerationConfig(
         eos_token_id=eos, pad_token_id=ids["pad_token_id"], bos_token_id=ids["bos_token_id"], max_new_tokens=32
     )

@@ -67,3 +67,22 @@ def test_ingest_renders_context_fields_and_alpaca_input(tmp_path):
             sources_root=tmp_path / "sources",
             cache_dir=tmp_path / "dl",
         )
+
+
+def test_the_rag_hook_for_serving_chat_and_pyfunc(default_index, world, tmp_path):
+    """rag_messages: retrieve for the last user turn, fill the budget, return the sources shown with the answer."""
+    from transformers import AutoTokenizer
+
+    from components.retrieval import find_index, rag_messages
+
+    out, _ = default_index
+    tok = AutoTokenizer.from_pretrained(str(world["processed"] / "tokenizer"))
+    msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
+    msgs.append({"role": "user", "content": "What is the news?"})
+    new, shown = rag_messages(out, msgs, tok, budget=200, k=3)
+    assert new[:2] == msgs[:2] and new[-1]["content"].startswith("Context:\n[1] ") and 1 <= len(shown) <= 3
+    assert [s["n"] for s in shown] == list(range(1, len(shown) + 1))
+    assert all(f"[{s['n']}] {s['text']}" in new[-1]["content"] for s in shown)
+    with pytest.raises(ValueError, match="last message must be the user's"):
+        rag_messages(out, msgs[:2], tok, budget=200)
+    assert find_index(tmp_path) is None  # no index built there: retrieval stays off
