@@ -17,7 +17,7 @@ Parts (bytes), for the model described by its config (counted on the meta device
 - autocast copies: bf16 copies of fp32 linear weights that autocast keeps from forward to backward;
 - CPU only: a resumable checkpoint copies the trainable weights and optimizer state in RAM while it is written.
 
-Peak = weights + optimizer + max(activations + loss + autocast copies, gradients, checkpoint copy), plus 10%
+Peak = weights + optimizer + max(activations + loss + autocast copies, gradients, checkpoint copy), plus 15%
 for the allocator (fragmentation, caches). `tests/test_memory.py` checks it against the measured peak RSS of
 real CPU runs; `bench/gpu_check.sh` against CUDA's max allocated.
 """
@@ -36,8 +36,9 @@ from components.core.context import StageError
 
 log = logging.getLogger("seedlm.train")
 GIB = 2**30
-SLACK = 0.10
-"""Allocator overhead on top of the live tensors."""
+SLACK = 0.15
+"""Allocator overhead on top of the live tensors: freed memory that glibc's arenas (CPU) or CUDA's caching allocator
+keep, fragmentation, the runtime's own buffers. Measured on CPU: 5-20% over the live tensors after a few steps."""
 PROBE_VOCAB = 16
 PROBE_CONTEXT = 1024
 """Longest sequence the replica runs; longer contexts are extrapolated (linear + attention's T^2 term)."""
@@ -105,7 +106,7 @@ class Plan:
         lines += [f"  {name:<16} {gib(v):>10}" for name, v in self.parts.items() if v]
         avail = f"{gib(self.available)} ({self.limit})" if self.available is not None else "unknown"
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        lines.append(f"  {'peak (+10%)':<16} {gib(self.peak):>10}   of {avail}: {verdict}")
+        lines.append(f"  {'peak (+15%)':<16} {gib(self.peak):>10}   of {avail}: {verdict}")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
