@@ -58,19 +58,26 @@ def measure(name: str, spec: dict) -> dict:
     return {**res, "peak_rss_mb": peak / 2**20, "mb_s": res["mb"] / res["seconds"] if "mb" in res else None}
 
 
-def run_size(work: Path, mb: float, workers: int, first: bool) -> dict:
+def run_size(work: Path, mb: float, workers: int, first: Path | None) -> dict:
+    """ingest and preprocess (N workers) at one size. At the first size (first: None) also preprocess with 1
+    worker and the encode upper bound; at a later one, the upper bound on the first size's documents right
+    before and after its preprocess (this machine's load changes: ratios compare neighbouring measurements)."""
     root = work / f"{mb:g}mb"
     shutil.rmtree(root, ignore_errors=True)
-    (root / "sources").mkdir(parents=True)
-    _prefix(work / "corpus", root / "sources", int(mb * 2**20))
+    (root / "sources" / "corpus").mkdir(parents=True)
+    _prefix(work / "corpus", root / "sources" / "corpus", int(mb * 2**20))
+    rows = [{"instruction": f"What is item {i}?", "output": f"Item {i} is number {i}."} for i in range(200)]
+    (root / "sources" / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out: dict = {"ingest": measure("ingest", {"root": str(root), "out": str(root / "raw")})}
     spec = {"raw": str(root / "raw"), "out": str(root / "processed"), "workers": workers}
+    base = first or root
+    encode = {"raw": str(base / "raw"), "tokenizer": str(base / "processed" / "tokenizer")}
+    if first is not None:
+        out["encode_before"] = measure("encode", encode)
     out["preprocess"] = measure("preprocess", spec)
-    if first:
+    if first is None:
         out["preprocess_1"] = measure("preprocess", {**spec, "out": str(root / "processed_1"), "workers": 1})
-        out["encode"] = measure(
-            "encode", {"raw": str(root / "raw"), "tokenizer": str(root / "processed" / "tokenizer")}
-        )
+    out["encode"] = measure("encode", encode)
     return out
 
 
@@ -99,7 +106,7 @@ def summary(sizes: list[float], runs: dict[float, dict], workers: int, pack: dic
         "ingest_memory_growth": ig["peak_rss_mb"] / first["ingest"]["peak_rss_mb"] - 1,
         "preprocess_memory_growth": pp["peak_rss_mb"] / first["preprocess"]["peak_rss_mb"] - 1,
         "encode_upper_bound_mb_s": first["encode"]["mb_s"],
-        "preprocess_vs_upper_bound": first["preprocess"]["mb_s"] / first["encode"]["mb_s"],
+        "preprocess_vs_upper_bound": {f"{k:g}": _vs_bound(v) for k, v in runs.items()},
         "preprocess_1_worker_mb_s": first["preprocess_1"]["mb_s"],
         "workers_speedup": first["preprocess"]["mb_s"] / first["preprocess_1"]["mb_s"],
         "packing_tok_s": pack["packed_tok_s"],
@@ -107,6 +114,12 @@ def summary(sizes: list[float], runs: dict[float, dict], workers: int, pack: dic
         "packing_gain": pack["packed_tok_s"] / pack["padded_tok_s"],
         "goals": GOALS,
     }
+
+
+def _vs_bound(run: dict) -> float:
+    """Preprocess MB/s over the encode upper bound measured next to it (the mean of before and after)."""
+    bounds = [run[k]["mb_s"] for k in ("encode_before", "encode") if k in run]
+    return run["preprocess"]["mb_s"] / (sum(bounds) / len(bounds))
 
 
 def table(s: dict) -> None:
@@ -120,9 +133,10 @@ def table(s: dict) -> None:
         f"memory growth: ingest {s['ingest_memory_growth']:+.1%}, preprocess {s['preprocess_memory_growth']:+.1%} "
         f"(goal <= {GOALS['memory_growth']:.0%})"
     )
+    vs = ", ".join(f"{v:.0%} at {k} MB" for k, v in s["preprocess_vs_upper_bound"].items())
     print(
-        f"tokenizers batch encode alone: {s['encode_upper_bound_mb_s']:.1f} MB/s; preprocess reaches "
-        f"{s['preprocess_vs_upper_bound']:.0%} of it; {s['workers']} workers vs 1: {s['workers_speedup']:.2f}x"
+        f"tokenizers batch encode alone: {s['encode_upper_bound_mb_s']:.1f} MB/s; preprocess reaches {vs} of it "
+        f"(measured next to it); {s['workers']} workers vs 1: {s['workers_speedup']:.2f}x"
     )
     print(
         f"SFT packing: {s['packing_tok_s']:,.0f} vs padding {s['padding_tok_s']:,.0f} useful tok/s "
@@ -143,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="seedlm-data-bench-"))
     try:
         data_corpus.build(work / "corpus", max(sizes))
-        runs = {mb: run_size(work, mb, args.workers, mb == sizes[0]) for mb in sizes}
+        first = work / f"{sizes[0]:g}mb"
+        runs = {mb: run_size(work, mb, args.workers, None if mb == sizes[0] else first) for mb in sizes}
         spec = {"processed": str(work / f"{sizes[0]:g}mb" / "processed"), "threads": os.cpu_count() or 1}
         pack = measure("packing", {**spec, "steps": args.packing_steps, "rounds": args.packing_rounds})
     finally:

@@ -21,10 +21,13 @@ def ingest(spec: dict) -> dict:
     from components.core.config import IngestConfig, Source
     from components.ingest import ingest as run
 
-    root = Path(spec["root"])
-    cfg = IngestConfig(pretrain_sources=[Source(path=str(root / "sources"))], sft_sources=[Source(synthetic=True)])
+    root = Path(spec["root"])  # the corpus in sources/corpus, a few instruction rows in sources/sft.jsonl
+    src = root / "sources"
+    cfg = IngestConfig(
+        pretrain_sources=[Source(path=str(src / "corpus"))], sft_sources=[Source(path=str(src / "sft.jsonl"))]
+    )
     t = time.perf_counter()
-    res = run(cfg, Path(spec["out"]), seed=1, sources_root=root / "sources", cache_dir=root / "downloads")
+    res = run(cfg, Path(spec["out"]), seed=1, sources_root=src, cache_dir=root / "downloads")
     return {"seconds": time.perf_counter() - t, "mb": res["pretrain_bytes"] / 2**20, "docs": res["pretrain_rows"]}
 
 
@@ -66,22 +69,40 @@ def encode(spec: dict) -> dict:
     return {"seconds": secs, "mb": sum(len(d.encode()) for d in docs) / 2**20, "tokens": n}
 
 
+def _sft_examples(tok, context: int) -> list:
+    """The embedded default's instruction rows (varied lengths), encoded as SFT trains them."""
+    import numpy as np
+
+    from components.core.config import SyntheticConfig
+    from components.data import chat, synthetic
+    from components.ingest import _sft_row
+
+    out = []
+    for row in synthetic.instruction_rows(SyntheticConfig(), 1):
+        ids, labels = chat.encode_chat(tok, _sft_row(row)["messages"])
+        ids, labels = np.asarray(ids[: context + 1]), np.asarray(labels[: context + 1])
+        if (labels[1:] != -100).any():
+            out.append((ids[:-1], labels[1:]))
+    return out
+
+
 def packing(spec: dict) -> dict:
-    """Useful (non-pad) tokens per second of the same SFT examples, padded vs packed, in alternating windows."""
+    """Useful (non-pad) tokens per second of the same SFT examples, padded vs packed, in alternating windows,
+    with the attention kernel training picks (components/training/model.py: training_attention)."""
     import torch
 
     from components.core.config import ModelConfig, SftConfig
     from components.pretrain import load_tokenizer
-    from components.sft import load_examples, train_source
-    from components.training.model import autocast, build_model, device_and_precision
+    from components.sft import train_source
+    from components.training.model import autocast, build_model, device_and_precision, training_attention
 
     torch.set_num_threads(spec["threads"])
-    data = Path(spec["processed"])
-    tok, model_cfg = load_tokenizer(data), ModelConfig()
-    rows, _ = load_examples(data / "sft_train", model_cfg.context_length)
+    tok, model_cfg = load_tokenizer(Path(spec["processed"])), ModelConfig()
+    rows = _sft_examples(tok, model_cfg.context_length)
     model = build_model(model_cfg, tok, seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     device, amp = device_and_precision("auto")
+    training_attention(model, device, amp)
     sources = {
         mode: train_source(SftConfig(packing=mode == "packed"), rows, model_cfg.context_length, 16, tok.pad_token_id, 1)
         for mode in ("padded", "packed")

@@ -107,10 +107,12 @@ def _pretrain_line(rec: Any, text_field: str) -> tuple[bytes, int]:
         body = orjson.dumps(text)
     except orjson.JSONEncodeError:
         raise _surrogate({"text": text}) from None
+    if text.isascii():
+        return b'{"text": ' + body + b"}\n", len(text)
     for raw, escaped in _LINE_BREAK_BYTES:
         if raw in body:
             body = body.replace(raw, escaped)
-    return b'{"text": ' + body + b"}\n", len(text) if text.isascii() else len(text.encode("utf-8"))
+    return b'{"text": ' + body + b"}\n", len(text.encode("utf-8"))
 
 
 def _sft_line(rec: Any) -> tuple[bytes, int]:

@@ -143,3 +143,17 @@ def make_checkpoint(family: str, folder: Path, *, seed: int = 0, positions: int 
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def hub_cache(
+    cache: Path, repo_id: str, checkpoint: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"
+) -> str:
+    """Put `checkpoint` into a Hugging Face cache folder as `repo_id` at `commit` (the layout huggingface_hub
+    writes: models--ORG--NAME/snapshots/<commit>/ and refs/main), as if it had been downloaded once."""
+    import shutil
+
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return commit

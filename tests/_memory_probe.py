@@ -25,8 +25,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Con
 from components.core.config import LoraConfig, SftConfig  # noqa: E402
 from components.core.context import StageContext  # noqa: E402
 from components.training import memory  # noqa: E402
-from components.training.lora import add_lora  # noqa: E402
 from components.training.loop import PeakMemory, train  # noqa: E402
+from components.training.lora import add_lora  # noqa: E402
 from components.training.model import device_and_precision  # noqa: E402
 
 MB = 2**20

@@ -30,8 +30,9 @@ def _init_worker(threads: int) -> None:
 
 
 def call_with_threads(fn: Callable[[Any], Any], job: Any, threads: int) -> Any:
-    """Run fn(job) in a worker process whose tokenizer thread pool gets `threads` threads."""
-    _init_worker(threads)
+    """Run fn(job) in a worker process whose tokenizer thread pool gets `threads` threads (0: its default)."""
+    if threads:
+        _init_worker(threads)
     return fn(job)
 
 
@@ -70,7 +71,8 @@ class Runner:
         if self._dask is not None:
             from components.data import dask_engine
 
-            return iter(dask_engine.run(fn, jobs, self._dask, _threads(self.workers), name))
+            threads = 0 if self.address else _threads(self.workers)  # a remote worker knows its own cores
+            return iter(dask_engine.run(fn, jobs, self._dask, threads, name))
         if self._pool is not None:
             return self._pool.map(fn, jobs)
         return map(fn, jobs)

@@ -36,16 +36,15 @@ class _Malformed(Exception):
     """A bad row/line: fatal, or skipped and counted with skip_malformed."""
 
 
-class Loc:
-    """Where a record starts, formatted only when a message needs it (`path:line`)."""
+class Loc(tuple):
+    """Where a record starts, (path, line of a run, the run's text, offset in it): formatted as `path:line` only
+    when a message needs it."""
 
-    __slots__ = ("path", "line", "text", "pos")
-
-    def __init__(self, path: Path, line: int, text: str = "", pos: int = 0) -> None:
-        self.path, self.line, self.text, self.pos = path, line, text, pos
+    __slots__ = ()
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line + self.text.count(chr(10), 0, self.pos)}"
+        path, line, text, pos = self
+        return f"{path}:{line + text.count(chr(10), 0, pos)}"
 
 
 def unreadable(path: Path, e: OSError) -> StageError:
@@ -194,7 +193,7 @@ def text_docs(path: Path, fh: BinaryIO, max_bytes: int) -> Records:
             continue
         blocks = list(_NONBLANK_BLOCK.finditer(run))
         for i, m in enumerate(blocks):
-            loc, text = Loc(path, start, run, m.start()), m.group()
+            loc, text = Loc((path, start, run, m.start())), m.group()
             if i == 0 and carry is not None:
                 if m.start() == 0:
                     loc, text = carry[0], carry[1] + "\n" + text
@@ -234,7 +233,7 @@ def jsonl_records(path: Path, fh: BinaryIO, max_bytes: int) -> Records:
             continue
         for i, line in enumerate(run.split("\n")):
             if line.strip():
-                yield Loc(path, start + i), _json_object(line)
+                yield Loc((path, start + i, "", 0)), _json_object(line)
 
 
 def require(path: Path, found: list[str], kind: str, text_field: str) -> None:
