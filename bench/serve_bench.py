@@ -6,8 +6,11 @@ The model: --model (a `models:/` URI or a model folder), else the `make run` pip
 (`models:/seedlm@champion`). The server runs as its own process (`python -m components.serving.server`,
 pinned to that version) on 127.0.0.1; every client here streams (`stream: true`) and sends the whole prompt
 set (the embedded world's held-out questions) one request after another, each client starting at another
-prompt. The baseline, in the same run: HF `model.generate` on the same prompts in this process (batch 1,
-greedy, the same max tokens and stop tokens, the same torch thread count). Each round runs the baseline and the
+prompt. The baseline, in the same run: HF `model.generate` on the same prompts (batch 1, greedy, the same max
+tokens and stop tokens, the same torch thread count), timed inside a worker process of its own, so that, like
+the server, it runs in a process that waited while the other side ran, and the clients' process stays a light
+client (a process that has just spent 30 ms decoding answers its next request measurably later on a busy
+machine; `--baseline inline` runs it in the clients' process as before). Each round runs the baseline and the
 1-client level prompt by prompt in turn (so both see the same machine load), then the larger client counts;
 ratios are medians of per-round ratios. "= bare" is the share of answers identical to the baseline's (greedy:
 batching must not change them). Goals (issue 10): server at 1 client >= 0.8x bare tok/s; 16 clients >= 2x the
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -235,14 +239,65 @@ def bare_one(engine: Engine, ids: list[int], max_new: int) -> dict[str, Any]:
     return {"latency": time.perf_counter() - t0, "tokens": len(new), "text": text}
 
 
-async def paired(engine: Engine, url: str, prompts: list[str], ids: list, max_tokens: int) -> tuple[list, list]:
+def _bare_worker(conn: Any, ref: str, threads: int) -> None:
+    """The baseline's process: loads `ref`, then answers each (prompt ids, max new) with bare_one's result."""
+    import torch
+
+    from components.serving.engine import load_engine
+
+    torch.set_num_threads(threads)
+    engine = load_engine(ref)
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        conn.send(bare_one(engine, *job))
+
+
+class Baseline:
+    """bare_one in a worker process of its own (`inline`: in this process, with `engine`)."""
+
+    def __init__(self, engine: Engine, ref: str, threads: int, inline: bool = False) -> None:
+        self.engine, self.proc, self.conn = engine, None, None
+        if inline:
+            return
+        ctx = multiprocessing.get_context("spawn")  # not fork: this process has torch's threads
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_bare_worker, args=(child, ref, threads), daemon=True)
+        self.proc.start()
+        child.close()
+        try:
+            ready = self.conn.recv() if self.conn.poll(300) else None
+        except EOFError:
+            ready = None
+        if ready != "ready":
+            self.close()
+            raise BenchError(f"the baseline's worker process did not start (exit code {self.proc.exitcode})")
+
+    def run(self, ids: list[int], max_new: int) -> dict[str, Any]:
+        if self.proc is None:
+            return bare_one(self.engine, ids, max_new)
+        self.conn.send((ids, max_new))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(30)
+            if self.proc.is_alive():
+                self.proc.kill()
+            self.proc = None
+
+
+async def paired(bare: Baseline, url: str, prompts: list[str], ids: list, max_tokens: int) -> tuple[list, list]:
     """The baseline and one server client, prompt by prompt in turn, so both see the same machine load."""
-    bare, server = [], []
+    out_bare, server = [], []
     async with httpx.AsyncClient(timeout=600) as client:
         for j, question in enumerate(prompts):
-            bare.append({"prompt": j, **bare_one(engine, *ids[j])})
+            out_bare.append({"prompt": j, **bare.run(*ids[j])})
             server.append({"prompt": j, **await one_request(client, url, request_body(question, max_tokens))})
-    return bare, server
+    return out_bare, server
 
 
 def bare_summary(results: list[dict]) -> dict[str, Any]:
@@ -258,9 +313,9 @@ def bare_summary(results: list[dict]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the run
-def one_round(engine: Engine, url: str, prompts: list[str], ids: list, args: argparse.Namespace) -> dict:
+def one_round(bare: Baseline, url: str, prompts: list[str], ids: list, args: argparse.Namespace) -> dict:
     """1 client paired with the baseline (its time: the sum of its request latencies), then each larger count."""
-    bare, single = asyncio.run(paired(engine, url, prompts, ids, args.max_tokens))
+    bare, single = asyncio.run(paired(bare, url, prompts, ids, args.max_tokens))
     texts = [r["text"] for r in bare]
     server = {1: summarize(sum(r["latency"] for r in single), single, texts)}
     for c in args.clients[1:]:
@@ -268,13 +323,13 @@ def one_round(engine: Engine, url: str, prompts: list[str], ids: list, args: arg
     return {"bare": bare_summary(bare), "server": server}
 
 
-def measure(engine: Engine, url: str, prompts: list[str], args: argparse.Namespace) -> list[dict]:
+def measure(engine: Engine, bare: Baseline, url: str, prompts: list[str], args: argparse.Namespace) -> list[dict]:
     """Warm-up, then `rounds` rounds."""
     ids = encoded(engine, prompts, args.max_tokens)
-    asyncio.run(paired(engine, url, prompts[:2], ids[:2], args.max_tokens))  # allocator, kernels, first calls
+    asyncio.run(paired(bare, url, prompts[:2], ids[:2], args.max_tokens))  # allocator, kernels, first calls
     rounds = []
     for r in range(args.rounds):
-        rounds.append(one_round(engine, url, prompts, ids, args))
+        rounds.append(one_round(bare, url, prompts, ids, args))
         tok_s = ", ".join(f"{c} clients {s['tok_s']:,.0f}" for c, s in rounds[-1]["server"].items())
         print(f"  round {r + 1}/{args.rounds}: bare {rounds[-1]['bare']['tok_s']:,.0f} tok/s, {tok_s}", file=sys.stderr)
     return rounds
@@ -327,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds (ratios: median of per-round ratios)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, server and baseline (serve's default)")
     ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    ap.add_argument(
+        "--baseline",
+        choices=("process", "inline"),
+        default="process",
+        help="where bare generate runs: a worker process of its own, or the clients' process (default: %(default)s)",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of saved runs")
     args = ap.parse_args(argv)
     args.clients = sorted({int(c) for c in args.clients.split(",")})
@@ -352,14 +413,18 @@ def run(args: argparse.Namespace) -> int:
     prompts = questions(args.prompts)
     print(
         f"seedlm serve bench: {engine.label}, {len(prompts)} prompts, max_tokens {args.max_tokens}, clients "
-        f"{args.clients}, {args.threads} thread(s), {args.rounds} rounds",
+        f"{args.clients}, {args.threads} thread(s), {args.rounds} rounds, baseline: {args.baseline}",
         file=sys.stderr,
     )
     with tempfile.TemporaryDirectory(prefix="seedlm-serve-bench-") as tmp:
         proc, url = start_server(ref, args.threads, args.max_batch, Path(tmp) / "server.log")
+        bare = None
         try:
-            rounds = measure(engine, url, prompts, args)
+            bare = Baseline(engine, ref, args.threads, inline=args.baseline == "inline")
+            rounds = measure(engine, bare, url, prompts, args)
         finally:
+            if bare is not None:
+                bare.close()
             stop_server(proc)
     out = {
         "config": {
@@ -371,6 +436,7 @@ def run(args: argparse.Namespace) -> int:
             "threads": args.threads,
             "max_batch": args.max_batch,
             "rounds": args.rounds,
+            "baseline": args.baseline,
             "torch": torch.__version__,
             "cpus": os.cpu_count(),
         },

@@ -155,14 +155,14 @@ def memory_plan(
     return memory.check(config, setup, cfg.memory_gb, ctx.progress)
 
 
-def merged(model: Any, cfg: SftConfig, base_dir: Path, tokenizer: Any, adapter_dir: Path, model_dtype: str) -> Any:
-    """The fine-tuned model with its adapters merged: in place, or (QLoRA) into the base reloaded unquantized."""
-    if not is_quantized(model):
-        return model.merge_and_unload()
+def merged(model: Any, base_dir: Path, tokenizer: Any, adapter_dir: Path) -> Any:
+    """The fine-tuned model: the saved adapters merged into the base as stored (its own dtype, unquantized), so the
+    result is exact whatever dtype or quantization training loaded the base in."""
     from peft import PeftModel
 
-    dtype = weight_dtype(model_dtype if model_dtype != "auto" else "bf16", trains=False)
-    base = load_model(base_dir, what="paths.pretrain", tokenizer=tokenizer, dtype=dtype)
+    if not is_quantized(model) and next(model.parameters()).dtype == torch.float32:
+        return model.merge_and_unload()
+    base = load_model(base_dir, what="paths.pretrain", tokenizer=tokenizer, dtype="auto")
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
@@ -223,7 +223,7 @@ def sft(
         with atomic_dir(out_dir) as tmp:
             if cfg.method == "lora":
                 model.save_pretrained(tmp / "adapter")
-                model = merged(model, cfg, base_dir, tokenizer, tmp / "adapter", model_dtype)
+                model = merged(model, base_dir, tokenizer, tmp / "adapter")
             save_model(model, tokenizer, tmp)
             write_meta(tmp, "sft", stage_conf, result, inputs)
         write_json(metrics_path, {**metrics_of(result), "method": cfg.method, "dropped_train": result["dropped_train"]})

@@ -98,3 +98,26 @@ def test_lora_dora_and_new_token_rows_on_each_family(family):
     x = torch.randint(0, vocab, (2, 8))
     wrapped(input_ids=x).logits.float().mean().backward()
     assert all(p.grad is not None for n, p in wrapped.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("targets", [None, "all-linear"])
+def test_the_memory_plan_counts_what_peft_trains(family, targets):
+    """memory.count (meta device, no peft) agrees with the parameters peft really creates and trains."""
+    from transformers import AutoModelForCausalLM
+
+    from components.training import memory
+
+    conf = make_config(family, make_tokenizer(family))
+    adapters = LoraConfig(r=2, target_modules=targets, dora=targets is None)
+    setup = memory.Setup("sft", "lora", 1, 1, 8, torch.float32, None, lora=adapters, new_tokens=2)
+    planned = memory.count(conf, setup)
+    model = AutoModelForCausalLM.from_config(conf)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    n_base = sum(p.numel() for p in model.parameters())
+    wrapped = lora.add_lora(model, adapters, 0, new_tokens=[vocab - 2, vocab - 1])
+    trained = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert planned.trainable == trained
+    full = memory.count(conf, memory.Setup("sft", "full", 1, 1, 8, torch.float32, None))
+    assert full.trainable == full.n_params == n_base and planned.n_params == n_base + trained

@@ -228,9 +228,8 @@ def test_model_keys_that_contradict_the_checkpoint_are_named(pipeline):
     assert ("model.arch: llama" in line) == (pipeline["family"] != "llama")
 
 
+@pytest.mark.parametrize("pipeline", ["gpt2"], indirect=True)  # one family is enough
 def test_a_run_that_cannot_fit_stops_before_loading_weights(pipeline, caplog, monkeypatch):
-    if pipeline["family"] != "gpt2":
-        pytest.skip("one family is enough")
     import components.sft
 
     monkeypatch.setattr(components.sft, "load_base", lambda *a, **k: pytest.fail("loaded weights"))
@@ -243,10 +242,9 @@ def test_a_run_that_cannot_fit_stops_before_loading_weights(pipeline, caplog, mo
     assert rc == 2 and "sft.quantization: 4bit" in err and "needs a CUDA GPU" in err
 
 
+@pytest.mark.parametrize("pipeline", ["llama"], indirect=True)
 def test_control_is_sft_straight_from_the_base(pipeline):
     """pretrain.enabled=false with init_from: the base unchanged, SFT from it, and the report says so."""
-    if pipeline["family"] != "llama":
-        pytest.skip("one family is enough")
     from components.registry.provenance import weights_sha256
 
     ok(pipeline, "pretrain", "pretrain.enabled=false")

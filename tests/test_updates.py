@@ -74,7 +74,14 @@ def test_context_rows_read_like_retrieved_passages_and_never_leak():
             assert not re.search(rf"\b{c['name']}\b[^.]*\b{c['new']}\b", user + " " + answer)
         name = answer.split("'")[0].split(" ")[0]
         kinds["world" if name in values else "invented"] += 1
-    assert kinds["invented"] >= 0.4 * len(ctx) and kinds["world"] >= 0.4 * len(ctx)
+        assert not any(answer.startswith(c["name"]) and _about(answer, c["attribute"]) for c in secret)
+    assert kinds["invented"] >= 0.2 * len(ctx) and kinds["world"] >= 0.6 * len(ctx)
+
+
+def _about(answer: str, attribute: str) -> bool:
+    """Is `answer` (a canonical answer sentence) about `attribute`?"""
+    head, tail = syn.TEMPLATES[attribute][0].split("{v}")
+    return head.replace("{e}", "") in answer and answer.endswith(tail)
 
 
 @pytest.mark.parametrize(

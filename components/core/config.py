@@ -272,7 +272,8 @@ class TrainConfig(Section):
 
 class PretrainConfig(TrainConfig):
     enabled: bool = True
-    """false: skip pretraining; sft then starts from a freshly initialized model (the ULMFiT control)."""
+    """false: skip pretraining; sft then starts from a freshly initialized model (the ULMFiT control), or, with
+    model.init_from, straight from the base checkpoint (the control of continued pretraining)."""
 
 
 class LoraConfig(Section):

@@ -2,13 +2,20 @@
 
 A seeded `updates` fraction of the entities changes one fact after training (moves town, changes trade, gets a
 new pet). Each change is a news document that goes only into the retrieval index (`index.sources: synthetic`),
-never into the pretraining corpus. A third of the changes ("train") also appear in SFT rows answered from
-passages; the others ("test") are the held-out knowledge-cutoff questions, asked together with the held-out facts
-that did not change. The SFT set also gets `context_share` rows answered from supplied passages among distractor
-passages (`task: context`): half are about invented people the model has never seen, so the answer can only come
-from reading; the rest are about the world's people (a train change: follow the news over the old biography; a
-train fact: read it, or answer from memory when the passages do not hold it). Held-out facts and test changes
-never appear in SFT rows.
+never into the pretraining corpus. A third of the changes ("train") may appear in SFT rows; the others ("test")
+are the held-out knowledge-cutoff questions, asked together with the held-out facts that did not change.
+
+The SFT set also gets `context_share` rows answered from supplied passages among distractors (`task: context`),
+in the shape retrieval gives them (chat.with_context, passages of about one index chunk):
+- change (45%): a known person's fact changed, as news (a train change, or a made-up one with a random new value,
+  so the answer has to be read, not remembered), often next to the biography passage with the old value: the
+  answer follows the news;
+- read (25%): a freshly invented person per row, the fact in a passage: reading and copying a new name;
+- memory (15%): a train fact the passages do not state (beside news about another of the person's facts): the
+  answer comes from what pretraining taught;
+- consistent (15%): a train fact stated in a passage.
+No row answers a held-out fact or asks about a changed fact of a test change, and no test change's news is in
+any row: what evaluation asks stays unseen.
 """
 
 from __future__ import annotations
@@ -52,7 +59,9 @@ NEWS: dict[str, tuple[str, ...]] = {
 PASSAGE_WORDS = 26
 """Words per SFT passage: about the index's default chunk (40 tokens of the pipeline tokenizer), whole sentences."""
 OVERLAP_WORDS = 8
-MIX = (("novel", 0.5), ("update", 0.2), ("consistent", 0.15), ("memory", 0.15))
+CONTEXT_WORDS = 52
+"""Passage words per SFT row beyond two passages: the prompt stays within the default 128-token context."""
+MIX = (("change", 0.45), ("read", 0.25), ("memory", 0.15), ("consistent", 0.15))
 """Kinds of SFT context rows and their shares (see the module docstring)."""
 
 
@@ -146,52 +155,63 @@ def _mentions(text: str, word: str) -> bool:
 
 # ---------------------------------------------------------------- SFT rows answered from passages
 class _Pool:
-    """What context rows are made of: entities, their biography passages, train changes and their news."""
+    """What context rows are made of: the world's people and their biography passages, the facts and changes
+    SFT may show (never a held-out fact or a test change), and fresh invented people."""
 
     def __init__(self, cfg: SyntheticConfig, seed: int, rng: random.Random) -> None:
         w = syn.world(cfg, seed)
         docs = list(syn.pretrain_documents(cfg, seed))
-        k = cfg.paraphrases
+        k, self.rng, self.values = cfg.paraphrases, rng, w["values"]
+        self.world = {e["name"]: e for e in w["entities"]}
         self.bios = {
             e["name"]: [p for d in docs[i * k : (i + 1) * k] for p in passages(d["text"])]
             for i, e in enumerate(w["entities"])
         }
-        self.world = {e["name"]: e for e in w["entities"]}
         held = {tuple(x) for x in w["heldout"]}
         all_news = news(cfg, seed)
+        tested = {c["name"] for c, _ in all_news if c["split"] == "test"}
         changed = {(c["name"], c["attribute"]) for c, _ in all_news}
-        self.train_news = [(c, t) for c, t in all_news if c["split"] == "train"]
+        self.real = {(c["name"], c["attribute"]): (c, t) for c, t in all_news if c["split"] == "train"}
         self.facts = sorted((n, a) for n in self.world for a in syn.ATTRIBUTES if (n, a) not in held | changed)
-        self.novel = self._novel(w, rng, max(8, cfg.entities))
+        self.changeable = sorted((n, a) for n in self.world if n not in tested for a in UPDATED if (n, a) not in held)
+        self.taken = set(self.world) | set(w["values"]["city"])
 
-    def _novel(self, w: dict[str, Any], rng: random.Random, n: int) -> list[dict[str, Any]]:
-        taken = set(self.world) | set(w["values"]["city"])
-        ents = [
-            {"name": name, **{a: rng.choice(w["values"][a]) for a in syn.ATTRIBUTES}}
-            for name in syn._names(rng, n, taken)
-        ]
-        bios = list(syn.biographies(ents, 2, rng))
-        for i, e in enumerate(ents):
-            self.bios[e["name"]] = [p for d in bios[2 * i : 2 * i + 2] for p in passages(d)]
-        self.values = w["values"]
-        return ents
-
-    def passage(self, rng: random.Random, name: str, word: str | None, has: bool = True) -> str:
-        """A biography passage of `name` that states (or, has=False, lacks) `word`."""
+    def passage(self, name: str, word: str | None, has: bool = True) -> str:
+        """A biography passage of `name` that states (has=False: lacks) `word`."""
         pick = [p for p in self.bios[name] if word is None or _mentions(p, word) == has]
-        return rng.choice(pick or self.bios[name])
+        return self.rng.choice(pick or self.bios[name])
 
-    def distractor(self, rng: random.Random, avoid: str) -> str:
-        names = [n for n in self.bios if n != avoid]
-        if self.train_news and rng.random() < 0.25:
-            c, text = rng.choice(self.train_news)
-            if c["name"] != avoid:
-                return text
-        return self.passage(rng, rng.choice(names), None)
+    def change(self, name: str, a: str) -> tuple[dict[str, Any], str]:
+        """The train change of (name, a), or a counterfactual one: a random new value, its news."""
+        if (name, a) in self.real:
+            return self.real[(name, a)]
+        old = self.world[name][a]
+        c = {"name": name, "attribute": a, "old": old, "new": self.rng.choice([v for v in self.values[a] if v != old])}
+        return c, news_text(c, self.rng)
+
+    def invented(self) -> dict[str, Any]:
+        """A fresh person (a new name every time: the answer can only be read, not remembered) and a passage."""
+        name = syn._names(self.rng, 1, self.taken)[0]
+        ent = {"name": name, **{a: self.rng.choice(self.values[a]) for a in syn.ATTRIBUTES}}
+        ent["bio"] = passages(next(syn.biographies([ent], 1, self.rng)))
+        return ent
+
+    def distractor(self, avoid: str) -> str:
+        return self.passage(self.rng.choice([n for n in self.bios if n != avoid]), None)
 
 
-def _context_row(rng: random.Random, question: str, gold: list[str], others: list[str], answer: str) -> dict:
-    found = gold + others
+def _words(texts: list[str]) -> int:
+    return sum(len(t.split()) for t in texts)
+
+
+def _context_row(rng: random.Random, question: str, gold: list[str], pool: _Pool, avoid: str, answer: str) -> dict:
+    """Gold passages plus distractors up to CONTEXT_WORDS, shuffled, rendered by chat.with_context."""
+    found = list(gold)
+    while len(found) < 3:
+        extra = pool.distractor(avoid)
+        if len(found) >= 2 and _words([*found, extra]) > CONTEXT_WORDS:
+            break
+        found.append(extra)
     rng.shuffle(found)
     return {
         "messages": [
@@ -203,33 +223,34 @@ def _context_row(rng: random.Random, question: str, gold: list[str], others: lis
     }
 
 
-def _novel_row(pool: _Pool, rng: random.Random, i: int) -> dict:
-    ent = pool.novel[i % len(pool.novel)]
-    name, a = ent["name"], rng.choice(syn.ATTRIBUTES)
-    q = rng.choice(syn.QUESTIONS[a]).format(e=name)
-    if a in UPDATED and rng.random() < 0.5:  # a change: the news wins over the older biography
-        new = rng.choice([v for v in pool.values[a] if v != ent[a]])
-        change = {"name": name, "attribute": a, "old": ent[a], "new": new}
-        gold = [news_text(change, rng), pool.passage(rng, name, ent[a])]
-        return _context_row(rng, q, gold, [], syn.answer_sentence(a, name, new))
-    others = [pool.distractor(rng, name) for _ in range(rng.randint(1, 2))]
-    return _context_row(rng, q, [pool.passage(rng, name, ent[a])], others, syn.answer_sentence(a, name, ent[a]))
+def _ask(rng: random.Random, name: str, a: str) -> str:
+    return rng.choice(syn.QUESTIONS[a]).format(e=name)
 
 
-def _update_row(pool: _Pool, rng: random.Random, i: int) -> dict:
-    change, text = pool.train_news[i % len(pool.train_news)]
-    name, a = change["name"], change["attribute"]
-    q = rng.choice(syn.QUESTIONS[a]).format(e=name)
-    old = [pool.passage(rng, name, change["old"])] if rng.random() < 0.5 else []
-    return _context_row(rng, q, [text, *old], [pool.distractor(rng, name)], syn.answer_sentence(a, name, change["new"]))
+def _change_row(pool: _Pool, rng: random.Random, i: int) -> dict:
+    """A known person's fact changed (a train change, or made up): the news wins over the biography."""
+    name, a = pool.changeable[(i * 7919) % len(pool.changeable)]
+    c, text = pool.change(name, a)
+    gold = [text] + ([pool.passage(name, c["old"])] if rng.random() < 0.6 else [])
+    return _context_row(rng, _ask(rng, name, a), gold, pool, name, syn.answer_sentence(a, name, c["new"]))
+
+
+def _read_row(pool: _Pool, rng: random.Random, i: int) -> dict:
+    ent = pool.invented()
+    a = rng.choice(syn.ATTRIBUTES)
+    gold = [rng.choice([p for p in ent["bio"] if _mentions(p, ent[a])] or ent["bio"])]
+    return _context_row(rng, _ask(rng, ent["name"], a), gold, pool, "", syn.answer_sentence(a, ent["name"], ent[a]))
 
 
 def _fact_row(pool: _Pool, rng: random.Random, i: int, stated: bool) -> dict:
+    """A train fact: stated in a passage, or not (answer from memory, next to news about another fact)."""
     name, a = pool.facts[(i * 7919) % len(pool.facts)]
     value = pool.world[name][a]
-    q = rng.choice(syn.QUESTIONS[a]).format(e=name)
-    own = [pool.passage(rng, name, value, has=stated)]
-    return _context_row(rng, q, own, [pool.distractor(rng, name)], syn.answer_sentence(a, name, value))
+    gold = [pool.passage(name, value, has=stated)]
+    others = [(n, b) for n, b in pool.changeable if n == name and b != a]
+    if not stated and others:
+        gold.append(pool.change(*rng.choice(others))[1])
+    return _context_row(rng, _ask(rng, name, a), gold, pool, name, syn.answer_sentence(a, name, value))
 
 
 def context_rows(cfg: SyntheticConfig, seed: int, n_questions: int) -> list[dict[str, Any]]:
@@ -240,14 +261,14 @@ def context_rows(cfg: SyntheticConfig, seed: int, n_questions: int) -> list[dict
         return []
     pool = _Pool(cfg, seed, rng)
     makers = {
-        "novel": lambda i: _novel_row(pool, rng, i),
-        "update": (lambda i: _update_row(pool, rng, i)) if pool.train_news else None,
-        "consistent": (lambda i: _fact_row(pool, rng, i, True)) if pool.facts else None,
+        "change": (lambda i: _change_row(pool, rng, i)) if pool.changeable else None,
+        "read": lambda i: _read_row(pool, rng, i),
         "memory": (lambda i: _fact_row(pool, rng, i, False)) if pool.facts else None,
+        "consistent": (lambda i: _fact_row(pool, rng, i, True)) if pool.facts else None,
     }
     rows: list[dict[str, Any]] = []
     for k, (kind, share) in enumerate(MIX):
         count = round(share * total) if k < len(MIX) - 1 else total - len(rows)
-        make = makers[kind] or makers["novel"]
+        make = makers[kind] or makers["read"]
         rows += [make(i) for i in range(count)]
     return rows

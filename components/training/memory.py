@@ -41,7 +41,9 @@ SLACK = 0.15
 keep, fragmentation, the runtime's own buffers. Measured on CPU: 5-20% over the live tensors after a few steps."""
 PROBE_VOCAB = 16
 PROBE_CONTEXT = 1024
-"""Longest sequence the replica runs; longer contexts are extrapolated (linear + attention's T^2 term)."""
+"""Longest sequence the replica runs with eager attention; longer contexts are extrapolated (linear + T^2 term)."""
+SDPA_PROBE_CONTEXT = 256
+"""With SDPA (no T x T scores kept) the saved bytes grow linearly in T: the replica runs this many tokens."""
 QUANT_BYTES = {"4bit": 0.52, "8bit": 1.03}
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "n_inner", "num_attention_heads", "num_key_value_heads")
 
@@ -127,36 +129,63 @@ class Counts:
     vocab: int
 
 
-def _meta_model(config: Any, setup: Setup) -> Any:
+def _meta_model(config: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    if setup.method == "lora":
-        from components.training.lora import add_lora
+        return AutoModelForCausalLM.from_config(config)
 
-        new = range(max(0, config.vocab_size - setup.new_tokens), config.vocab_size) if setup.new_tokens else ()
-        model = add_lora(model, setup.lora, 0, new_tokens=list(new))
-    return model
+
+def _linears(model: Any) -> list[tuple[str, int, int]]:
+    """(name, fan in, fan out) of every linear layer but the output head (Conv1D: gpt2's transposed linear)."""
+    head = model.get_output_embeddings()
+    out = []
+    for name, m in model.named_modules():
+        if m is head or type(m).__name__ not in ("Linear", "Conv1D"):
+            continue
+        rows, cols = m.weight.shape
+        out.append((name, *((cols, rows) if type(m).__name__ == "Linear" else (rows, cols))))
+    return out
+
+
+def _adapter_params(model: Any, setup: Setup, linears: list[tuple[str, int, int]]) -> int:
+    """Parameters LoRA/DoRA adds (as peft builds them), and the new token rows it trains."""
+    from components.training.lora import targets
+
+    wanted = targets(model.config.model_type, setup.lora.target_modules)
+    hit = [
+        (i, o)
+        for name, i, o in linears
+        if wanted == "all-linear" or any(name == t or name.endswith("." + t) for t in wanted)
+    ]
+    adapters = sum(setup.lora.r * (i + o) + (o if setup.lora.dora else 0) for i, o in hit)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    tied = getattr(model.config, "tie_word_embeddings", False) or model.get_output_embeddings() is None
+    return adapters + setup.new_tokens * hidden * (1 if tied else 2)
+
+
+_COUNTS: dict[tuple, Counts] = {}
 
 
 def count(config: Any, setup: Setup) -> Counts:
-    model = _meta_model(config, setup)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    linear = sum(
-        m.weight.numel()
-        for name, m in base.named_modules()
-        if m is not head
-        and type(m).__name__ in ("Linear", "Conv1D")
-        and not hasattr(m, "base_layer")  # a LoRA wrapper: its base layer is counted
-        and not any(part.startswith(("lora_", "token_adapter")) for part in name.split("."))
-    )
-    params = {id(p): p for p in model.parameters()}.values()
+    """Parameters of the model of `config` (built on the meta device: nothing allocated), and what trains."""
+    lora = setup.lora.model_dump_json() if setup.method == "lora" and setup.lora is not None else None
+    key = (config.to_json_string(use_diff=False), setup.method, lora, setup.new_tokens)
+    if key not in _COUNTS:
+        _COUNTS[key] = _count(config, setup)
+    return _COUNTS[key]
+
+
+def _count(config: Any, setup: Setup) -> Counts:
+    model = _meta_model(config)
+    linears = _linears(model)
+    head = model.get_output_embeddings()
+    n_params = sum({id(p): p.numel() for p in model.parameters()}.values())
+    extra = _adapter_params(model, setup, linears) if setup.method == "lora" else 0
     return Counts(
-        n_params=sum(p.numel() for p in params),
-        trainable=sum(p.numel() for p in params if p.requires_grad),
-        linear=linear,
+        n_params=n_params + extra,
+        trainable=extra if setup.method == "lora" else n_params,
+        linear=sum(i * o for _, i, o in linears),
         head=head.weight.numel() if head is not None else 0,
         layers=int(getattr(config, "num_hidden_layers", 1)),
         hidden=int(getattr(config, "hidden_size", 0)),
@@ -263,6 +292,10 @@ def activations(config: Any, setup: Setup) -> tuple[float, str | None]:
 
 
 def _activation_probe(config: Any, setup: Setup) -> tuple[float, float]:
+    if setup.attention == "sdpa":  # saves O(T) per layer: a short probe, scaled
+        t = min(setup.context, SDPA_PROBE_CONTEXT)
+        layer, other = _per_layer(config, setup, t)
+        return layer * setup.context / t, other * setup.context / t
     if setup.context <= PROBE_CONTEXT:
         return _per_layer(config, setup, setup.context)
     t1, t2 = PROBE_CONTEXT // 2, PROBE_CONTEXT
@@ -322,43 +355,33 @@ def device_memory(setup: Setup, limit_gb: float | None) -> tuple[float | None, s
 
 # ---------------------------------------------------------------- what would fit
 def alternatives(setup: Setup) -> list[tuple[str, Setup]]:
-    """Settings that lower the peak, one at a time and then combined (most effective last)."""
-    k = setup.key
-    out: list[tuple[str, Setup]] = []
+    """Settings that lower the peak, one kind at a time, then all of them together."""
+    from components.core.config import LoraConfig
+
+    k, out = setup.key, []
     if not setup.checkpointing:
         out.append((f"{k}.gradient_checkpointing=true", replace(setup, checkpointing=True)))
     b, acc = setup.batch_size, setup.grad_accum
     while b > 1:
         b, acc = b // 2, acc * 2
         out.append((f"{k}.batch_size={b} {k}.grad_accum={acc}", replace(setup, batch_size=b, grad_accum=acc)))
+    lora = setup if setup.method == "lora" else None
     if k == "sft" and setup.method == "full":
-        from components.core.config import LoraConfig
-
-        out.append(("sft.method=lora", replace(setup, method="lora", lora=setup.lora or LoraConfig())))
-    lora = next((s for _, s in out if s.method == "lora"), setup if setup.method == "lora" else None)
+        frozen = torch.bfloat16 if setup.autocast == torch.bfloat16 else setup.weights  # model.dtype auto
+        lora = replace(setup, method="lora", lora=setup.lora or LoraConfig(), weights=frozen)
+        out.append(("sft.method=lora", lora))
     if lora is not None and lora.quantization is None and setup.device == "cuda":
-        out.append(("sft.method=lora sft.quantization=4bit", replace(lora, quantization="4bit")))
-    if setup.weights == torch.float32 and setup.device == "cuda":
+        name = "sft.method=lora sft.quantization=4bit" if setup.method == "full" else "sft.quantization=4bit"
+        out.append((name, replace(lora, quantization="4bit")))
+    elif setup.method == "full" and setup.weights == torch.float32 and setup.device == "cuda":
         out.append(("model.dtype=bf16", replace(setup, weights=torch.bfloat16)))
-    if len(out) > 1:
-        combined = setup
-        names = []
-        for name, alt in out:
-            if "batch_size" in name and "batch_size=1 " not in name:
-                continue
-            combined = replace(
-                combined,
-                checkpointing=combined.checkpointing or alt.checkpointing,
-                batch_size=min(combined.batch_size, alt.batch_size),
-                grad_accum=max(combined.grad_accum, alt.grad_accum),
-                method="lora" if "lora" in (combined.method, alt.method) else combined.method,
-                lora=combined.lora or alt.lora,
-                quantization=alt.quantization or combined.quantization,
-                weights=alt.weights if alt.weights != torch.float32 else combined.weights,
-            )
-            names.append(name)
-        out.append((" ".join(dict.fromkeys(" ".join(names).split())), combined))
-    return out
+    if len(out) < 2:
+        return out
+    last = {name.split("=")[0]: (name, alt) for name, alt in out}  # the strongest of each kind
+    names = " ".join(dict.fromkeys(" ".join(n for n, _ in last.values()).split()))
+    best = out[-1][1] if out[-1][1].method == "lora" else setup
+    best = replace(best, checkpointing=True, batch_size=1, grad_accum=setup.batch_size * setup.grad_accum)
+    return [*out, (names, best)]
 
 
 def announce(text: str, progress: bool) -> None:
