@@ -181,7 +181,7 @@ def starting_point(model_cfg: ModelConfig, tokenizer: Any) -> tuple[Base | None,
     return base, config
 
 
-def memory_plan(cfg: PretrainConfig, config: Any, model_cfg: ModelConfig, ctx: StageContext) -> memory.Plan:
+def memory_plan(cfg: PretrainConfig, config: Any, model_cfg: ModelConfig, ctx: StageContext) -> memory.Plan | None:
     """Print the memory plan of this run; StageError (with settings that fit) when it cannot fit."""
     device, amp = device_and_precision(cfg.precision, key="pretrain.precision")
     setup = memory.Setup(

@@ -133,7 +133,7 @@ def base_context(base_dir: Path, config: Any) -> int:
 
 def memory_plan(
     cfg: SftConfig, config: Any, tokenizer: Any, model_dtype: str, context: int, new_tokens: list[int], ctx
-) -> memory.Plan:
+) -> memory.Plan | None:
     """Print the memory plan of this run; StageError (with settings that fit) when it cannot fit."""
     device, amp = device_and_precision(cfg.precision, key="sft.precision")
     config.vocab_size = max(config.vocab_size, len(tokenizer))
@@ -243,7 +243,8 @@ def _sft(
     config = load_config(base_dir, what="paths.pretrain")
     context = base_context(base_dir, config)
     plan = memory_plan(cfg, config, tokenizer, model_dtype, context, new_tokens, ctx)
-    ctx.log(plan.metrics(), None)
+    if plan is not None:
+        ctx.log(plan.metrics(), None)
 
     def fresh():
         return load_base(cfg, base_dir, tokenizer, model_dtype, seed, new_tokens)
@@ -294,7 +295,7 @@ def _sft(
         "base_pretrained": bool(base_meta.get("result", {}).get("enabled", True)),
         "quantization": cfg.quantization,
         "new_tokens_trained": len(new_tokens) if cfg.method == "lora" else 0,
-        "memory_plan_gb": plan.peak / memory.GIB,
+        "memory_plan_gb": plan.peak / memory.GIB if plan is not None else None,
     }
     inputs = {"processed": str(data_dir), "processed_hash": data_hash, "base": str(base_dir), "base_hash": base_hash}
     if not is_quantized(model):

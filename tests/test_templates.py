@@ -19,6 +19,7 @@ from _foreign import (
     LLAMA2_TEMPLATE,
     WITH_TEMPLATE,
     make_checkpoint,
+    make_config,
     make_tokenizer,
 )
 
@@ -189,3 +190,63 @@ def test_a_missing_template_is_an_error_for_template_encoding():
         from components.core.hub import resolve
 
         resolve("hf:nope")
+
+
+PAIRS = [
+    ("Where does Gromke live?", "In Gesford."),
+    ("What pet does Gromke have?", "A goat."),
+    ("Where does Vanti live?", "In Orbel."),
+    ("What colour does Vanti like?", "Blue."),
+]
+
+
+def _fine_tune(family: str, method: str, tmp_path):
+    """A tiny model of the family fine-tuned on PAIRS (rendered and masked by its tokenizer's template)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from components.core.config import LoraConfig, SftConfig
+    from components.core.context import StageContext
+    from components.sft import add_lora, example_source
+    from components.training.loop import train
+
+    tok = make_tokenizer(family)
+    added = chat.ensure_chat_tokens(tok)
+    width = {"n_embd": 64} if family == "gpt2" else {"hidden_size": 64}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config(family, make_tokenizer(family), **width))
+    model.resize_token_embeddings(max(len(tok), model.get_input_embeddings().weight.shape[0]))
+    if method == "lora":  # the rows of seedlm's tokens train too
+        new = list(range(len(tok) - added, len(tok)))
+        model = add_lora(model, LoraConfig(r=8, alpha=16, target_modules="all-linear"), 0, new)
+    rows = []
+    for q, a in PAIRS:
+        ids, labels = chat.encode_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        rows.append((np.array(ids[:-1]), np.array(labels[1:])))
+    steps, lr = (60, 0.01) if method == "full" else (80, 0.02)
+    cfg = SftConfig(max_steps=steps, warmup_steps=2, batch_size=4, lr=lr, eval_every=10**4, precision="fp32")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    source = example_source(rows, 4, 1, pad, 0)
+    train(model, cfg, source, eval_batches_fn=list, ckpt_dir=tmp_path / "ck", seed=0, ctx=StageContext(progress=False))
+    return model, tok
+
+
+@pytest.mark.parametrize(
+    ("family", "method"), [*((f, "full") for f in FAMILIES), ("gpt_neox", "lora"), ("gpt2", "lora")]
+)
+def test_a_model_tuned_on_the_template_answers_in_it(tmp_path, family, method):
+    """Trained with the template's mask, the model writes the reply and then the template's end-of-turn token,
+    where the serving engine stops: the base's chat format, end to end."""
+    from components.serving import engine as eng
+    from components.serving.sampling import sampling_params
+
+    model, tok = _fine_tune(family, method, tmp_path)
+    engine = eng.from_model(model, tok)
+    params = sampling_params(max_tokens=12)
+    end = tok.convert_tokens_to_ids(END_OF_TURN[family])
+    for question, answer in PAIRS:
+        prompt = eng.chat_prompt(engine, [{"role": "user", "content": question}], params)
+        [done] = eng.generate(engine, [prompt], params)
+        assert done.finish_reason == "stop" and done.token_ids[-1] == end, (question, done.text)
+        if method == "full":
+            assert done.text == answer

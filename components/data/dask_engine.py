@@ -50,8 +50,17 @@ def _prefect_env(stack: contextlib.ExitStack) -> dict[str, str]:
     server = SubprocessASGIServer()  # the one this process's flows use (a singleton)
     if server.server_process is None:
         server.start()
-        stack.callback(server.stop)
+        stack.callback(_stop, server)
     return {"PREFECT_API_URL": server.api_url}
+
+
+def _stop(server: Any) -> None:
+    """Send the logs still queued for the temporary server, then stop it."""
+    from prefect.logging.handlers import APILogWorker
+
+    with contextlib.suppress(Exception):  # best effort: logs only
+        APILogWorker.drain_all(timeout=5, at_exit=False)
+    server.stop()
 
 
 def run(fn: Callable[[Any], Any], jobs: list[Any], address: str, threads: int, name: str) -> list[Any]:

@@ -9,6 +9,8 @@ memory); a byte that is not UTF-8 names its line and file offset.
 from __future__ import annotations
 
 import csv
+import ctypes
+import functools
 import gzip
 import json
 import re
@@ -31,6 +33,25 @@ cost nothing in speed."""
 Records = Iterator[tuple[Any, Any]]  # (location for messages: str or Loc, raw record: str | dict | _Malformed)
 _NONBLANK_BLOCK = re.compile(r"[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*")
 """A maximal run of lines that are not blank (blank: only whitespace, as str.strip() sees it)."""
+
+
+TRIM_BYTES = 1 << 25
+"""Every this many bytes read, free heap pages go back to the OS: without it the peak memory creeps with heap
+fragmentation (ingest +12% from 16 to 256 MiB of text, Python's own allocations staying flat)."""
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory() -> None:
+    """Return free heap memory to the OS (glibc's malloc_trim; nothing elsewhere)."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 class _Malformed(Exception):
@@ -145,6 +166,8 @@ def line_runs(path: Path, fh: BinaryIO, max_bytes: int) -> Iterator[tuple[int, s
         while True:
             data = fh.read(READ_BYTES)
             eof = not data
+            if (offset + len(tail)) // TRIM_BYTES != (offset + len(tail) + len(data)) // TRIM_BYTES:
+                release_memory()
             if skipping:
                 nl = data.find(b"\n")
                 if nl < 0 and not eof:

@@ -61,7 +61,7 @@ PASSAGE_WORDS = 26
 OVERLAP_WORDS = 8
 CONTEXT_WORDS = 52
 """Passage words per SFT row beyond two passages: the prompt stays within the default 128-token context."""
-MIX = (("change", 0.45), ("read", 0.25), ("memory", 0.15), ("consistent", 0.15))
+MIX = (("change", 0.6), ("read", 0.0), ("memory", 0.2), ("consistent", 0.2))
 """Kinds of SFT context rows and their shares (see the module docstring)."""
 
 

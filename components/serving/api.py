@@ -1,9 +1,10 @@
 """The /v1 routes of `seedlm serve` (see server.py for the API): requests read and checked, rows queued on the
 batcher of the version being served, answers collected or streamed as server-sent events.
 
-A request's rows report (index, delta, finish) from the decoding thread to the request's inbox on the event loop
-(through one relay per loop: one wake-up of the loop per decode step, however many rows advanced). A stream sends
-everything that arrived since its last write as one write (the deltas of a row joined into one chunk), and a
+A request's rows report (index, delta, finish) from the decoding thread to the request's inbox on the event loop,
+through one relay per loop: one wake-up of the loop per decode step however many rows advanced, and for a stream's
+text at most one per `stream_interval` (10 ms) after its first (its first text and every finish go at once). A
+stream writes all the events that arrived since its last write in one write (still one SSE event per token); a
 non-streamed request is only told when its rows finish. A client that goes away cancels its rows at the next
 decode step.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
@@ -62,15 +64,20 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- running rows from async code
+STREAM_INTERVAL = 0.01
+"""Default seconds between a stream's writes after its first text: well under what a reader notices, and a fast
+stream then costs the server and its client one write and one wake-up per few tokens instead of per token."""
 Event = tuple[int, str, "str | None"]
 """(choice index, text delta, finish reason or None) of one row."""
 
 
 class _Inbox:
-    """The events of one request's rows, read on the event loop in batches (all that arrived since the last read)."""
+    """The events of one request's rows, read on the event loop in batches (all that arrived since the last read).
+    `interval`: seconds the relay may hold its text before waking the loop (its first text and finishes never wait)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0) -> None:
         self.loop, self.events, self.waiter = loop, deque(), None
+        self.interval, self.started = interval, False
 
     def add(self, event: Event) -> None:
         self.events.append(event)
@@ -89,21 +96,27 @@ class _Inbox:
 
 class _Relay:
     """Carries events from the decoding thread to one event loop: the thread appends to a deque and wakes the loop
-    only when no wake-up is pending, so a decode step costs the loop one wake-up, however many rows it advanced."""
+    only when no wake-up is pending, so a decode step costs the loop one wake-up, however many rows it advanced.
+    Text that comes within its inbox's `interval` of the last wake-up waits for the next one (at the latest the
+    wake-up of the row's finish), so a fast stream wakes the loop, and its client, every `interval`, not per token."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.events, self.pending = loop, deque(), False
+        self.loop, self.events, self.pending, self.woken = loop, deque(), False, 0.0
 
     def put(self, inbox: _Inbox, event: Event) -> None:
         """From any thread; RuntimeError once the loop is closed."""
         self.events.append((inbox, event))
-        if not self.pending:
-            self.pending = True
-            try:
-                self.loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:
-                self.pending = False
-                raise
+        if self.pending:
+            return
+        now = time.monotonic()
+        if inbox.started and event[2] is None and now - self.woken < inbox.interval:
+            return  # held: a later event of this row (its finish at the latest) wakes the loop
+        inbox.started, self.pending, self.woken = True, True, now
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            self.pending = False
+            raise
 
     def _deliver(self) -> None:
         self.pending = False  # before draining: an event appended from here on schedules another delivery
@@ -115,12 +128,13 @@ class _Relay:
 _relays: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _submit(served: Served, rows: list, *, deltas: bool = True) -> _Inbox:
-    """Queue `rows` on the batcher; their events arrive in the returned inbox (with `deltas` False only each row's
-    finish, carrying no text: a non-streamed answer is read from the rows, so the loop is not woken per token)."""
+def _submit(served: Served, rows: list, *, deltas: bool = True, interval: float = 0.0) -> _Inbox:
+    """Queue `rows` on the batcher; their events arrive in the returned inbox, text at most every `interval` seconds
+    after the first (with `deltas` False only each row's finish, carrying no text: a non-streamed answer is read
+    from the rows, so the loop is not woken per token)."""
     loop = asyncio.get_running_loop()
     relay = _relays.get(loop) or _relays.setdefault(loop, _Relay(loop))
-    inbox = _Inbox(loop)
+    inbox = _Inbox(loop, interval)
 
     def emit(row: Any, delta: str, finish: str | None) -> None:
         if finish is None and not deltas:
@@ -151,19 +165,6 @@ async def _batches(inbox: _Inbox, rows: list) -> AsyncIterator[tuple[list[Event]
     finally:
         for row in rows:
             row.cancelled.set()
-
-
-def _merged(events: list[Event]) -> list[Event]:
-    """One event per row of `events`: its deltas joined, its finish if it finished (a row's events are in order)."""
-    if len(events) == 1:
-        return events
-    joined: dict[int, tuple[list[str], str | None]] = {}
-    for index, delta, finish in events:
-        deltas, _ = joined.setdefault(index, ([], None))
-        deltas.append(delta)
-        if finish is not None:
-            joined[index] = (deltas, finish)
-    return [(index, "".join(deltas), finish) for index, (deltas, finish) in joined.items()]
 
 
 async def _collect(served: Served, rows: list, prompts: list) -> list[Completion]:
@@ -204,7 +205,7 @@ async def _chat_stream(
         for r in rows
     ]
     async for events, last in _batches(inbox, rows):
-        for index, delta, finish in _merged(events):
+        for index, delta, finish in events:
             if delta:
                 out.append(_sse(chat_chunk(rid, e.label, e.fingerprint, index, {"content": delta})))
             if finish == "error":
@@ -226,7 +227,7 @@ async def _text_stream(
     e = served.engine
     out = []
     async for events, last in _batches(inbox, rows):
-        for index, delta, finish in _merged(events):
+        for index, delta, finish in events:
             if finish == "error":
                 out.append(_sse(ERROR_EVENT))
             elif delta or finish:
@@ -262,8 +263,15 @@ def _model_card(follower: Follower) -> dict[str, Any]:
     }
 
 
-def router(follower: Follower, defaults: SamplingParams, max_body: int, api_key: str | None) -> APIRouter:
-    """The /v1 routes answering with `follower`'s current version; `defaults` fill the unset sampling fields."""
+def router(
+    follower: Follower,
+    defaults: SamplingParams,
+    max_body: int,
+    api_key: str | None,
+    stream_interval: float = STREAM_INTERVAL,
+) -> APIRouter:
+    """The /v1 routes answering with `follower`'s current version; `defaults` fill the unset sampling fields; a
+    stream's text is sent at most every `stream_interval` seconds after its first (0: as each token comes)."""
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -293,7 +301,7 @@ def router(follower: Follower, defaults: SamplingParams, max_body: int, api_key:
         prompt = chat_prompt(served.engine, req.messages, req.params)
         rows, rid, e = _rows(served.engine, req, [prompt]), new_id("chatcmpl"), served.engine
         if req.stream:
-            inbox = _submit(served, rows)  # before the response starts: a full queue is still a 429
+            inbox = _submit(served, rows, interval=stream_interval)  # before the response: a full queue is a 429
             return StreamingResponse(
                 _chat_stream(served, req, rows, prompt, rid, inbox), media_type="text/event-stream"
             )
@@ -309,7 +317,7 @@ def router(follower: Follower, defaults: SamplingParams, max_body: int, api_key:
         prompts = [text_prompt(served.engine, t, req.params, n) for t, n in zip(req.prompts, names, strict=True)]
         rows, rid, e = _rows(served.engine, req, prompts), new_id("cmpl"), served.engine
         if req.stream:
-            inbox = _submit(served, rows)
+            inbox = _submit(served, rows, interval=stream_interval)
             return StreamingResponse(
                 _text_stream(served, req, rows, prompts, rid, inbox), media_type="text/event-stream"
             )

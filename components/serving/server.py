@@ -3,7 +3,8 @@
 Entry points:
 
     app = create_app("models:/seedlm@champion", api_key=None, follow_interval=5.0, max_batch=16,
-                     max_body_bytes=1_000_000, defaults=None, web_dir=WEB_DIR)   # a FastAPI app; model loaded
+                     max_body_bytes=1_000_000, defaults=None, web_dir=WEB_DIR,
+                     stream_interval=0.01)   # a FastAPI app; model loaded
     serve("models:/seedlm@champion", host="127.0.0.1", port=8000, api_key=None, threads=1)  # blocks
     main(argv)   # the CLI (`seedlm serve`): python -m components.serving.server [MODEL] [--host H] [--port P] ...
 
@@ -23,7 +24,9 @@ Client mistakes get 4xx with {"error": {"message", "type", "param", "code"}}: 40
 (`param` names the field; code context_length_exceeded for a prompt that does not fit), 401 missing/wrong
 API key, 404 unknown model or path, 405 wrong method, 413 body over max_body_bytes, 429 queue full. Only a
 fault of the server is a 500 (type server_error); it keeps serving either way. Concurrent requests are
-decoded together (batcher.py); a request's `stream` events arrive token by token.
+decoded together (batcher.py). A `stream` sends one event per token; after the first, events are written
+together at most every `stream_interval` seconds (--stream-interval, default 0.01; 0: each token as it comes),
+which spares the server and the client a write and a wake-up per token.
 A /v1 request needs `Authorization: Bearer KEY` when an API key is set; serve() refuses a non-loopback
 host without one (`--api-key` or the environment variable SEEDLM_API_KEY).
 """
@@ -47,7 +50,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from components.serving import deps
-from components.serving.api import router
+from components.serving.api import STREAM_INTERVAL, router
 from components.serving.engine import Engine
 from components.serving.follow import Follower
 from components.serving.protocol import ApiError
@@ -105,6 +108,7 @@ def create_app(
     max_body_bytes: int = 1_000_000,
     defaults: SamplingParams | None = None,
     web_dir: Path | None = WEB_DIR,
+    stream_interval: float = STREAM_INTERVAL,
 ) -> FastAPI:
     """The FastAPI app serving `model` (loaded now: a missing model fails here, not on the first request)."""
     follower = Follower(model, interval=follow_interval, max_batch=max_batch)
@@ -118,7 +122,7 @@ def create_app(
     app = FastAPI(title="seedlm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.follower = follower
     _errors(app)
-    app.include_router(router(follower, defaults, max_body_bytes, api_key))
+    app.include_router(router(follower, defaults, max_body_bytes, api_key, stream_interval))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -182,7 +186,15 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m components.ser
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument(
+        "--stream-interval",
+        type=float,
+        default=STREAM_INTERVAL,
+        help="seconds between a stream's writes after its first token (0: every token at once; default: %(default)s)",
+    )
     args = p.parse_args(argv)
+    if args.stream_interval < 0:
+        p.error(f"--stream-interval must be >= 0 seconds, got {args.stream_interval}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         serve(
@@ -195,6 +207,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m components.ser
             max_batch=args.max_batch,
             max_body_bytes=args.max_body_bytes,
             defaults=sampling_params(max_tokens=args.max_tokens),
+            stream_interval=args.stream_interval,
         )
     except (deps.StageError, ParamError) as e:
         print(f"seedlm serve: {e}", file=sys.stderr)

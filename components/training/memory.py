@@ -8,12 +8,13 @@ Parts (bytes), for the model described by its config (counted on the meta device
 - activations: what autograd saves for backward at the configured micro-batch and context. Measured, not
   guessed: a replica of the model's own layer class, narrowed by a factor k (hidden size, heads, intermediate
   size / k; the head size kept) and run on CPU with 1 and 2 layers and 1 and 2 sequences, counts the bytes of
-  every saved tensor; the per-layer, per-sequence difference times k (times T/T' beyond the probe's context,
-  with the attention T^2 term fitted from two lengths) scales it back. LoRA, autocast and the attention kernel
+  every saved tensor; the per-layer, per-sequence difference times k scales it back (SDPA keeps O(T) per layer:
+  a 256-token probe scaled by T/256; eager attention also keeps T x T scores: probed at T, or fitted from two
+  lengths beyond 1024). LoRA, autocast and the attention kernel
   are applied to the replica as to the run. Gradient checkpointing keeps each layer's input and one layer's
   activations. A replica that cannot be built falls back to a generic formula (the plan says so);
 - the loss: logits [B, T, V] (in the autocast dtype), their log-softmax (fp32, kept for backward) and, at the
-  start of backward, two fp32 gradients of that size: at large vocabularies the biggest part;
+  start of backward, two fp32 gradients of that size: at large vocabularies (Qwen2's 152k) the biggest part;
 - autocast copies: bf16 copies of fp32 linear weights that autocast keeps from forward to backward;
 - CPU only: a resumable checkpoint copies the trainable weights and optimizer state in RAM while it is written.
 
@@ -279,7 +280,8 @@ def activations(config: Any, setup: Setup) -> tuple[float, str | None]:
         layer, other = _activation_probe(config, setup)
     except Exception as e:  # noqa: BLE001 - any architecture the replica cannot mimic: the generic formula
         act = 2 if setup.autocast else 4
-        h, i = config.hidden_size, getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+        h = int(getattr(config, "hidden_size", 0) or 4096)
+        i = int(getattr(config, "intermediate_size", None) or 4 * h)
         layer = setup.context * (14 * h + 4 * i) * act
         other = setup.context * 4 * h * act
         note = f"activations from the generic formula (the layer replica failed: {type(e).__name__})"
@@ -394,10 +396,15 @@ def announce(text: str, progress: bool) -> None:
             print(text, file=sys.stderr, flush=True)
 
 
-def check(config: Any, setup: Setup, limit_gb: float | None, progress: bool = False) -> Plan:
-    """Estimate, print the plan, and stop a run that cannot fit (StageError with the settings that would)."""
+def check(config: Any, setup: Setup, limit_gb: float | None, progress: bool = False) -> Plan | None:
+    """Estimate, print the plan, and stop a run that cannot fit (StageError with the settings that would).
+    None when no estimate can be made for this model (said in the log; the run goes on)."""
     available, limit = device_memory(setup, limit_gb)
-    plan = estimate(config, setup, available, limit)
+    try:
+        plan = estimate(config, setup, available, limit)
+    except Exception as e:  # noqa: BLE001 - an architecture the meta-device count cannot build: no plan, no veto
+        announce(f"memory plan: not available for this model ({type(e).__name__}: {e})", progress)
+        return None
     announce(plan.table(), progress)
     if plan.fits:
         return plan

@@ -68,6 +68,38 @@ def test_streaming_chat_sends_openai_chunks(client, engine):
     assert {c.model for c in chunks} == {f"{NAME}/1"}
 
 
+def test_a_stream_is_written_at_most_every_interval_after_its_first_text():
+    """From the decoding thread, a stream's first text and every finish wake the event loop at once; more text
+    within the interval of the last wake-up waits for the next one (one write per few tokens, not per token)."""
+    import asyncio
+
+    from components.serving.api import _Inbox, _Relay
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        relay = _Relay(loop)
+        slow, every = _Inbox(loop, interval=60.0), _Inbox(loop, interval=0.0)
+
+        async def put(inbox, event) -> None:
+            await asyncio.to_thread(relay.put, inbox, event)  # as the batcher's thread does
+
+        async def nothing_yet(inbox) -> None:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(inbox.take(), 0.3)
+
+        await put(slow, (0, "The", None))
+        assert await asyncio.wait_for(slow.take(), 5) == [(0, "The", None)]  # the first text: at once
+        await put(slow, (0, " sky", None))
+        await nothing_yet(slow)  # held
+        await put(slow, (0, " is", "stop"))
+        assert await asyncio.wait_for(slow.take(), 5) == [(0, " sky", None), (0, " is", "stop")]
+        for word in ("a", "b"):  # interval 0: every token wakes the loop
+            await put(every, (1, word, None))
+            assert await asyncio.wait_for(every.take(), 5) == [(1, word, None)]
+
+    asyncio.run(scenario())
+
+
 def test_multi_turn_conversation(client, engine):
     first = client.chat.completions.create(model=NAME, messages=ask(QUESTIONS[0]), max_tokens=12)
     convo = [
