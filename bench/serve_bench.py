@@ -269,8 +269,9 @@ class Baseline:
         except EOFError:
             ready = None
         if ready != "ready":
+            proc = self.proc
             self.close()
-            raise BenchError(f"the baseline's worker process did not start (exit code {self.proc.exitcode})")
+            raise BenchError(f"the baseline's worker process did not start (exit code {proc.exitcode})")
 
     def run(self, ids: list[int], max_new: int) -> dict[str, Any]:
         if self.proc is None:

@@ -116,7 +116,8 @@ def new_token_ids(data_dir: Path, tokenizer: Any) -> list[int]:
 
 def load_base(cfg: SftConfig, base_dir: Path, tokenizer: Any, model_dtype: str, seed: int, new_tokens: list[int]):
     """The model to fine-tune: the base in `model.dtype` (or 4/8-bit for QLoRA), with adapters for LoRA."""
-    dtype = weight_dtype(model_dtype, trains=cfg.method == "full")
+    amp = device_and_precision(cfg.precision, key="sft.precision")[1]
+    dtype = weight_dtype(model_dtype, trains=cfg.method == "full", autocast=amp)
     quant = quantization_config(cfg.quantization, dtype)
     model = load_model(base_dir, what="paths.pretrain", tokenizer=tokenizer, dtype=dtype, quantization=quant)
     if quant is not None:
@@ -143,7 +144,7 @@ def memory_plan(
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
         context=context,
-        weights=weight_dtype(model_dtype, trains=cfg.method == "full"),
+        weights=weight_dtype(model_dtype, trains=cfg.method == "full", autocast=amp),
         autocast=amp,
         device=device.type,
         quantization=cfg.quantization,

@@ -58,13 +58,11 @@ def test_settings_validation():
 
 
 def test_weight_dtype():
-    assert base.weight_dtype("fp32", trains=False) == torch.float32
+    assert base.weight_dtype("fp32", trains=False, autocast=torch.bfloat16) == torch.float32
     assert base.weight_dtype("bf16", trains=True) == torch.bfloat16
-    assert base.weight_dtype("auto", trains=True) == torch.float32  # fp32 master weights for what trains
-    from components.training.model import cpu_has_fast_bf16
-
-    frozen = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    assert base.weight_dtype("auto", trains=False) == frozen
+    assert base.weight_dtype("auto", trains=True, autocast=torch.bfloat16) == torch.float32  # fp32 master weights
+    assert base.weight_dtype("auto", trains=False, autocast=torch.bfloat16) == torch.bfloat16  # as the math runs
+    assert base.weight_dtype("auto", trains=False, autocast=None) == torch.float32
     if not torch.cuda.is_available():
         with pytest.raises(StageError, match="model.dtype: fp16 needs a CUDA GPU"):
             base.weight_dtype("fp16", trains=False)

@@ -203,10 +203,11 @@ class ModelConfig(Section):
     HF_HUB_OFFLINE=0; offline it must be cached). Any architecture AutoModelForCausalLM loads; its tokenizer and
     chat template are used unchanged (README: "Start from an open model")."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """dtype the weights load in (pretrain and sft). auto: bf16 where the device runs it natively (CUDA with bf16,
-    CPU with AVX512-BF16/AMX) for weights that stay frozen (a LoRA base), fp32 for weights that train (fp32
-    master weights; `precision` autocasts the math to bf16). bf16/fp16: that dtype for every weight, trained ones
-    too (half the weight, gradient and optimizer memory; fp16 needs CUDA)."""
+    """dtype the weights load in (pretrain and sft). auto: weights that train in fp32 (master weights; `precision`
+    autocasts the math to bf16 where the device runs it natively), weights that stay frozen (a LoRA base) in the
+    dtype the math runs in (bf16 with precision auto on CUDA or an AVX512-BF16/AMX CPU, else fp32). bf16/fp16:
+    that dtype for every weight, trained ones too (half the weight, gradient and optimizer memory; fp16 needs
+    CUDA)."""
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:

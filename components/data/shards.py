@@ -113,21 +113,22 @@ def clean_piece(job: CleanJob) -> dict[str, Any]:
     if error:
         return {"index": p.index, "error": error}
     dropped: Counter[str] = Counter()
-    encoded, chars = [], []
+    kept, encoded = [], []
     for text in texts:
         text = clean_text(text, job.normalization)
         reason = _reason(len(text), job)
         if reason:
             dropped[reason] += 1
             continue
+        kept.append(text)
         encoded.append(text.encode("utf-8"))
-        chars.append(len(text))
     digests = np.fromiter((dedup.digest_bytes(b) for b in encoded), np.uint64, len(encoded))
     keys = np.zeros((len(encoded), job.near_bands), np.uint64)
     if job.near_bands:
         perms = dedup.perms(job.seed)
-        sigs = [dedup.minhash(b.decode("utf-8"), perms) for b in encoded]
-        keys = dedup.band_keys(np.array(sigs, np.uint64).reshape(len(encoded), -1), job.near_bands, job.near_rows)
+        sigs = np.array([dedup.minhash(t, perms) for t in kept], np.uint64).reshape(len(kept), -1)
+        keys = dedup.band_keys(sigs, job.near_bands, job.near_rows)
+    chars = [len(t) for t in kept]
     work_file(job.work, p.index, "clean.txt").write_bytes(b"".join(encoded))
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in encoded], dtype=np.int64)])
     with open(work_file(job.work, p.index, "clean.npz"), "wb") as f:
@@ -140,10 +141,11 @@ def candidates(work: str | Path, index: int) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def texts_of(work: str | Path, index: int, which: np.ndarray) -> list[str]:
+def texts_of(work: str | Path, index: int, which: np.ndarray, offsets: np.ndarray | None = None) -> list[str]:
     """The cleaned texts of a piece's candidates at positions `which`, in order."""
-    offsets = candidates(work, index)["offsets"]
-    data = work_file(work, index, "clean.txt").read_bytes()
+    offsets = candidates(work, index)["offsets"] if offsets is None else offsets
+    with open(work_file(work, index, "clean.txt"), "rb") as f:
+        data = f.read()
     return [data[offsets[i] : offsets[i + 1]].decode("utf-8") for i in which]
 
 
@@ -206,9 +208,10 @@ def tokenize_piece(job: TokenizeJob) -> dict[str, Any]:
     """Pass 2 of one piece: encode the documents kept for each split into tok-<i>-{train,val,moved}.bin
     (ids + eos per document). Returns token counts and a histogram of document lengths."""
     assign = np.load(work_file(job.work, job.index, "assign.npy"))
+    offsets = candidates(job.work, job.index)["offsets"]
     tok, tokens, lengths = load_encoder(job.tokenizer), {}, []
     for name, codes in (("train", [TRAIN]), ("val", [VAL]), ("moved", [TO_TRAIN, TO_VAL])):
-        texts = texts_of(job.work, job.index, np.flatnonzero(np.isin(assign, codes)))
+        texts = texts_of(job.work, job.index, np.flatnonzero(np.isin(assign, codes)), offsets)
         with open(work_file(job.work, job.index, f"tok.{name}.bin"), "wb") as f:
             for batch in _batches(texts):
                 ids = encode(tok, batch)

@@ -70,25 +70,19 @@ def check_model_keys(cfg: Any, config: Any, spec: str) -> None:
 
 
 # ---------------------------------------------------------------- loading for size
-def cuda_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def weight_dtype(setting: str, *, trains: bool) -> torch.dtype:
-    """The dtype weights load in for `model.dtype`. auto: bf16 where the device runs it natively for weights that
-    stay frozen (a LoRA base), fp32 for weights that train (fp32 master weights; `precision` autocasts to bf16)."""
-    from components.training.model import cpu_has_fast_bf16
-
+def weight_dtype(setting: str, *, trains: bool, autocast: torch.dtype | None = None) -> torch.dtype:
+    """The dtype weights load in for `model.dtype`. auto: weights that train in fp32 (master weights; `precision`
+    autocasts the math); frozen ones (a LoRA base) in the dtype training computes in (`autocast`: bf16 where the
+    device runs it natively), which costs nothing in precision and halves their memory."""
     if setting == "fp16":
         if not torch.cuda.is_available():
             raise StageError("model.dtype: fp16 needs a CUDA GPU (none found); use auto, bf16 or fp32")
         return torch.float16
     if setting == "bf16":
         return torch.bfloat16
-    if setting == "fp32" or trains:
+    if setting == "fp32" or trains or autocast is None:
         return torch.float32
-    native = cuda_bf16() if torch.cuda.is_available() else cpu_has_fast_bf16()
-    return torch.bfloat16 if native else torch.float32
+    return autocast
 
 
 def quantization_config(bits: str | None, compute: torch.dtype) -> Any:
