@@ -1,9 +1,9 @@
 """Test-wide settings: offline, quiet, deterministic; fixtures shared by several test files."""
 
-import contextlib
 import os
 
 import pytest
+from stores import current_store
 
 for key, value in {
     "HF_HUB_OFFLINE": "1",
@@ -71,25 +71,6 @@ def register_tracking(tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
     exp = MlflowClient(uri).create_experiment("test-register", artifact_location=(root / "artifacts").as_uri())
     return root, uri, exp
-
-
-@contextlib.contextmanager
-def current_store(uri: str, experiment_id: str | None = None):
-    """Make `uri` the tracking store (and `experiment_id` the experiment) until exit, then put back the URI,
-    env and active experiment other test files had."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
-        mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # not another file's experiment
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        if experiment_id is None:
-            mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        else:
-            mp.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)  # runs land here
-        mlflow.set_tracking_uri(uri)
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -64,8 +64,11 @@ change elsewhere."""
 
 def _module_file(dotted: str) -> Path | None:
     path = ROOT / Path(*dotted.split("."))
-    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else (
-        path / "__init__.py" if (path / "__init__.py").is_file() else None)
+    return (
+        path.with_suffix(".py")
+        if path.with_suffix(".py").is_file()
+        else (path / "__init__.py" if (path / "__init__.py").is_file() else None)
+    )
 
 
 def _imports_of(dotted: str) -> set[str]:

@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _evaluate_fixtures import cfg, make_model  # noqa: E402
-from conftest import current_store  # noqa: E402
+from stores import current_store  # noqa: E402
 
 from components.core.io import read_json  # noqa: E402
 

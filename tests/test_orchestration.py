@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import current_store
 from servers import BIN, base_env, commit
+from stores import current_store
 
 from components.core.config import parse_params
 from components.core.context import StageError

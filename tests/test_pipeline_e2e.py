@@ -14,8 +14,8 @@ import re
 
 import pytest
 import yaml
-from conftest import current_store
 from repos import TINY, make_repo
+from stores import current_store
 
 from components.core.stages import STAGES
 

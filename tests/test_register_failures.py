@@ -16,10 +16,10 @@ from _register_fixtures import aliases, do_register, versions, write_eval  # noq
 from mlflow import MlflowClient  # noqa: E402
 
 from components import register as reg  # noqa: E402
-from components.registry import publish  # noqa: E402
 from components.core.config import GateConfig, RegisterConfig  # noqa: E402
 from components.core.context import StageContext, StageError  # noqa: E402
 from components.core.io import read_json, write_meta  # noqa: E402
+from components.registry import publish  # noqa: E402
 
 
 # ---------------------------------------------------------------- failures: rollback, a killed run, bad inputs
