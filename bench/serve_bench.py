@@ -89,7 +89,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ref: str, threads: int, max_batch: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    ref: str, threads: int, max_batch: int, log: Path, stream_interval: float | None = None
+) -> tuple[subprocess.Popen, str]:
     """`python -m components.serving.server REF` on a free port; returns (process, base url) once healthy."""
     port = free_port()
     args = [
@@ -106,6 +108,8 @@ def start_server(ref: str, threads: int, max_batch: int, log: Path) -> tuple[sub
         "--follow-interval",
         "86400",
     ]
+    if stream_interval is not None:
+        args += ["--stream-interval", str(stream_interval)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -384,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads, server and baseline (serve's default)")
     ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     ap.add_argument(
+        "--stream-interval",
+        type=float,
+        default=None,
+        help="the server's --stream-interval in seconds (default: the server's own default)",
+    )
+    ap.add_argument(
         "--baseline",
         choices=("process", "inline"),
         default="process",
@@ -418,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     with tempfile.TemporaryDirectory(prefix="seedlm-serve-bench-") as tmp:
-        proc, url = start_server(ref, args.threads, args.max_batch, Path(tmp) / "server.log")
+        proc, url = start_server(ref, args.threads, args.max_batch, Path(tmp) / "server.log", args.stream_interval)
         bare = None
         try:
             bare = Baseline(engine, ref, args.threads, inline=args.baseline == "inline")
@@ -438,6 +448,7 @@ def run(args: argparse.Namespace) -> int:
             "max_batch": args.max_batch,
             "rounds": args.rounds,
             "baseline": args.baseline,
+            "stream_interval": args.stream_interval,
             "torch": torch.__version__,
             "cpus": os.cpu_count(),
         },

@@ -130,8 +130,8 @@ def test_near_dedup_in_parallel_decides_as_in_one_process(grown):
     assert outputs(par) == outputs(one) and res2["report"] == res1["report"]
 
 
-def test_dask_cluster_of_two_workers_through_prefect_gives_the_same_bytes(grown):
-    """preprocess.engine: dask on a local cluster (prefect-dask's DaskTaskRunner, one task per piece)."""
+def test_dask_cluster_of_two_workers_gives_the_same_bytes(grown):
+    """preprocess.engine: dask on a local cluster of 2 workers (dask.distributed, one task per piece)."""
     root, raw, out, res = grown
     dask, res2 = run(root, raw, "dask", vocab_size=300, chunk_mb=0.004, workers=2, engine="dask")
     assert outputs(dask) == outputs(out) and res2["report"] == res["report"]

@@ -123,7 +123,7 @@ class PreprocessConfig(Section):
     """Processes (or Dask workers, for a local cluster) that clean and tokenize pieces of the corpus in
     parallel; 1 works in this process. The outputs are the same for any number."""
     engine: Literal["local", "dask"] = "local"
-    """local: this machine (`workers` processes). dask: tasks on a Dask cluster through Prefect (prefect-dask);
+    """local: this machine (`workers` processes). dask: tasks on a Dask cluster (dask.distributed);
     every worker must see the data folders at the same paths (README, "Preprocessing at scale")."""
     dask_address: str | None = None
     """engine dask: the scheduler to use (e.g. tcp://10.0.0.5:8786); null starts a local cluster of `workers`."""

@@ -2,8 +2,8 @@
 
 local, 1 worker: in this process, one piece at a time (the tokenizer still encodes on every core).
 local, N workers: a pool of N processes (spawned), each encoding on cores/N threads.
-dask: a Prefect flow whose tasks run on a Dask cluster through prefect-dask: the scheduler at
-`preprocess.dask_address`, or a local cluster of N worker processes when that is empty.
+dask: tasks on a Dask cluster (dask.distributed): the scheduler at `preprocess.dask_address`, or a local
+cluster of N worker processes when that is empty. No orchestrator runs inside the stage.
 
 Results always come back in the order of the jobs, so the outputs do not depend on the engine.
 """
