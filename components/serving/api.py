@@ -3,7 +3,7 @@ batcher of the version being served, answers collected or streamed as server-sen
 
 A request's rows report (index, delta, finish) from the decoding thread to the request's inbox on the event loop,
 through one relay per loop: one wake-up of the loop per decode step however many rows advanced, and for a stream's
-text at most one per `stream_interval` (10 ms) after its first (its first text and every finish go at once). A
+text at most one per `stream_interval` (20 ms) after its first (its first text and every finish go at once). A
 stream writes all the events that arrived since its last write in one write (still one SSE event per token); a
 non-streamed request is only told when its rows finish. A client that goes away cancels its rows at the next
 decode step.
@@ -64,9 +64,11 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- running rows from async code
-STREAM_INTERVAL = 0.01
-"""Default seconds between a stream's writes after its first text: well under what a reader notices, and a fast
-stream then costs the server and its client one write and one wake-up per few tokens instead of per token."""
+STREAM_INTERVAL = 0.02
+"""Default seconds between a stream's writes after its first text: at most 50 writes a second, the rate chat UIs
+throttle their updates to and more than a reader notices, so a fast stream costs the server and its client one
+write and one wake-up per few tokens instead of per token (measured: 1 client at 0.78x bare generate's tokens/s
+with 0, 0.84x with 5 ms, 0.88x with 10 ms, 0.90x with 20 ms)."""
 Event = tuple[int, str, "str | None"]
 """(choice index, text delta, finish reason or None) of one row."""
 

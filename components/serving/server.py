@@ -4,7 +4,7 @@ Entry points:
 
     app = create_app("models:/seedlm@champion", api_key=None, follow_interval=5.0, max_batch=16,
                      max_body_bytes=1_000_000, defaults=None, web_dir=WEB_DIR,
-                     stream_interval=0.01)   # a FastAPI app; model loaded
+                     stream_interval=0.02)   # a FastAPI app; model loaded
     serve("models:/seedlm@champion", host="127.0.0.1", port=8000, api_key=None, threads=1)  # blocks
     main(argv)   # the CLI (`seedlm serve`): python -m components.serving.server [MODEL] [--host H] [--port P] ...
 
@@ -25,7 +25,7 @@ Client mistakes get 4xx with {"error": {"message", "type", "param", "code"}}: 40
 API key, 404 unknown model or path, 405 wrong method, 413 body over max_body_bytes, 429 queue full. Only a
 fault of the server is a 500 (type server_error); it keeps serving either way. Concurrent requests are
 decoded together (batcher.py). A `stream` sends one event per token; after the first, events are written
-together at most every `stream_interval` seconds (--stream-interval, default 0.01; 0: each token as it comes),
+together at most every `stream_interval` seconds (--stream-interval, default 0.02; 0: each token as it comes),
 which spares the server and the client a write and a wake-up per token.
 A /v1 request needs `Authorization: Bearer KEY` when an API key is set; serve() refuses a non-loopback
 host without one (`--api-key` or the environment variable SEEDLM_API_KEY).
