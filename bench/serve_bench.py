@@ -243,8 +243,10 @@ def bare_one(engine: Engine, ids: list[int], max_new: int) -> dict[str, Any]:
     return {"latency": time.perf_counter() - t0, "tokens": len(new), "text": text}
 
 
-def _bare_worker(conn: Any, ref: str, threads: int) -> None:
+def _bare_worker(conn: Any, ref: str, threads: int, session: bool) -> None:
     """The baseline's process: loads `ref`, then answers each (prompt ids, max new) with bare_one's result."""
+    if session:
+        os.setsid()  # a session of its own, like the server's
     import torch
 
     from components.serving.engine import load_engine
@@ -265,7 +267,8 @@ class Baseline:
             return
         ctx = multiprocessing.get_context("spawn")  # not fork: this process has torch's threads
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_bare_worker, args=(child, ref, threads), daemon=True)
+        session = os.environ.get("BENCH_SESSION", "1") == "1"
+        self.proc = ctx.Process(target=_bare_worker, args=(child, ref, threads, session), daemon=True)
         self.proc.start()
         child.close()
         try:
