@@ -1,20 +1,22 @@
 """Serving throughput and latency: `seedlm serve` under 1, 4 and 16 concurrent clients vs bare `model.generate`.
 
     python bench/serve_bench.py [--model REF] [--clients 1,4,16] [--prompts 16] [--max-tokens 32]   (make bench-serve)
+                                [--baseline process|inline] [--stream-interval SECONDS]
 
 The model: --model (a `models:/` URI or a model folder), else the `make run` pipeline's champion
 (`models:/seedlm@champion`). The server runs as its own process (`python -m components.serving.server`,
 pinned to that version) on 127.0.0.1; every client here streams (`stream: true`) and sends the whole prompt
 set (the embedded world's held-out questions) one request after another, each client starting at another
 prompt. The baseline, in the same run: HF `model.generate` on the same prompts (batch 1, greedy, the same max
-tokens and stop tokens, the same torch thread count), timed inside a worker process of its own, so that, like
-the server, it runs in a process that waited while the other side ran, and the clients' process stays a light
-client (a process that has just spent 30 ms decoding answers its next request measurably later on a busy
-machine; `--baseline inline` runs it in the clients' process as before). Each round runs the baseline and the
-1-client level prompt by prompt in turn (so both see the same machine load), then the larger client counts;
-ratios are medians of per-round ratios. "= bare" is the share of answers identical to the baseline's (greedy:
-batching must not change them). Goals (issue 10): server at 1 client >= 0.8x bare tok/s; 16 clients >= 2x the
-1-client aggregate tok/s; p95 time to first token at 16 clients < 1 s.
+tokens and stop tokens, the same torch thread count), timed inside a worker process and session of its own,
+so that, like the server, it runs in a process that waited while the other side ran, and the clients' process
+stays a light client (on a busy machine a process that has just spent 30 ms decoding sends and reads its next
+request measurably later: 0.65x vs 0.74x in one interleaved run; `--baseline inline` runs it in the clients'
+process as before). `--stream-interval` passes the server's option (default: the server's own). Each round
+runs the baseline and the 1-client level prompt by prompt in turn (so both see the same machine load), then the
+larger client counts; ratios are medians of per-round ratios. "= bare" is the share of answers identical to the
+baseline's (greedy: batching must not change them). Goals (issue 10): server at 1 client >= 0.8x bare tok/s;
+16 clients >= 2x the 1-client aggregate tok/s; p95 time to first token at 16 clients < 1 s.
 Results go to bench/results/serve_bench-<time>.json; the last line printed is one JSON object.
 """
 
@@ -243,10 +245,9 @@ def bare_one(engine: Engine, ids: list[int], max_new: int) -> dict[str, Any]:
     return {"latency": time.perf_counter() - t0, "tokens": len(new), "text": text}
 
 
-def _bare_worker(conn: Any, ref: str, threads: int, session: bool) -> None:
+def _bare_worker(conn: Any, ref: str, threads: int) -> None:
     """The baseline's process: loads `ref`, then answers each (prompt ids, max new) with bare_one's result."""
-    if session:
-        os.setsid()  # a session of its own, like the server's
+    os.setsid()  # a session (scheduling group) of its own, like the server's
     import torch
 
     from components.serving.engine import load_engine
@@ -267,8 +268,7 @@ class Baseline:
             return
         ctx = multiprocessing.get_context("spawn")  # not fork: this process has torch's threads
         self.conn, child = ctx.Pipe()
-        session = os.environ.get("BENCH_SESSION", "1") == "1"
-        self.proc = ctx.Process(target=_bare_worker, args=(child, ref, threads, session), daemon=True)
+        self.proc = ctx.Process(target=_bare_worker, args=(child, ref, threads), daemon=True)
         self.proc.start()
         child.close()
         try:

@@ -340,8 +340,10 @@ def _evaluate(
         metrics.update({"control": summary} if summary else {})
     with atomic_dir(out_dir) as tmp:
         figures = write_figures(tmp, metrics, names, plots_dir)
-        rag = cutoff_report.lines(metrics["retrieval"], cfg.confidence, cfg.num_samples // 2, rag_samples)
-        extra = (rag if rag_samples else []) + evalsets.report_lines(own_sets, metrics, names, cfg.confidence)
+        rag = []
+        if "retrieval" in metrics:  # only with an index holding knowledge-cutoff questions
+            rag = cutoff_report.lines(metrics["retrieval"], cfg.confidence, cfg.num_samples // 2, rag_samples)
+        extra = rag + evalsets.report_lines(own_sets, metrics, names, cfg.confidence)
         write_report(tmp / "report.md", metrics, samples, names, cfg, notes, figures, extra)
         with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)

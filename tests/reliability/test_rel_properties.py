@@ -82,10 +82,10 @@ def test_an_instruction_row_is_normalized_exactly_or_refused(row):
     )
     assert any(m["role"] == "assistant" for m in msgs) and out["split"] in ("train", "val", "test", None)
     assert out["task"] is None or isinstance(out["task"], str)
-    if "messages" not in row:  # Alpaca: user = instruction (+ blank line + input), assistant = output
+    if "messages" not in row:  # Alpaca: user = instruction (with `input` as its context passage), assistant = output
         extra = row.get("input") or ""
         assert msgs == [
-            {"role": "user", "content": row["instruction"] + ("\n\n" + extra if extra.strip() else "")},
+            {"role": "user", "content": chat.with_context(row["instruction"], [extra])},
             {"role": "assistant", "content": row["output"]},
         ]
     if all(m["role"] in chat.ROLES for m in msgs):  # tool messages: preprocess keeps them if the template can
