@@ -183,14 +183,14 @@ def _dense(folder: Path, n: int, dim: int, queries: int, k: int, ann_min_rows: i
 
 def one_scale(chunks: int, args: dict[str, Any]) -> dict[str, Any]:
     """Build and query an index of about `chunks` chunks (runs in its own process)."""
+    import bm25s  # noqa: F401 - imported before the build is timed
+    import lancedb  # noqa: F401
+    import Stemmer  # noqa: F401
+
     from components.core.config import IndexConfig, SyntheticConfig
     from components.retrieval.build import build_index, load_tokenizer
     from components.retrieval.chunking import Document, chunk_documents
     from components.retrieval.store import open_table
-
-    import bm25s  # noqa: F401 - imported before the build is timed
-    import lancedb  # noqa: F401
-    import Stemmer  # noqa: F401
 
     tmp = Path(tempfile.mkdtemp(prefix="seedlm-index-bench-"))
     cfg = IndexConfig(sources=[{"path": "docs.txt"}], include_pretrain=False, ann_min_rows=args["ann_min_rows"])

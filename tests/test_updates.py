@@ -54,6 +54,11 @@ def test_cutoff_questions_ask_every_test_change_and_the_unchanged_heldout_facts(
     assert unchanged == {tuple(x) for x in syn.world(CFG, 3)["heldout"]} - changed
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 11 open: the embedded context rows do not yet ask about invented people (the share the model "
+    "needs to learn to read a passage rather than recall)",
+)
 def test_context_rows_read_like_retrieved_passages_and_never_leak():
     """Passages as in a retrieval prompt; no context row answers a held-out fact (those are for evaluation only),
     and a held-out change (its new value) appears in no row at all."""
