@@ -253,7 +253,7 @@ def test_every_stage_was_killed(faults):
 
 KNOWN = {
     "index": pytest.mark.xfail(
-        strict=True,
+        strict=False,  # the kill point is random: some kill points leave nothing to differ
         reason="issue 11 open: after a kill at a random write, the rerun's BM25 files (bm25/*.npy, vocab) differ "
         "from an undisturbed run's; the LanceDB rows are equal",
     )
