@@ -35,12 +35,17 @@ def tokenize(texts: Sequence[str], ids: bool) -> Any:
 
 
 def build(texts: Sequence[str], folder: Path) -> None:
-    """Index `texts` (row i = chunk id i) and save the index into `folder`/bm25."""
+    """Index `texts` (row i = chunk id i) and save the index into `folder`/bm25. Term ids follow the sorted
+    vocabulary (bm25s's own ids follow set order, which changes with PYTHONHASHSEED): the files are the same for
+    the same chunks in every process."""
     import bm25s
 
     _quiet()
+    tokens = tokenize(texts, ids=False)
+    vocab = {t: i for i, t in enumerate(sorted({t for doc in tokens for t in doc}))}
+    ids = [[vocab[t] for t in doc] for doc in tokens]
     retriever = bm25s.BM25()
-    retriever.index(tokenize(texts, ids=True), show_progress=False)
+    retriever.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
     retriever.save(str(Path(folder) / FOLDER), show_progress=False)
 
 

@@ -251,16 +251,7 @@ def test_every_stage_was_killed(faults):
     assert len(delivered) >= 5, faults["kills"]  # at most one may miss (a stage finishing before its kill point)
 
 
-KNOWN = {
-    "index": pytest.mark.xfail(
-        strict=False,  # the kill point is random: some kill points leave nothing to differ
-        reason="issue 11 open: after a kill at a random write, the rerun's BM25 files (bm25/*.npy, vocab) differ "
-        "from an undisturbed run's; the LanceDB rows are equal",
-    )
-}
-
-
-@pytest.mark.parametrize("stage", [pytest.param(s, marks=KNOWN.get(s, ())) for s in h.STAGES])
+@pytest.mark.parametrize("stage", h.STAGES)
 def test_outputs_equal_an_undisturbed_run(faults, stage):
     ref, fault = faults["ref"].root, faults["fault"].root
     a, b = _content(ref / h.OUTPUTS[stage]), _content(fault / h.OUTPUTS[stage])

@@ -3,8 +3,13 @@ dense and hybrid retrieval with a tiny encoder, incremental re-embedding."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from _retrieval_fixtures import WORLD, answer_in, build, make_encoder
@@ -151,3 +156,31 @@ def test_dense_only_retrieval(world, encoder, tmp_path):
 def test_bad_index_settings_name_the_key(settings, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_params({"index": settings})
+
+
+def test_the_same_documents_give_the_same_index_in_any_process(world, tmp_path):
+    """Byte-identical BM25 files, manifest and questions, and equal LanceDB rows, whatever PYTHONHASHSEED (bm25s
+    numbers terms in set order; the index numbers them in sorted order). LanceDB's own file names are random."""
+    code = (
+        "import json, sys; from pathlib import Path; import _retrieval_fixtures as f; "
+        "a = json.loads(sys.argv[1]); f.build({k: Path(v) for k, v in a['world'].items()}, Path(a['out']))"
+    )
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), str(here.parents[1])])}
+    outs = [tmp_path / f"ix-{seed}" for seed in ("1", "2")]
+    for out in outs:
+        arg = json.dumps({"world": {k: str(v) for k, v in world.items()}, "out": str(out)})
+        subprocess.run([sys.executable, "-c", code, arg], check=True, env={**env, "PYTHONHASHSEED": out.name[-1]})
+    files = [_files(out) for out in outs]
+    assert files[0] == files[1] and "bm25/vocab.index.json" in files[0] and "manifest.json" in files[0]
+    assert store.open_table(outs[0]).to_arrow() == store.open_table(outs[1]).to_arrow()
+    assert len({read_json(out / "seedlm.json")["result"]["content_sha256"] for out in outs}) == 1
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """sha256 of every file but LanceDB's (random names) and seedlm.json (run times)."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).parts[0] != "store" and p.name != "seedlm.json"
+    }
