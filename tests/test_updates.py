@@ -54,11 +54,6 @@ def test_cutoff_questions_ask_every_test_change_and_the_unchanged_heldout_facts(
     assert unchanged == {tuple(x) for x in syn.world(CFG, 3)["heldout"]} - changed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 open: the embedded context rows do not yet ask about invented people (the share the model "
-    "needs to learn to read a passage rather than recall)",
-)
 def test_context_rows_read_like_retrieved_passages_and_never_leak():
     """Passages as in a retrieval prompt; no context row answers a held-out fact (those are for evaluation only),
     and a held-out change (its new value) appears in no row at all."""
@@ -80,7 +75,8 @@ def test_context_rows_read_like_retrieved_passages_and_never_leak():
         name = answer.split("'")[0].split(" ")[0]
         kinds["world" if name in values else "invented"] += 1
         assert not any(answer.startswith(c["name"]) and _about(answer, c["attribute"]) for c in secret)
-    assert kinds["invented"] >= 0.2 * len(ctx) and kinds["world"] >= 0.6 * len(ctx)
+    invented = dict(up.MIX)["read"]  # a share of rows about freshly invented people (off by default, see MIX)
+    assert kinds["invented"] == round(invented * len(ctx)) and kinds["world"] == len(ctx) - kinds["invented"]
 
 
 def _about(answer: str, attribute: str) -> bool:

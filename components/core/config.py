@@ -72,7 +72,7 @@ class SyntheticConfig(Section):
     """Fraction of entities with a fact that changes after training (moves town, changes trade, new pet): news
     documents for the index only (`index.sources: synthetic`), never the pretraining corpus. A third of them
     appear in SFT context rows; the others are the knowledge-cutoff questions of evaluate."""
-    context_share: float = Field(default=0.75, ge=0, le=10)
+    context_share: float = Field(default=1.5, ge=0, le=10)
     """SFT rows answered from supplied passages among distractors (`task: context`), as a share of the question
     rows (qa + yes/no); see components/data/updates.py."""
 
