@@ -273,7 +273,7 @@ def register(
             tags["parent_run_id"] = parent
         size_mb = _size_mb(folder)
         tags["model_size_mb"] = str(size_mb)
-        info = log_model(cfg, folder, size_mb, base_tags)
+        info = log_model(cfg, folder, size_mb, base_tags, datasets["index"][0] if "index" in datasets else None)
         tags["datasets"] = ",".join(log_datasets(datasets, info.model_id))
         with registry_lock(mlflow.get_tracking_uri(), repo_root):  # read champion .. move aliases: one at a time
             drop_orphans(client, name, run)

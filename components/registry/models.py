@@ -104,6 +104,11 @@ def resolve_model(ref: str | Path, dst: Path) -> Path:
     if not is_uri(ref):
         path = Path(ref)
         return hf_folder(path, str(ref), dst) if (path / "MLmodel").is_file() else path
+    return hf_folder(download_model(str(ref), dst), str(ref), dst)
+
+
+def download_model(ref: str, dst: Path) -> Path:
+    """The MLflow model folder of the model URI `ref`, downloaded under `dst` (StageError when it is not there)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -116,7 +121,19 @@ def resolve_model(ref: str | Path, dst: Path) -> Path:
             f"{ref}: not found in {uri} ({str(e).splitlines()[0][:300]}); list versions with "
             "`mlflow models` / the UI, or pass a local model folder"
         ) from None
-    return hf_folder(local, str(ref), dst)
+    return local
+
+
+INDEX_ARTIFACT = "index"
+"""The pyfunc artifact holding the retrieval index a version was evaluated with (serving/rag.py answers with it)."""
+
+
+def shipped_index(local: Path) -> Path | None:
+    """The retrieval index folder the seedlm MLflow model folder `local` carries, or None."""
+    from mlflow.models import Model
+
+    arts = (Model.load(str(local)).flavors.get("python_function") or {}).get("artifacts") or {}
+    return local / arts[INDEX_ARTIFACT]["path"] if INDEX_ARTIFACT in arts else None
 
 
 def hf_folder(local: Path, ref: str, dst: Path) -> Path:

@@ -83,9 +83,13 @@ class Registration:
     ctx: StageContext
 
 
-def _pip_requirements(adapter: bool) -> list[str]:
+RAG_PACKAGES = ("bm25s", "lancedb", "pyarrow")
+"""What retrieval over the shipped index imports (components/retrieval: search, lexical, store)."""
+
+
+def _pip_requirements(adapter: bool, index: bool) -> list[str]:
     reqs = []
-    for name in (*SERVING_PACKAGES, *(("peft",) if adapter else ())):
+    for name in (*SERVING_PACKAGES, *(("peft",) if adapter else ()), *(RAG_PACKAGES if index else ())):
         try:
             reqs.append(f"{name}=={pkg_version(name).split('+')[0]}")
         except PackageNotFoundError:
@@ -105,29 +109,36 @@ def _model_config(cfg: RegisterConfig, base_tags: dict[str, str] | None) -> dict
     return config
 
 
-def log_model(cfg: RegisterConfig, folder: Path, size_mb: float, base_tags: dict[str, str] | None) -> Any:
-    """Log `folder` as the seedlm pyfunc, with the generation engine's modules as its code_paths."""
+def log_model(
+    cfg: RegisterConfig, folder: Path, size_mb: float, base_tags: dict[str, str] | None, index: Path | None = None
+) -> Any:
+    """Log `folder` as the seedlm pyfunc, with the generation engine's modules as its code_paths, and the retrieval
+    `index` it was evaluated with (artifact `index`: chat, serve and the pyfunc answer from it)."""
     import tempfile
 
     import mlflow
 
     from components.registry import pyfunc, shipped
+    from components.registry.models import INDEX_ARTIFACT
 
+    artifacts = {"hf_adapter" if base_tags else "hf_model": str(folder)}
+    if index is not None:
+        artifacts[INDEX_ARTIFACT] = str(index)
     with tempfile.TemporaryDirectory(prefix="seedlm-code-") as tmp:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(SERVING_CODE),
-            artifacts={"hf_adapter" if base_tags else "hf_model": str(folder)},
+            artifacts=artifacts,
             code_paths=[str(shipped.stage(Path(tmp)))],
             model_config=_model_config(cfg, base_tags),
             signature=pyfunc.signature(cfg.max_new_tokens),
             input_example=({"messages": [{"role": "user", "content": EXAMPLE_PROMPT}]}, {"max_tokens": 4}),
-            pip_requirements=_pip_requirements(bool(base_tags)),
+            pip_requirements=_pip_requirements(bool(base_tags), index is not None),
             metadata={
                 "model_size_mb": size_mb,
                 "seedlm_stage": "register",
                 "format": "adapter" if base_tags else "merged",
-                "inputs": "chat: {messages, temperature, top_p, top_k, max_tokens, stop, n, seed}; "
+                "inputs": "chat: {messages, temperature, top_p, top_k, max_tokens, stop, n, seed, rag}; "
                 "prompts: list of str, str or DataFrame prompt column",
             },
         )

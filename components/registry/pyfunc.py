@@ -22,7 +22,12 @@ DataFrame). A conversation longer than the context loses its oldest turns (syste
 Prompts: a list of str, a str, a DataFrame with a `prompt` column (or only one column), or {"prompt": ...}.
 Each prompt is one user turn; answer: one string per prompt. A prompt longer than the context keeps its tail.
 
-Params (the signature's params; a chat request's own fields win): the chat fields above, and
+Retrieval: a version registered with an index (artifact `index`, the one evaluate scored it with; or
+model_config `index_path`) grounds each chat's last user turn, and each plain prompt, in the index's top-k chunks
+(components/serving/rag.py); a chat answer lists them in `custom_outputs.sources`. `rag`: false turns it off,
+{"top_k": N} retrieves N chunks; true without an index is refused.
+
+Params (the signature's params; a chat request's own fields win): the chat fields above, rag, and
 max_new_tokens (what max_tokens defaults to, as registered) and do_sample (false: greedy whatever the
 temperature), the names the first versions used. Default: greedy (temperature 0). Input or params it cannot
 use raise MlflowException INVALID_PARAMETER_VALUE naming the field (`mlflow models serve`: HTTP 400).
@@ -65,6 +70,9 @@ CODE_DIR = "seedlm_engine_src"
 PACKAGE = "components"
 ENGINE = "components.serving.engine"
 SAMPLING = "components.serving.sampling"
+RAG = "components.serving.rag"
+INDEX = "index"
+"""The artifact holding the retrieval index the version was evaluated with (registry/models.py INDEX_ARTIFACT)."""
 DEFAULT_MAX_TOKENS = 32
 MAX_N = 8
 """At most this many choices per chat request."""
@@ -78,6 +86,7 @@ PARAMS: dict[str, tuple[str, Any]] = {
     "seed": ("long", None),
     "repetition_penalty": ("double", None),
     "stream": ("boolean", None),
+    "rag": ("boolean", None),
     "max_new_tokens": ("long", DEFAULT_MAX_TOKENS),
     "do_sample": ("boolean", None),
 }
@@ -127,7 +136,9 @@ def import_shipped(root: Path) -> dict[str, ModuleType]:
     saved = {k: sys.modules.pop(k) for k in [k for k in sys.modules if _ours(k)]}
     sys.path.insert(0, str(root))
     try:
-        importlib.import_module(ENGINE)
+        for name in (ENGINE, RAG):
+            if (root / Path(*name.split("."))).with_suffix(".py").is_file():  # RAG: versions registered since
+                importlib.import_module(name)
         loaded = {k: m for k, m in sys.modules.items() if _ours(k)}
     finally:
         sys.path.remove(str(root))
@@ -284,7 +295,7 @@ class SeedLMChatModel(PythonModel):
 
         config = dict(getattr(context, "model_config", None) or {})
         modules = import_shipped(Path(__file__).resolve().parent / "code" / CODE_DIR)
-        self.engine_mod, self.sampling = modules[ENGINE], modules[SAMPLING]
+        self.engine_mod, self.sampling, self.rag = modules[ENGINE], modules[SAMPLING], modules.get(RAG)
         name = str(config.get("model_name") or "seedlm")
         if ADAPTER in context.artifacts:
             path = context.artifacts[ADAPTER]
@@ -293,6 +304,11 @@ class SeedLMChatModel(PythonModel):
         else:
             self.engine = self.engine_mod.load_folder(Path(context.artifacts[ARTIFACT]), name=name)
         self.engine.model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        index = config.get("index_path") or context.artifacts.get(INDEX)
+        if index and not (Path(index) / "seedlm.json").is_file():
+            raise FileNotFoundError(f"index_path {index!r}: not a seedlm index folder (no seedlm.json)")
+        self.index = Path(index) if index and self.rag is not None else None
+        """The retrieval index chats are grounded in (model_config `index_path`, else the shipped one), or None."""
         self.defaults = {"max_new_tokens": int(config.get("max_new_tokens", DEFAULT_MAX_TOKENS))}
         self.batch_size = int(config.get("batch_size", 8))
         self._lock = threading.Lock()
@@ -311,8 +327,10 @@ class SeedLMChatModel(PythonModel):
         return sorted(self.engine.stop_ids)
 
     # ------------------------------------------------------------ settings and prompts
-    def _settings(self, params: dict[str, Any] | None, fields: dict[str, Any], *, stream: bool) -> tuple[Any, int]:
-        """(engine SamplingParams, n) from the defaults, then params, then the request's own fields."""
+    def _settings(
+        self, params: dict[str, Any] | None, fields: dict[str, Any], *, stream: bool
+    ) -> tuple[Any, int, tuple[bool, int | None]]:
+        """(engine SamplingParams, n, (retrieve, top_k)) from the defaults, then params, then the request's fields."""
         merged = {**self.defaults, **given(params), **given(fields)}
         if merged.get("stream") and not stream:
             raise bad("stream: predict does not stream; call predict_stream, or use `seedlm serve` for HTTP streaming")
@@ -323,7 +341,8 @@ class SeedLMChatModel(PythonModel):
         values["max_tokens"] = merged["max_tokens"] if "max_tokens" in merged else merged["max_new_tokens"]
         values["temperature"] = temperature(merged)
         try:
-            return self.sampling.sampling_params(**values), n
+            rag = self.rag.rag_option(merged.get("rag"), self.index is not None) if self.rag else (False, None)
+            return self.sampling.sampling_params(**values), n, rag
         except self.sampling.ParamError as e:
             raise bad(str(e)) from None
 
@@ -342,6 +361,20 @@ class SeedLMChatModel(PythonModel):
         except self.sampling.ParamError as e:
             raise bad(str(e)) from None
 
+    def _ground(self, messages: Any, settings: Any, rag: tuple[bool, int | None]) -> tuple[Any, list | None]:
+        """The messages with retrieved passages in the last user turn, and the sources (None: no retrieval)."""
+        if not rag[0]:
+            return messages, None
+        try:
+            return self.rag.ground(self.engine, self.index, messages, settings, rag[1])
+        except self.sampling.ParamError as e:
+            raise bad(str(e)) from None
+
+    def _prompt(self, text: str, settings: Any, rag: tuple[bool, int | None]) -> Any:
+        """A plain prompt as one user turn (with retrieved passages when `rag` says so)."""
+        messages, _ = self._ground([{"role": "user", "content": text}], settings, rag)
+        return self._text_prompt(messages[-1]["content"], settings)
+
     @staticmethod
     def _choices(settings: Any, n: int) -> list[Any]:
         """Settings of each of n choices: seeded ones get seed, seed + 1, ... (so they differ when sampling)."""
@@ -353,7 +386,7 @@ class SeedLMChatModel(PythonModel):
         with self._lock:
             return self.engine_mod.generate(self.engine, prompts, settings, max_batch=self.batch_size)
 
-    def _response(self, completions: list[Any], prompt: Any) -> dict[str, Any]:
+    def _response(self, completions: list[Any], prompt: Any, found: list | None) -> dict[str, Any]:
         from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage, TokenUsageStats
 
         choices = [
@@ -369,7 +402,7 @@ class SeedLMChatModel(PythonModel):
             usage=usage,
             id=f"chatcmpl-{uuid.uuid4().hex}",
             model=self.engine.label,
-            custom_outputs={"trimmed_messages": prompt.trimmed},
+            custom_outputs=_extra(prompt, found),
         ).to_dict()
 
     # ------------------------------------------------------------ predict
@@ -377,15 +410,16 @@ class SeedLMChatModel(PythonModel):
     # str or dict): MLflow infers no schema from it, so the logged signature stays as given.
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
         request = parse_input(model_input)
-        settings, n = self._settings(params, request.fields, stream=False)
+        settings, n, rag = self._settings(params, request.fields, stream=False)
         if request.prompts is not None:
             if n != 1:
                 raise bad("n applies to chat requests; each plain prompt gets one answer")
-            prompts = [self._text_prompt(p, settings) for p in request.prompts]
+            prompts = [self._prompt(p, settings, rag) for p in request.prompts]
             return [c.text for c in self._generate(prompts, [settings] * len(prompts))]
-        built = [self._chat_prompt(m, settings) for m in request.chats]
+        grounded = [self._ground(m, settings, rag) for m in request.chats]
+        built = [self._chat_prompt(m, settings) for m, _ in grounded]
         done = self._generate([p for p in built for _ in range(n)], self._choices(settings, n) * len(built))
-        answers = [self._response(done[k * n : (k + 1) * n], p) for k, p in enumerate(built)]
+        answers = [self._response(done[k * n : (k + 1) * n], p, grounded[k][1]) for k, p in enumerate(built)]
         return answers[0] if request.one else answers
 
     def predict_stream(
@@ -394,17 +428,20 @@ class SeedLMChatModel(PythonModel):
         """One prompt: its text deltas; one chat request: ChatCompletionChunk dicts. Bad input raises before any
         generation (through PyFuncModel.predict_stream: at the first `next`)."""
         request = parse_input(model_input)
-        settings, n = self._settings(params, request.fields, stream=True)
+        settings, n, rag = self._settings(params, request.fields, stream=True)
         items = request.prompts if request.prompts is not None else request.chats
         if len(items) != 1:
             raise bad(f"predict_stream takes one prompt or one chat request, got {len(items)}")
         if request.prompts is not None:
             if n != 1:
                 raise bad("n applies to chat requests; a plain prompt gets one answer")
-            return self._stream(self._text_prompt(items[0], settings), [settings], chat=False)
-        return self._stream(self._chat_prompt(items[0], settings), self._choices(settings, n), chat=True)
+            return self._stream(self._prompt(items[0], settings, rag), [settings], chat=False)
+        messages, found = self._ground(items[0], settings, rag)
+        return self._stream(self._chat_prompt(messages, settings), self._choices(settings, n), chat=True, found=found)
 
-    def _stream(self, prompt: Any, settings: list[Any], *, chat: bool) -> Iterator[dict[str, Any] | str]:
+    def _stream(
+        self, prompt: Any, settings: list[Any], *, chat: bool, found: list | None = None
+    ) -> Iterator[dict[str, Any] | str]:
         events: queue.SimpleQueue = queue.SimpleQueue()
 
         def emit(row: Any, delta: str, finish: str | None) -> None:  # on the decoding thread
@@ -412,7 +449,7 @@ class SeedLMChatModel(PythonModel):
 
         rows = [self.engine_mod.make_row(self.engine, prompt, s, emit=emit, index=i) for i, s in enumerate(settings)]
         threading.Thread(target=self._decode, args=(rows, events), name="seedlm-pyfunc-stream", daemon=True).start()
-        return self._events(rows, events, prompt, chat)
+        return self._events(rows, events, prompt, chat, found)
 
     def _decode(self, rows: list[Any], events: queue.SimpleQueue) -> None:
         try:
@@ -423,7 +460,9 @@ class SeedLMChatModel(PythonModel):
         finally:
             events.put(None)
 
-    def _events(self, rows: list[Any], events: queue.SimpleQueue, prompt: Any, chat: bool) -> Iterator[Any]:
+    def _events(
+        self, rows: list[Any], events: queue.SimpleQueue, prompt: Any, chat: bool, found: list | None
+    ) -> Iterator[Any]:
         from mlflow.types.llm import ChatChoiceDelta, ChatChunkChoice, ChatCompletionChunk
 
         cid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -437,11 +476,16 @@ class SeedLMChatModel(PythonModel):
                         yield delta
                     continue
                 choice = ChatChunkChoice(index=index, delta=ChatChoiceDelta(content=delta), finish_reason=finish)
-                extra = {"trimmed_messages": prompt.trimmed} if finish else None
+                extra = _extra(prompt, found) if finish else None
                 yield ChatCompletionChunk([choice], id=cid, model=self.engine.label, custom_outputs=extra).to_dict()
         finally:  # the consumer stopped early: end the rows
             for row in rows:
                 row.cancelled.set()
+
+
+def _extra(prompt: Any, found: list | None) -> dict[str, Any]:
+    """A chat answer's custom_outputs: trimmed_messages, and the retrieval sources when it retrieved."""
+    return {"trimmed_messages": prompt.trimmed, **({"sources": found} if found is not None else {})}
 
 
 mlflow.models.set_model(SeedLMChatModel())

@@ -16,6 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 """The folder that holds the `components` package."""
 ENGINE = "components.serving.engine"
+RAG = "components.serving.rag"
+STARTS = (ENGINE, RAG)
+"""The modules the pyfunc imports: the engine and retrieval-augmented prompts."""
 PACKAGE = "components"
 CODE_DIR = "seedlm_engine_src"
 """The folder `code_paths` ships (a name no installed package uses); registry/pyfunc.py has the same constant."""
@@ -47,9 +50,9 @@ def _imported(path: Path, name: str, root: Path) -> set[str]:
     return {m for m in found if m.startswith(PACKAGE + ".") and module_file(m, root)}
 
 
-def closure(start: str = ENGINE, root: Path = ROOT) -> list[str]:
+def closure(start: str | tuple[str, ...] = STARTS, root: Path = ROOT) -> list[str]:
     """`start` and every `components.*` module it needs, with the packages (`__init__`) on their way."""
-    todo, seen = [start], set()
+    todo, seen = [start] if isinstance(start, str) else list(start), set()
     while todo:
         name = todo.pop()
         if name in seen:
@@ -64,7 +67,7 @@ def closure(start: str = ENGINE, root: Path = ROOT) -> list[str]:
     return sorted(seen)
 
 
-def stage(dst: Path, start: str = ENGINE, root: Path = ROOT) -> Path:
+def stage(dst: Path, start: str | tuple[str, ...] = STARTS, root: Path = ROOT) -> Path:
     """Copy the modules `start` needs into `dst/CODE_DIR` (laid out as in the repo); returns that folder."""
     out = Path(dst) / CODE_DIR
     for name in closure(start, root):

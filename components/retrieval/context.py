@@ -1,8 +1,10 @@
 """Retrieved chunks into a prompt, within the model's context budget.
 
 Passages go into the last user turn through `chat.with_context` (the one rendering SFT rows use too), best
-first; a passage that would push the rendered prompt past `budget` tokens is left out (a shorter one further
-down may still fit). Special-token strings inside documents are dropped so a document cannot end a turn.
+first; a passage that would push the grounded turn past `budget` tokens is left out (a shorter one further
+down may still fit). The budget counts the system messages and the last turn, rendered with the tokenizer's
+chat template: older turns give way to the passages (the engine drops them when the whole conversation does
+not fit). Special-token strings inside documents are dropped so a document cannot end a turn.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from components.data.chat import SPECIAL_TOKENS, render, with_context
+from components.data.chat import SPECIAL_TOKENS, prompt_text, render, with_context
 from components.retrieval.search import Hit
 
 _SPECIAL = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
 
 
 def prompt_tokens(tokenizer: Any, messages: Sequence[dict[str, str]]) -> int:
-    """Tokens of the rendered conversation plus the generation prompt."""
-    return len(tokenizer(render(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+    """Tokens of the system messages and the last turn, rendered with the tokenizer's chat template (seedlm's
+    when it has none) plus the generation prompt."""
+    kept = [m for m in messages[:-1] if m.get("role") == "system"] + list(messages[-1:])
+    text = prompt_text(tokenizer, kept) if getattr(tokenizer, "chat_template", None) else render(kept, True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _with(messages: list[dict[str, str]], question: str, hits: Sequence[Hit]) -> list[dict[str, str]]:

@@ -19,6 +19,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -40,6 +41,7 @@ from components.serving.protocol import (
     text_response,
     usage,
 )
+from components.serving.rag import ground, rag_option
 from components.serving.sampling import SamplingParams
 
 
@@ -198,12 +200,12 @@ def _rows(engine: Engine, req: ApiRequest, prompts: list) -> list:
 
 
 async def _chat_stream(
-    served: Served, req: ApiRequest, rows: list, prompt: Any, rid: str, inbox: _Inbox
+    served: Served, req: ApiRequest, rows: list, prompt: Any, rid: str, inbox: _Inbox, extra: dict[str, Any]
 ) -> AsyncIterator[str]:
     e = served.engine
     head = {"trimmed_messages": prompt.trimmed}
     out = [
-        _sse(chat_chunk(rid, e.label, e.fingerprint, r.index, {"role": "assistant", "content": ""}, **head))
+        _sse(chat_chunk(rid, e.label, e.fingerprint, r.index, {"role": "assistant", "content": ""}, **head, **extra))
         for r in rows
     ]
     async for events, last in _batches(inbox, rows):
@@ -265,15 +267,32 @@ def _model_card(follower: Follower) -> dict[str, Any]:
     }
 
 
+async def _grounded(
+    served: Served, req: ApiRequest, indexes: tuple[Path | None, Path | None], rag: bool
+) -> tuple[list, dict[str, Any]]:
+    """The chat's messages, with retrieved passages when its `rag` asks (default: when there is an index), and the
+    response's extra fields (`sources`, only when retrieval ran). `rag` False: no index at all."""
+    index = (indexes[0] or served.engine.index or indexes[1]) if rag else None
+    use, top_k = rag_option(req.rag, index is not None)
+    if not use:
+        return req.messages, {}
+    messages, found = await run_in_threadpool(ground, served.engine, index, req.messages, req.params, top_k)
+    return messages, {"sources": found}
+
+
 def router(
     follower: Follower,
     defaults: SamplingParams,
     max_body: int,
     api_key: str | None,
     stream_interval: float = STREAM_INTERVAL,
+    indexes: tuple[Path | None, Path | None] = (None, None),
+    rag: bool = True,
 ) -> APIRouter:
     """The /v1 routes answering with `follower`'s current version; `defaults` fill the unset sampling fields; a
-    stream's text is sent at most every `stream_interval` seconds after its first (0: as each token comes)."""
+    stream's text is sent at most every `stream_interval` seconds after its first (0: as each token comes). Chats
+    retrieve from `indexes[0]`, else from the index the served version carries, else from `indexes[1]`
+    (serving/rag.py); `rag` False: never."""
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -300,15 +319,16 @@ def router(
         req = chat_request(await read_body(request, max_body), defaults)
         served = await run_in_threadpool(follower.get) if follower.due() else follower.current
         _check_model(follower, req.model)
-        prompt = chat_prompt(served.engine, req.messages, req.params)
+        messages, extra = await _grounded(served, req, indexes, rag)
+        prompt = chat_prompt(served.engine, messages, req.params)
         rows, rid, e = _rows(served.engine, req, [prompt]), new_id("chatcmpl"), served.engine
         if req.stream:
             inbox = _submit(served, rows, interval=stream_interval)  # before the response: a full queue is a 429
             return StreamingResponse(
-                _chat_stream(served, req, rows, prompt, rid, inbox), media_type="text/event-stream"
+                _chat_stream(served, req, rows, prompt, rid, inbox, extra), media_type="text/event-stream"
             )
         done = await _collect(served, rows, [prompt] * len(rows))
-        return chat_response(rid, e.label, e.fingerprint, done)
+        return chat_response(rid, e.label, e.fingerprint, done, extra)
 
     @api.post("/completions")
     async def completions(request: Request) -> Any:

@@ -5,7 +5,16 @@ from __future__ import annotations
 from components.core.context import StageError
 from components.core.io import atomic_dir
 from components.data.chat import END_TOKEN, ROLES, prompt_text, stop_ids
-from components.registry.models import alias_version, is_uri, parse_model_uri, resolve_model, tracking_uri
+from components.registry.models import (
+    alias_version,
+    download_model,
+    hf_folder,
+    is_uri,
+    parse_model_uri,
+    resolve_model,
+    shipped_index,
+    tracking_uri,
+)
 from components.training.model import load_model, save_model
 
 __all__ = [
@@ -14,12 +23,15 @@ __all__ = [
     "StageError",
     "alias_version",
     "atomic_dir",
+    "download_model",
+    "hf_folder",
     "is_uri",
     "load_model",
     "parse_model_uri",
     "prompt_text",
     "resolve_model",
     "save_model",
+    "shipped_index",
     "stop_ids",
     "tracking_uri",
 ]

@@ -15,9 +15,11 @@ at a stop string or after max_tokens. `generate_texts` is evaluate's batched gre
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ class Engine:
     """A copy of the tokenizer for the decoding thread (fast tokenizers are not meant to be shared by threads)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     """Held while building prompts with `tokenizer`."""
+    index: Path | None = None
+    """The retrieval index the registered version carries (serving/rag.py), kept on disk while the engine lives."""
 
     @property
     def label(self) -> str:
@@ -94,7 +98,13 @@ def load_engine(ref: str | Path) -> Engine:
     name, version = deps.parse_model_uri(ref) if ref.startswith("models:/") else ("model", None)
     pinned = f"models:/{name}/{version}" if version else ref
     with tempfile.TemporaryDirectory(prefix="seedlm-serve-") as tmp:
-        return load_folder(deps.resolve_model(pinned, Path(tmp)), name=name, version=version, source=pinned)
+        local = deps.download_model(pinned, Path(tmp))
+        engine = load_folder(deps.hf_folder(local, pinned, Path(tmp)), name=name, version=version, source=pinned)
+        if (index := deps.shipped_index(local)) is not None:
+            keep = Path(tempfile.mkdtemp(prefix="seedlm-index-"))
+            engine.index = Path(shutil.move(index, keep / "index"))
+            weakref.finalize(engine, shutil.rmtree, keep, True)
+    return engine
 
 
 # ---------------------------------------------------------------- prompts

@@ -2,9 +2,9 @@
 
 Requests are plain JSON objects read field by field (so every error names its field); unknown fields
 are ignored as OpenAI's own clients send optional ones (`user`, ...), except features seedlm does not
-have, which are refused rather than silently dropped. Extra response fields: `trimmed_messages` (oldest
-messages dropped to fit the context) and whatever the caller passes as `extra` (the place for
-retrieval `sources`).
+have, which are refused rather than silently dropped. Extra request field of a chat: `rag` (serving/rag.py).
+Extra response fields: `trimmed_messages` (oldest messages dropped to fit the context) and whatever the
+caller passes as `extra` (retrieval `sources`).
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class ApiRequest:
     include_usage: bool = False
     messages: list[dict[str, str]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
+    rag: Any = None
+    """The chat request's `rag` field as sent (serving/rag.py `rag_option` reads it against the served index)."""
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:
@@ -130,7 +132,7 @@ def chat_request(body: dict[str, Any], defaults: SamplingParams) -> ApiRequest:
             raise ParamError(f"messages[{i}]", f"messages[{i}] must be an object with role and content")
         role = ROLE_ALIASES.get(m.get("role"), m.get("role"))
         out.append({"role": role, "content": _content(i, m)})
-    return ApiRequest(messages=out, **_common(body, defaults))
+    return ApiRequest(messages=out, rag=body.get("rag"), **_common(body, defaults))
 
 
 def completion_request(body: dict[str, Any], defaults: SamplingParams) -> ApiRequest:

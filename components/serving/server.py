@@ -12,12 +12,17 @@ Entry points:
 without a restart), `models:/NAME/VERSION`, a model folder, or an `engine.Engine`.
 
 HTTP API (every response names the version: `model` = "NAME/VERSION", `system_fingerprint` = its URI):
-- GET  /health                 {"status": "ok", "model", "version", "system_fingerprint", "waiting", "running"}
+- GET  /health                 {"status": "ok", "model", "version", "system_fingerprint", "waiting", "running",
+                               "index" (the retrieval index folder or null)}
 - GET  /v1/models, /v1/models/{id}   OpenAI model objects (+ "version", "context_length")
 - POST /v1/chat/completions    OpenAI chat; `"stream": true` sends chat.completion.chunk events and
                                `data: [DONE]`; extra response field `trimmed_messages`; extra sampling
                                fields top_k, repetition_penalty; temperature defaults to 0 (greedy),
-                               max_tokens to 256 (capped by the context); `n` up to 8
+                               max_tokens to 256 (capped by the context); `n` up to 8; `rag`: true,
+                               false or {"top_k": N} (default: on when there is an index): the top-k
+                               chunks go into the last user turn and the response (a stream: its first
+                               chunk) carries `sources`: [{"n", "text", "source", "location", "hash",
+                               "score", "rank", "id"}] (serving/rag.py; --index DIR, --no-rag)
 - POST /v1/completions         plain-text completion (no chat template), same settings and streaming
 - GET  /                       the web chat page (files of components/serving/web/)
 Client mistakes get 4xx with {"error": {"message", "type", "param", "code"}}: 400 bad JSON or values
@@ -49,11 +54,13 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from components.retrieval.search import open_index
 from components.serving import deps
 from components.serving.api import STREAM_INTERVAL, router
 from components.serving.engine import Engine
 from components.serving.follow import Follower
 from components.serving.protocol import ApiError
+from components.serving.rag import cli_index, rag_arguments
 from components.serving.sampling import ParamError, SamplingParams, sampling_params
 
 DEFAULT_MODEL = "models:/seedlm@champion"
@@ -109,8 +116,15 @@ def create_app(
     defaults: SamplingParams | None = None,
     web_dir: Path | None = WEB_DIR,
     stream_interval: float = STREAM_INTERVAL,
+    index: str | Path | None = None,
+    fallback_index: Path | None = None,
+    rag: bool = True,
 ) -> FastAPI:
-    """The FastAPI app serving `model` (loaded now: a missing model fails here, not on the first request)."""
+    """The FastAPI app serving `model` (loaded now: a missing model fails here, not on the first request). Chats
+    retrieve from `index` (checked now: a bad folder fails here), else from the index the served version carries,
+    else from `fallback_index`; `rag` False turns retrieval off."""
+    if index is not None:
+        index = open_index(index).folder
     follower = Follower(model, interval=follow_interval, max_batch=max_batch)
     defaults = defaults or SamplingParams()
 
@@ -122,7 +136,9 @@ def create_app(
     app = FastAPI(title="seedlm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.follower = follower
     _errors(app)
-    app.include_router(router(follower, defaults, max_body_bytes, api_key, stream_interval))
+    app.include_router(
+        router(follower, defaults, max_body_bytes, api_key, stream_interval, (index, fallback_index), rag)
+    )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -134,6 +150,7 @@ def create_app(
             "system_fingerprint": served.engine.fingerprint,
             "waiting": served.batcher.waiting,
             "running": served.batcher.running,
+            "index": str(where) if rag and (where := index or served.engine.index or fallback_index) else None,
         }
 
     if web_dir is not None and (Path(web_dir) / "index.html").is_file():
@@ -192,6 +209,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m components.ser
         default=STREAM_INTERVAL,
         help="seconds between a stream's writes after its first token (0: every token at once; default: %(default)s)",
     )
+    rag_arguments(p)
     args = p.parse_args(argv)
     if args.stream_interval < 0:
         p.error(f"--stream-interval must be >= 0 seconds, got {args.stream_interval}")
@@ -208,6 +226,9 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m components.ser
             max_body_bytes=args.max_body_bytes,
             defaults=sampling_params(max_tokens=args.max_tokens),
             stream_interval=args.stream_interval,
+            index=cli_index(args)[0],
+            fallback_index=cli_index(args)[1],
+            rag=not args.no_rag,
         )
     except (deps.StageError, ParamError) as e:
         print(f"seedlm serve: {e}", file=sys.stderr)

@@ -3,8 +3,11 @@
 MODEL is a `models:/` URI or a model folder (default `models:/seedlm@champion`). The conversation is
 kept until `/reset`; `/system TEXT` sets the system message (empty: none), `/params k=v ...` changes
 sampling settings (no arguments: show them), `/quit` or Ctrl-D leaves. Ctrl-C stops the answer being
-written, not the program. With stdin not a terminal (`echo "question" | seedlm chat`) each input line is
-one turn of the same conversation: the answers are printed, one per line, and the program exits.
+written, not the program. With a retrieval index (--index DIR, the one the registered version carries, or the
+pipeline's for a model folder) each question is answered from the passages retrieved for it, and their sources
+are listed after the answer (on stderr); `--no-rag` or `/rag off` answers without. With stdin not a terminal
+(`echo "question" | seedlm chat`) each input line is one turn of the same conversation: the answers are
+printed, one per line, and the program exits.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, TextIO
 
+from components.retrieval.search import open_index
 from components.serving import deps
 from components.serving.engine import Engine, chat_prompt, load_engine, make_row, run_rows
+from components.serving.rag import cli_index, ground, rag_arguments
 from components.serving.sampling import FIELDS, ParamError, SamplingParams, sampling_params
 
 DEFAULT_MODEL = "models:/seedlm@champion"
-HELP = "commands: /reset  /system TEXT  /params k=v ...  /quit   (Ctrl-C stops an answer, Ctrl-D leaves)"
+HELP = "commands: /reset  /system TEXT  /params k=v ...  /rag on|off  /quit   (Ctrl-C stops an answer, Ctrl-D leaves)"
 
 
 @dataclass
@@ -31,6 +37,10 @@ class Chat:
     params: SamplingParams = field(default_factory=SamplingParams)
     system: str = ""
     history: list[dict[str, str]] = field(default_factory=list)
+    index: Path | None = None
+    """The retrieval index grounding the answers (None: none)."""
+    rag: bool = True
+    """Whether answers retrieve from `index` (/rag on|off)."""
 
     def messages(self) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -58,8 +68,12 @@ def parse_params(params: SamplingParams, items: list[str]) -> SamplingParams:
 def ask(chat: Chat, text: str, out: TextIO, err: TextIO) -> str | None:
     """One user turn: stream the answer to `out` and keep both in the history. Ctrl-C stops the answer."""
     chat.history.append({"role": "user", "content": text})
+    found: list[dict[str, Any]] = []
     try:
-        prompt = chat_prompt(chat.engine, chat.messages(), chat.params)
+        messages = chat.messages()
+        if chat.rag and chat.index is not None:  # passages go into this turn only: the history keeps the question
+            messages, found = ground(chat.engine, chat.index, messages, chat.params)
+        prompt = chat_prompt(chat.engine, messages, chat.params)
     except ParamError as e:
         chat.history.pop()
         print(f"error: {e}", file=err)
@@ -78,6 +92,11 @@ def ask(chat: Chat, text: str, out: TextIO, err: TextIO) -> str | None:
         print(" [stopped]", end="", file=err, flush=True)
     out.write("\n")
     out.flush()
+    for src in found:
+        text = " ".join(src["text"].split())
+        print(
+            f"  [{src['n']}] {src['source']} ({src['location']}): {text[:72]}{'…' if len(text) > 72 else ''}", file=err
+        )
     chat.history.append({"role": "assistant", "content": row.stream.final})
     return row.stream.final
 
@@ -93,6 +112,12 @@ def command(chat: Chat, line: str, err: TextIO) -> bool:
     elif name == "/system":
         chat.system = arg.strip()
         print(f"(system message {'set' if chat.system else 'removed'})", file=err)
+    elif name == "/rag" and arg.strip() in ("on", "off") and (chat.index is not None or arg.strip() == "off"):
+        chat.rag = arg.strip() == "on"
+        print(f"(retrieval {arg.strip()})", file=err)
+    elif name == "/rag":
+        state = "no index (--index DIR)" if chat.index is None else f"{'on' if chat.rag else 'off'}, {chat.index}"
+        print(f"(retrieval: {state}; /rag on|off)", file=err)
     elif name == "/params":
         try:
             chat.params = parse_params(chat.params, arg.split())
@@ -118,7 +143,9 @@ def _read(interactive: bool, inp: TextIO, err: TextIO) -> str | None:
             print("\n(/quit or Ctrl-D to leave)", file=err)
 
 
-def loop(chat: Chat, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+def loop(chat: Chat, inp: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """Read turns from `inp` until /quit or its end (default: the process's stdin, stdout, stderr)."""
+    inp, out, err = inp or sys.stdin, out or sys.stdout, err or sys.stderr
     interactive = inp.isatty()
     if interactive:
         import readline  # noqa: F401 - line editing and history for input()
@@ -160,13 +187,20 @@ def main(
         help="sampling setting, e.g. -p temperature=0.7 -p max_tokens=64 (as /params)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small models)")
+    p.add_argument("--rag", action="store_true", help="require a retrieval index (on whenever there is one)")
+    rag_arguments(p)
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     try:
         params = parse_params(SamplingParams(), args.param)
-        chat = Chat(load_engine(args.model), params, args.system)
+        given, fallback = cli_index(args)
+        given = open_index(given).folder if given is not None else None  # a bad --index fails before the model loads
+        engine = load_engine(args.model)
+        chat = Chat(engine, params, args.system, index=None if args.no_rag else given or engine.index or fallback)
+        if args.rag and chat.index is None:
+            raise deps.StageError("--rag: no retrieval index: build one (`dvc repro index`) or pass --index DIR")
     except (deps.StageError, ParamError) as e:
         print(f"seedlm chat: {e}", file=sys.stderr)
         return 2

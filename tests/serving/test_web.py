@@ -191,33 +191,16 @@ def test_a_rejected_request_shows_the_servers_message_and_stays_out_of_the_histo
     assert sent[1]["messages"] == [{"role": "user", "content": QUESTIONS[0]}]
 
 
-def test_sources_in_a_response_are_listed(page, server):
-    """The real server's stream with a `sources` list (the shape of retrieval/context.py) added to its first event."""
-    hit = {
-        "id": 7,
-        "text": "Hustum lives in Zammere.",
-        "source": "people.md",
-        "location": "line 3",
-        "hash": "ab12",
-        "score": 0.9,
-        "rank": 1,
-    }
-    sources = [{"n": 1, **hit}, {"n": 2, **hit, "source": "notes.txt", "location": "line 9", "score": 0.5}]
-
-    def add_sources(route: Any) -> None:
-        resp = route.fetch()
-        head, sep, rest = resp.text().partition("\n\n")
-        event = json.loads(head.removeprefix("data: "))
-        route.fulfill(response=resp, body=f"data: {json.dumps(event | {'sources': sources})}{sep}{rest}")
-
-    page.route("**/v1/chat/completions", add_sources)
-    page.goto(server.url)
-    ask(page, QUESTIONS[0])
-    items = page.locator("#log > li.assistant .sources li")
-    assert items.all_inner_texts() == [
-        "people.md (line 3) — Hustum lives in Zammere. (score 0.900)",
-        "notes.txt (line 9) — Hustum lives in Zammere. (score 0.500)",
-    ]
+def test_sources_of_a_grounded_answer_are_listed(page, server, index_dir):
+    """The same model served with a retrieval index: the answer's sources (retrieval/context.py) under it."""
+    for grounded in serve(server.engine, index=index_dir):
+        page.goto(grounded.url)
+        page.click("#settings > summary")
+        page.fill("#max-tokens", "4")  # the tiny model's 64-token context: room for the passage
+        ask(page, "What color is Zorb?")
+        items = page.locator("#log > li.assistant .sources li").all_inner_texts()
+        assert items and items[0].startswith(f"{index_dir.parent / 'docs'} (") and "zorb-news.md" in items[0]
+        assert "— Zorb moved to the (score " in items[0]
 
 
 def test_the_api_key_is_asked_for_sent_and_remembered(page, keyed_server):
