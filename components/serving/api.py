@@ -253,9 +253,10 @@ def _check_model(follower: Follower, model: str | None) -> None:
         )
 
 
-def _model_card(follower: Follower) -> dict[str, Any]:
+def _model_card(follower: Follower, index: Path | None) -> dict[str, Any]:
     e = follower.current.engine
     return {
+        "rag": index is not None,
         "id": e.name,
         "object": "model",
         "created": 0,
@@ -267,12 +268,9 @@ def _model_card(follower: Follower) -> dict[str, Any]:
     }
 
 
-async def _grounded(
-    served: Served, req: ApiRequest, indexes: tuple[Path | None, Path | None], rag: bool
-) -> tuple[list, dict[str, Any]]:
-    """The chat's messages, with retrieved passages when its `rag` asks (default: when there is an index), and the
-    response's extra fields (`sources`, only when retrieval ran). `rag` False: no index at all."""
-    index = (indexes[0] or served.engine.index or indexes[1]) if rag else None
+async def _grounded(served: Served, req: ApiRequest, index: Path | None) -> tuple[list, dict[str, Any]]:
+    """The chat's messages, with retrieved passages when its `rag` asks (default: when there is an `index`), and
+    the response's extra fields (`sources`, only when retrieval ran)."""
     use, top_k = rag_option(req.rag, index is not None)
     if not use:
         return req.messages, {}
@@ -305,21 +303,25 @@ def router(
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
+    def index_of(served: Served) -> Path | None:
+        """The index chats with `served` retrieve from (None: no retrieval)."""
+        return (indexes[0] or served.engine.index or indexes[1]) if rag else None
+
     @api.get("/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(follower)]}
+        return {"object": "list", "data": [_model_card(follower, index_of(follower.current))]}
 
     @api.get("/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         _check_model(follower, model_id)
-        return _model_card(follower)
+        return _model_card(follower, index_of(follower.current))
 
     @api.post("/chat/completions")
     async def chat(request: Request) -> Any:
         req = chat_request(await read_body(request, max_body), defaults)
         served = await run_in_threadpool(follower.get) if follower.due() else follower.current
         _check_model(follower, req.model)
-        messages, extra = await _grounded(served, req, indexes, rag)
+        messages, extra = await _grounded(served, req, index_of(served))
         prompt = chat_prompt(served.engine, messages, req.params)
         rows, rid, e = _rows(served.engine, req, [prompt]), new_id("chatcmpl"), served.engine
         if req.stream:

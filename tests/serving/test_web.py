@@ -194,6 +194,7 @@ def test_a_rejected_request_shows_the_servers_message_and_stays_out_of_the_histo
 def test_sources_of_a_grounded_answer_are_listed(page, server, index_dir):
     """The same model served with a retrieval index: the answer's sources (retrieval/context.py) under it."""
     for grounded in serve(server.engine, index=index_dir):
+        sent = chat_requests(page)
         page.goto(grounded.url)
         page.click("#settings > summary")
         page.fill("#max-tokens", "4")  # the tiny model's 64-token context: room for the passage
@@ -201,6 +202,18 @@ def test_sources_of_a_grounded_answer_are_listed(page, server, index_dir):
         items = page.locator("#log > li.assistant .sources li").all_inner_texts()
         assert items and items[0].startswith(f"{index_dir.parent / 'docs'} (") and "zorb-news.md" in items[0]
         assert "— Zorb moved to the (score " in items[0]
+        page.uncheck("#rag")  # "Answer from documents" off: the next answer has no sources
+        ask(page, "What color is Zorb?")
+        assert [r["rag"] for r in sent] == [True, False]
+        assert page.locator("#log > li.assistant").nth(1).locator(".sources").count() == 0
+
+
+def test_without_an_index_the_page_offers_no_retrieval(page, server):
+    sent = chat_requests(page)
+    page.goto(server.url)
+    page.click("#settings > summary")
+    ask(page, QUESTIONS[0])
+    assert page.locator("#rag").is_hidden() and "rag" not in sent[0]
 
 
 def test_the_api_key_is_asked_for_sent_and_remembered(page, keyed_server):

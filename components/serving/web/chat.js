@@ -47,6 +47,9 @@ async function loadModels() {
     showError("");
     $("model-select").replaceChildren(...models.map((m) => new Option(m.label || m.id, m.id)));
     $("model-label").textContent = models.length ? models[0].label || models[0].id : "none served";
+    const rag = Boolean(models.length && models[0].rag);  // the server has a retrieval index
+    $("rag").hidden = $("rag-label").hidden = !rag;
+    $("rag").disabled = !rag;
     if (!models.length) showError("The server serves no model.");
   } catch (e) {
     $("model-label").textContent = "unavailable";
@@ -177,7 +180,8 @@ async function ask(question) {
   setBusy(true);
   try {
     const body = { model: answer.model, messages, stream: true,
-                   max_tokens: Number($("max-tokens").value) || undefined };
+                   max_tokens: Number($("max-tokens").value) || undefined,
+                   rag: $("rag").disabled ? undefined : $("rag").checked };
     const resp = await fetch(`${API}/chat/completions`, { method: "POST", headers: headers(),
                                                           body: JSON.stringify(body), signal: state.controller.signal });
     if (!resp.ok) throw new Error(await errorText(resp));
