@@ -63,7 +63,7 @@ CONTEXT_WORDS = 52
 """Passage words per SFT row beyond two passages: the prompt stays within the default 128-token context."""
 MIX = (("change", 0.6), ("read", 0.0), ("memory", 0.2), ("consistent", 0.2))
 """Kinds of SFT context rows and their shares (see the module docstring). `read` (invented people) is off: the
-4-layer default model learned to read changes worse with it (README, "The knowledge-cutoff experiment"); it
+4-layer model of the first runs read changes worse with it (README, "The knowledge-cutoff experiment"); it
 stands in when a tiny world has no fact or change to show."""
 
 
