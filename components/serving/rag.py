@@ -70,8 +70,8 @@ def rag_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--index",
         default=None,
-        help="retrieval index folder (default: the one the registered version carries; for a model folder, the "
-        "pipeline's index when built)",
+        help="retrieval index folder (default: the one the registered version carries, else the pipeline's "
+        "index in this directory when built)",
     )
     p.add_argument("--no-rag", action="store_true", help="answer without retrieval")
 
