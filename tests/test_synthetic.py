@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 
 import pytest
@@ -72,10 +71,27 @@ def test_world_shape_and_names():
 def test_rows_are_chat_form():
     for r in _rows():
         assert set(r) == {"messages", "split", "task"}
-        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        turns = len(r["messages"]) // 2
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * turns
+        assert turns == 1 or (r["task"] == "dialogue" and 2 <= turns <= 3)
         assert all(isinstance(m["content"], str) and m["content"] for m in r["messages"])
-        assert r["split"] in ("train", "test") and r["task"] in ("qa", "yesno", "context")
+        assert r["split"] in ("train", "test") and r["task"] in ("qa", "yesno", "context", "dialogue")
         assert r["task"] != "context" or r["split"] == "train"  # passages: SFT only (tests/test_updates.py)
+
+
+def test_dialogues_chain_train_turns_and_ask_held_out_facts_a_turn_later():
+    rows = _rows()
+    pairs = lambda r: [tuple(m["content"] for m in r["messages"][i : i + 2]) for i in range(0, len(r["messages"]), 2)]
+    qa = {
+        split: {pairs(r)[0] for r in rows if r["task"] == "qa" and r["split"] == split} for split in ("train", "test")
+    }
+    talks = {split: [pairs(r) for r in rows if r["task"] == "dialogue" and r["split"] == split] for split in qa}
+    assert len(talks["train"]) == round(CFG.dialogues * (len(qa["train"]) + len(qa["test"])))
+    assert all(set(t) <= qa["train"] and len(set(t)) == len(t) for t in talks["train"])  # distinct train questions
+    assert sorted(t[-1] for t in talks["test"]) == sorted(qa["test"])  # every held-out question, once
+    assert all(len(t) == 2 and t[0] in qa["train"] for t in talks["test"])
+    none = _rows(SyntheticConfig(dialogues=0))
+    assert {r["split"] for r in none if r["task"] == "dialogue"} == {"test"}  # evaluation keeps its dialogues
 
 
 @pytest.mark.parametrize("frac", [0.1, 0.2, 0.5])
@@ -85,8 +101,8 @@ def test_heldout_split_has_no_leak_and_is_stratified(frac):
     rows = _rows(cfg, 3)
     qa = [r for r in rows if r["task"] == "qa"]
     assert len(qa) == cfg.entities * len(w["attributes"])
-    test_q = {r["messages"][0]["content"] for r in rows if r["split"] == "test"}
-    train_q = {r["messages"][0]["content"] for r in rows if r["split"] == "train"}
+    test_q = {r["messages"][-2]["content"] for r in rows if r["split"] == "test"}  # the question asked
+    train_q = {m["content"] for r in rows if r["split"] == "train" for m in r["messages"] if m["role"] == "user"}
     assert test_q and not test_q & train_q
     # a held-out fact is never mentioned (entity + its attribute question) in any train row
     by_fact = {}
@@ -156,14 +172,11 @@ def test_paraphrases_vary_wording():
     assert len(set.union(*sentence_sets)) > 6 * 4
 
 
-def test_default_size_and_speed():
-    t = time.perf_counter()
+def test_default_size():
     docs, rows = _docs(), _rows()
-    elapsed = time.perf_counter() - t
     words = sum(len(d.split()) for d in docs)
     assert 20_000 <= words <= 40_000, words
-    assert sum(r["task"] != "context" for r in rows) == 2 * CFG.entities * 6
-    assert elapsed < 1.0
+    assert sum(r["task"] in ("qa", "yesno") for r in rows) == 2 * CFG.entities * 6
 
 
 def test_scales_to_many_entities():

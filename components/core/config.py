@@ -75,6 +75,10 @@ class SyntheticConfig(Section):
     context_share: float = Field(default=1.5, ge=0, le=10)
     """SFT rows answered from supplied passages among distractors (`task: context`), as a share of the question
     rows (qa + yes/no); see components/data/updates.py."""
+    dialogues: float = Field(default=0.5, ge=0, le=10)
+    """Multi-turn SFT conversations (`task: dialogue`: 2-3 questions in a row, each answer about its own
+    question), as a share of the qa rows. Evaluation always gets one per held-out fact: the held-out question
+    asked after a turn about another fact."""
 
 
 class IngestConfig(Section):

@@ -289,9 +289,23 @@ def _row(question: str, answer: str, split: str, task: str) -> dict[str, Any]:
     }
 
 
+def dialogue_rows(qa: list[dict[str, Any]], n_train: int, rng: random.Random) -> list[dict[str, Any]]:
+    """Conversations of earlier qa turns (train facts) and a last question (`task: dialogue`), so the model answers
+    the latest question, not an earlier one: `n_train` of 2-3 train questions; and per held-out question one test
+    conversation asking it after a train turn (scored like qa, one turn later)."""
+    train = [r["messages"] for r in qa if r["split"] == "train"]
+    out = []
+    for _ in range(n_train if train else 0):
+        turns = rng.sample(train, min(len(train), rng.choice((2, 3))))
+        out.append({"messages": [m for t in turns for m in t], "split": "train", "task": "dialogue"})
+    for row in (r for r in qa if r["split"] == "test" and train):
+        out.append({"messages": [*rng.choice(train), *row["messages"]], "split": "test", "task": "dialogue"})
+    return out
+
+
 def instruction_rows(cfg: SyntheticConfig, seed: int) -> Iterator[dict[str, Any]]:
-    """One `qa` and one `yesno` row per fact; held-out facts are `split: test`, the rest `train`; then the
-    `context` rows answered from passages (components/data/updates.py)."""
+    """One `qa` and one `yesno` row per fact; held-out facts are `split: test`, the rest `train`; multi-turn
+    `dialogue` rows of qa turns; then the `context` rows answered from passages (components/data/updates.py)."""
     w = world(cfg, seed)
     rng = random.Random(f"seedlm-sft-{seed}")
     held = {tuple(x) for x in w["heldout"]}
@@ -311,6 +325,9 @@ def instruction_rows(cfg: SyntheticConfig, seed: int) -> Iterator[dict[str, Any]
             rows.append(_row(q, "Yes." if yes else "No.", split, "yesno"))
     from components.data import updates  # imports this module: imported here, not at the top
 
-    rows += updates.context_rows(cfg, seed, len(rows))
+    n_questions = len(rows)
+    qa = [r for r in rows if r["task"] == "qa"]
+    rows += dialogue_rows(qa, round(cfg.dialogues * len(qa)), random.Random(f"seedlm-dialogue-{seed}"))
+    rows += updates.context_rows(cfg, seed, n_questions)
     rng.shuffle(rows)
     yield from rows
