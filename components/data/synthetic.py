@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from components.core.config import SyntheticConfig
+from components.core.data_config import SyntheticConfig
 
 ATTRIBUTES = ("city", "color", "food", "profession", "pet", "instrument")
 
@@ -294,12 +294,15 @@ def dialogue_rows(qa: list[dict[str, Any]], n_train: int, rng: random.Random) ->
     the latest question, not an earlier one: `n_train` of 2-3 train questions; and per held-out question one test
     conversation asking it after a train turn (scored like qa, one turn later)."""
     train = [r["messages"] for r in qa if r["split"] == "train"]
+    if not train:
+        return []
     out = []
-    for _ in range(n_train if train else 0):
+    for _ in range(n_train):
         turns = rng.sample(train, min(len(train), rng.choice((2, 3))))
         out.append({"messages": [m for t in turns for m in t], "split": "train", "task": "dialogue"})
-    for row in (r for r in qa if r["split"] == "test" and train):
-        out.append({"messages": [*rng.choice(train), *row["messages"]], "split": "test", "task": "dialogue"})
+    for row in qa:
+        if row["split"] == "test":
+            out.append({"messages": [*rng.choice(train), *row["messages"]], "split": "test", "task": "dialogue"})
     return out
 
 

@@ -14,6 +14,7 @@ passage used, {"n" (its [n] in the prompt), "id", "text", "source", "location", 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,22 @@ __all__ += ["sources"]
 
 
 def rag_messages(
-    index_dir: str | Path, messages: list[dict[str, str]], tokenizer: Any, *, budget: int, k: int | None = None
+    index_dir: str | Path,
+    messages: list[dict[str, str]],
+    tokenizer: Any,
+    *,
+    budget: int,
+    k: int | None = None,
+    lock: Any = None,
 ) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     """Retrieve for the last user turn, put the passages that fit `budget` prompt tokens into it; return the new
-    messages and the sources used (best first). `k`: chunks retrieved (default: the index's `top_k`)."""
+    messages and the sources used (best first). `k`: chunks retrieved (default: the index's `top_k`); `lock`:
+    held while `tokenizer` measures the prompt (a tokenizer shared by threads)."""
     if not messages or messages[-1].get("role") != "user":
         raise ValueError("the last message must be the user's question to retrieve for")
     hits = retrieve(index_dir, messages[-1]["content"], k)
-    out, used = augment(messages, hits, tokenizer, budget)
+    with lock or contextlib.nullcontext():
+        out, used = augment(messages, hits, tokenizer, budget)
     return out, sources(used)
 
 

@@ -15,9 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from components.retrieval import find_index
-from components.retrieval.context import augment, sources
-from components.retrieval.search import retrieve
+from components.retrieval import find_index, rag_messages
 from components.serving.engine import Engine, check_messages
 from components.serving.sampling import ParamError, SamplingParams
 
@@ -38,10 +36,7 @@ def ground(
     msgs = check_messages(messages)
     if msgs[-1]["role"] != "user":
         raise ParamError("messages", "retrieval needs the last message to be the user's question (or rag: false)")
-    hits = retrieve(index_dir, msgs[-1]["content"], top_k)
-    with engine.lock:
-        out, used = augment(msgs, hits, engine.tokenizer, budget(engine, params))
-    return out, sources(used)
+    return rag_messages(index_dir, msgs, engine.tokenizer, budget=budget(engine, params), k=top_k, lock=engine.lock)
 
 
 def rag_option(value: Any, has_index: bool, param: str = "rag") -> tuple[bool, int | None]:

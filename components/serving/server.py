@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m components.ser
     if args.stream_interval < 0:
         p.error(f"--stream-interval must be >= 0 seconds, got {args.stream_interval}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    given, fallback = cli_index(args)
     try:
         serve(
             args.model,
@@ -226,8 +227,8 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m components.ser
             max_body_bytes=args.max_body_bytes,
             defaults=sampling_params(max_tokens=args.max_tokens),
             stream_interval=args.stream_interval,
-            index=cli_index(args)[0],
-            fallback_index=cli_index(args)[1],
+            index=given,
+            fallback_index=fallback,
             rag=not args.no_rag,
         )
     except (deps.StageError, ParamError) as e:
