@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def ingest(spec: dict) -> dict:
-    from components.core.config import IngestConfig, Source
+    from components.core.data_config import IngestConfig, Source
     from components.ingest import ingest as run
 
     root = Path(spec["root"])  # the corpus in sources/corpus, a few instruction rows in sources/sft.jsonl
@@ -32,7 +32,7 @@ def ingest(spec: dict) -> dict:
 
 
 def preprocess(spec: dict) -> dict:
-    from components.core.config import PreprocessConfig
+    from components.core.data_config import PreprocessConfig
     from components.core.io import read_json
     from components.preprocess import preprocess as run
 
@@ -73,7 +73,7 @@ def _sft_examples(tok, context: int) -> list:
     """The embedded default's instruction rows (varied lengths), encoded as SFT trains them."""
     import numpy as np
 
-    from components.core.config import SyntheticConfig
+    from components.core.data_config import SyntheticConfig
     from components.data import chat, synthetic
     from components.ingest import _sft_row
 

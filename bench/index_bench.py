@@ -187,7 +187,7 @@ def one_scale(chunks: int, args: dict[str, Any]) -> dict[str, Any]:
     import lancedb  # noqa: F401
     import Stemmer  # noqa: F401
 
-    from components.core.config import IndexConfig, SyntheticConfig
+    from components.core.data_config import IndexConfig, SyntheticConfig
     from components.retrieval.build import build_index, load_tokenizer
     from components.retrieval.chunking import Document, chunk_documents
     from components.retrieval.store import open_table

@@ -15,8 +15,9 @@ from typing import Any
 import orjson
 from tqdm import tqdm
 
-from components.core.config import IngestConfig, Params, Source
+from components.core.config import Params
 from components.core.context import StageContext, StageError
+from components.core.data_config import IngestConfig, Source
 from components.core.io import atomic_dir, sha256_file, write_json, write_meta
 from components.core.redact import redact
 from components.data import conversations, synthetic

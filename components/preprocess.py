@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from components.core.config import Params, PreprocessConfig
+from components.core.config import Params
 from components.core.context import StageContext, StageError
+from components.core.data_config import PreprocessConfig
 from components.core.hub import resolve
 from components.core.io import atomic_dir, read_meta, sha256_file, write_json, write_meta
 from components.data import chat, conversations, dedup, templates

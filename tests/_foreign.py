@@ -62,7 +62,7 @@ END_OF_TURN = {"llama": "</s>", "qwen2": "<|im_end|>", "gpt_neox": "<|end|>", "g
 def corpus() -> tuple[str, ...]:
     """Text to train the tokenizers on: the embedded world's documents and instructions (as a base model would
     have seen text of its domain)."""
-    from components.core.config import SyntheticConfig
+    from components.core.data_config import SyntheticConfig
     from components.data import synthetic
 
     cfg = SyntheticConfig(entities=12, paraphrases=3)

@@ -19,8 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components.core.config import IngestConfig, Params, SyntheticConfig
+from components.core.config import Params
 from components.core.context import StageContext, StageError
+from components.core.data_config import IngestConfig, SyntheticConfig
 from components.core.io import read_json
 from components.data import synthetic
 from components.data.chat import with_context

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from components import preprocess as pp
-from components.core.config import PreprocessConfig
 from components.core.context import StageContext, StageError
+from components.core.data_config import PreprocessConfig
 from components.core.io import read_json, write_json, write_meta
 from components.data import chat, dedup, shards
 

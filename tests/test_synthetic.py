@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from components.core.config import SyntheticConfig
+from components.core.data_config import SyntheticConfig
 from components.data import synthetic as syn
 
 CFG = SyntheticConfig()
@@ -38,7 +38,7 @@ def test_same_seed_identical_other_seed_different():
 def test_deterministic_across_processes():
     """Same output whatever PYTHONHASHSEED (no set/dict-order or hash() dependence)."""
     code = (
-        "import hashlib, json; from components.data import synthetic as s; from components.core.config import "
+        "import hashlib, json; from components.data import synthetic as s; from components.core.data_config import "
         "SyntheticConfig as C; print(hashlib.sha256(json.dumps([list(s.pretrain_documents(C(), 9)), "
         "list(s.instruction_rows(C(), 9))]).encode()).hexdigest())"
     )

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from components.core.config import SyntheticConfig
+from components.core.data_config import SyntheticConfig
 from components.data import synthetic as syn
 from components.data import updates as up
 from components.data.chat import CONTEXT_HEADER, QUESTION_HEADER

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from components.core.config import PreprocessConfig
 from components.core.context import StageError
+from components.core.data_config import PreprocessConfig
 from components.data import dedup
 from components.data import shards as sh
 from components.data.engine import Runner

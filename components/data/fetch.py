@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from components.core.config import Source
 from components.core.context import StageError
+from components.core.data_config import Source
 from components.core.io import disk_error, fsync_dir, sha256_file
 from components.core.redact import redact
 

@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from components.core.config import SyntheticConfig
+from components.core.data_config import SyntheticConfig
 from components.data import synthetic as syn
 from components.data.chat import with_context
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from components.core.config import IndexConfig, SyntheticConfig
 from components.core.context import StageContext, StageError
+from components.core.data_config import IndexConfig, SyntheticConfig
 from components.core.io import atomic_dir, read_json, write_json, write_meta
 from components.data import updates
 from components.retrieval import lexical, store

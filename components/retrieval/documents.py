@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from components.core.config import IndexConfig, Source, SyntheticConfig
 from components.core.context import StageError
+from components.core.data_config import IndexConfig, Source, SyntheticConfig
 from components.core.io import read_json
 from components.core.redact import redact
 from components.data import updates

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from components.core.config import IngestConfig, PreprocessConfig
 from components.core.context import StageError
+from components.core.data_config import IngestConfig, PreprocessConfig
 from components.data import chat
 from components.ingest import _Malformed, _sft_row, ingest
 from components.preprocess import clean_text, preprocess, train_tokenizer

@@ -155,8 +155,8 @@ def test_ingestion_writes_only_into_its_folders(tmp_path, server, monkeypatch):
     import tarfile
     import zipfile
 
-    from components.core.config import IngestConfig
     from components.core.context import StageError
+    from components.core.data_config import IngestConfig
     from components.ingest import ingest
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")

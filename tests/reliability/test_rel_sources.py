@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components.core.config import IngestConfig
 from components.core.context import StageError
+from components.core.data_config import IngestConfig
 from components.ingest import ingest
 
 SECRET = "s3cretpw-R3L"

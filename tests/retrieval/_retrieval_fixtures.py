@@ -12,7 +12,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from components.core.config import IndexConfig, IngestConfig, SyntheticConfig  # noqa: E402
+from components.core.data_config import IndexConfig, IngestConfig, SyntheticConfig  # noqa: E402
 
 SEED = 5
 WORLD = SyntheticConfig(entities=12, paraphrases=6, heldout_fraction=0.25, updates=0.75, context_share=0.3)

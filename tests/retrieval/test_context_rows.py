@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from components.core.config import IngestConfig, Source
 from components.core.context import StageError
+from components.core.data_config import IngestConfig, Source
 from components.data.chat import attach_context, with_context
 from components.ingest import ingest
 from components.retrieval.context import augment

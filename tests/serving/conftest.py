@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from components.core.config import IndexConfig, Source, SyntheticConfig
+from components.core.data_config import IndexConfig, Source, SyntheticConfig
 
 
 @pytest.fixture(scope="module")
